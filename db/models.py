@@ -1,0 +1,110 @@
+"""The schema: what has been received, what state each instance is in, and
+what each model said about it. The database is the source of truth; the
+broker is only a transport."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import Boolean, DateTime, Enum, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class InstanceState(str, enum.Enum):
+    """Where a received instance is in the pipeline."""
+
+    RECEIVED = "RECEIVED"
+    """On disk in the spool and recorded; its study is still within its quiet period."""
+    QUEUED = "QUEUED"
+    """Sent to the preprocess queue."""
+    PREPROCESSED = "PREPROCESSED"
+    """Decoded and prepared; the prepared image is on the inference queue."""
+    PREDICTED = "PREDICTED"
+    """Terminal: a Prediction row holds the model's probability."""
+    SKIPPED = "SKIPPED"
+    """Terminal: not eligible for screening (reason says why); the file is kept."""
+    FAILED = "FAILED"
+    """Terminal: could not be screened (reason says why); the file is kept."""
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({InstanceState.PREDICTED, InstanceState.SKIPPED, InstanceState.FAILED})
+
+_state_type = Enum(InstanceState, name="instance_state", native_enum=False, length=16,
+                   values_callable=lambda e: [m.value for m in e])
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    StudyInstanceUID: Mapped[str] = mapped_column("study_instance_uid", String(64), unique=True)
+    AccessionNumber: Mapped[str | None] = mapped_column("accession_number", String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    series: Mapped[list["Series"]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    SeriesInstanceUID: Mapped[str] = mapped_column("series_instance_uid", String(64), unique=True)
+    Modality: Mapped[str | None] = mapped_column("modality", String(16))
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list["Instance"]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    __table_args__ = (Index("ix_instance_state_updated", "state", "updated_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    SOPInstanceUID: Mapped[str] = mapped_column("sop_instance_uid", String(64), unique=True)
+    SOPClassUID: Mapped[str] = mapped_column("sop_class_uid", String(64))
+    TransferSyntaxUID: Mapped[str] = mapped_column("transfer_syntax_uid", String(64))
+    path: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    state: Mapped[InstanceState] = mapped_column(_state_type, default=InstanceState.RECEIVED)
+    reason: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+    predictions: Mapped[list["Prediction"]] = relationship(back_populates="instance")
+
+
+class Prediction(Base):
+    """One model's answer for one instance; at most one per (instance, model version)."""
+
+    __tablename__ = "prediction"
+    __table_args__ = (UniqueConstraint("instance_id", "model_version", name="uq_prediction_instance_model"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instance.id", ondelete="CASCADE"), index=True)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    flagged: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    instance: Mapped[Instance] = relationship(back_populates="predictions")

@@ -1,0 +1,67 @@
+"""From a DICOM dataset to the display-ready 8-bit grey image a radiologist's
+viewer would show, ready for ``model.preprocessing.prepare``.
+
+Order of operations (PS3.4 N.2): modality LUT / rescale, VOI LUT or window,
+then presentation: MONOCHROME1 is inverted so that air is black.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+
+class PixelDecodeError(ValueError):
+    """The pixel data could not be decoded into an image."""
+
+
+_COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR"}
+
+
+def _first_frame(ds: Dataset) -> np.ndarray:
+    if "PixelData" not in ds:
+        raise PixelDecodeError("no Pixel Data in the dataset")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # decoders raise many types on a bad codestream
+        raise PixelDecodeError(f"pixel data could not be decoded: {type(exc).__name__}: {exc}") from exc
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        arr = arr[0]
+    return arr
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values.astype(np.float64) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def display_image(ds: Dataset) -> np.ndarray:
+    """The first frame of ``ds`` as display-ready ``uint8`` grey (rows, columns)."""
+    arr = _first_frame(ds)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric in _COLOUR or arr.ndim == 3:
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise PixelDecodeError(f"unexpected colour pixel shape {arr.shape}")
+        # pydicom returns YBR as RGB; ITU-R BT.601 luma
+        grey = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        return np.clip(np.rint(grey), 0, 255).astype(np.uint8) if arr.dtype == np.uint8 else _to_uint8(grey)
+    if arr.ndim != 2:
+        raise PixelDecodeError(f"unexpected pixel shape {arr.shape}")
+
+    has_rescale = "RescaleSlope" in ds or "RescaleIntercept" in ds or "ModalityLUTSequence" in ds
+    has_voi = "VOILUTSequence" in ds or "WindowCenter" in ds
+    if arr.dtype == np.uint8 and not has_rescale and not has_voi:
+        image = arr  # already display-ready 8-bit: keep the exact values
+    else:
+        values = apply_modality_lut(arr, ds) if has_rescale else arr
+        if has_voi:
+            values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+        image = _to_uint8(np.asarray(values))
+    if photometric == "MONOCHROME1":
+        image = 255 - image
+    return np.ascontiguousarray(image, dtype=np.uint8)

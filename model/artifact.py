@@ -1,0 +1,138 @@
+"""The model artifact: a folder with ``model.keras`` and ``model_card.json``.
+
+The card names the exact model (name, version, sha256 of the weights file),
+its decision threshold, the input size and preprocessing version it expects,
+the data it was trained on and its validation figures. The shipped default
+lives in ``model/default/`` so a fresh install screens with no download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from model.preprocessing import PREPROCESSING_VERSION
+
+WEIGHTS_FILE = "model.keras"
+CARD_FILE = "model_card.json"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default"
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a result must name about the model that produced it."""
+
+    name: str
+    version: str
+    sha256: str
+    threshold: float
+    input_size: int
+    preprocessing_version: str
+    training_data: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
+        if len(self.sha256) != 64:
+            raise ValueError("sha256 must be a 64-character hex digest of the weights file")
+        if self.input_size < 32:
+            raise ValueError(f"input_size must be at least 32, got {self.input_size}")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelCard":
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+
+class ModelArtifactError(RuntimeError):
+    """The model folder is missing, incomplete or does not match its card."""
+
+
+def read_card(model_dir: str | Path | None = None, *, verify: bool = True) -> ModelCard:
+    """Read (and by default verify against the weights file) a model card."""
+    model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
+    card_path, weights_path = model_dir / CARD_FILE, model_dir / WEIGHTS_FILE
+    if not card_path.is_file() or not weights_path.is_file():
+        raise ModelArtifactError(f"{model_dir}: expected {WEIGHTS_FILE} and {CARD_FILE}")
+    card = ModelCard.from_file(card_path)
+    if card.preprocessing_version != PREPROCESSING_VERSION:
+        raise ModelArtifactError(
+            f"{model_dir}: model expects preprocessing version {card.preprocessing_version}, "
+            f"this installation has {PREPROCESSING_VERSION}"
+        )
+    if verify and sha256_file(weights_path) != card.sha256:
+        raise ModelArtifactError(f"{weights_path}: sha256 does not match {CARD_FILE}")
+    return card
+
+
+def save_artifact(model, out_dir: str | Path, **card_fields: Any) -> ModelCard:
+    """Write ``model`` and its card into ``out_dir``; the sha256 is computed here."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights_path = out_dir / WEIGHTS_FILE
+    model.save(weights_path)
+    card = ModelCard(sha256=sha256_file(weights_path), preprocessing_version=PREPROCESSING_VERSION, **card_fields)
+    card.write(out_dir / CARD_FILE)
+    return card
+
+
+class LoadedModel:
+    """A Keras model with its card, ready for batched inference."""
+
+    def __init__(self, model_dir: str | Path | None = None) -> None:
+        import keras  # deferred: TensorFlow takes seconds to import
+
+        self.model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
+        self.card = read_card(self.model_dir)
+        self.keras_model = keras.models.load_model(self.model_dir / WEIGHTS_FILE, compile=False)
+        self._lock = threading.Lock()
+
+    def predict(self, prepared) -> "list[float]":
+        """Probabilities for a batch of prepared ``uint8`` images ``(n, size, size)``.
+
+        One forward pass for the whole batch (never one call per image).
+        """
+        import numpy as np
+
+        from model.preprocessing import to_model_input
+
+        x = to_model_input(prepared)
+        if x.shape[1] != self.card.input_size:
+            raise ValueError(f"model expects {self.card.input_size}px input, got {x.shape[1]}px")
+        with self._lock:
+            out = self.keras_model(x, training=False)
+        return [float(p) for p in np.asarray(out).reshape(-1)]
+
+
+_cache: dict[Path, LoadedModel] = {}
+_cache_lock = threading.Lock()
+
+
+def get_model(model_dir: str | Path | None = None) -> LoadedModel:
+    """The process-wide model for ``model_dir``, loaded once on first use."""
+    key = (Path(model_dir) if model_dir else DEFAULT_MODEL_DIR).resolve()
+    with _cache_lock:
+        if key not in _cache:
+            _cache[key] = LoadedModel(key)
+        return _cache[key]

@@ -1,0 +1,98 @@
+"""Reading a Kaggle-layout chest X-ray folder (``{NORMAL,PNEUMONIA}/``) through
+the shared preprocessing, and splitting it by patient."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.preprocessing import IMAGE_SUFFIXES, INPUT_SIZE, prepare_file
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+
+# IM-0115-0001.jpeg, NORMAL2-IM-1427-0001.jpeg -> IM-0115, NORMAL2-IM-1427;
+# person1689_bacteria_4474.jpeg -> person1689
+_PATIENT_PATTERNS = (
+    re.compile(r"^((?:NORMAL2-)?IM-\d+)-"),
+    re.compile(r"^(person\d+)_"),
+)
+
+
+def patient_id(filename: str) -> str:
+    """The patient key in a Kermany/Kaggle file name (the file stem if none is found)."""
+    for pattern in _PATIENT_PATTERNS:
+        m = pattern.match(filename)
+        if m:
+            return m.group(1)
+    return Path(filename).stem
+
+
+@dataclass
+class LabelledImages:
+    """Prepared images with labels (1 = PNEUMONIA) and patient keys."""
+
+    images: np.ndarray  # (n, size, size) uint8
+    labels: np.ndarray  # (n,) int
+    patients: np.ndarray  # (n,) str
+    paths: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "LabelledImages":
+        return LabelledImages(self.images[index], self.labels[index], self.patients[index],
+                              [self.paths[i] for i in index])
+
+
+def list_images(folder: str | Path) -> list[tuple[Path, int]]:
+    """``(path, label)`` for every image under ``folder/NORMAL`` and ``folder/PNEUMONIA``."""
+    folder = Path(folder)
+    found = []
+    for label, cls in enumerate(CLASSES):
+        class_dir = folder / cls
+        if not class_dir.is_dir():
+            raise FileNotFoundError(f"{folder}: expected a {cls}/ sub-folder")
+        found += [(p, label) for p in sorted(class_dir.iterdir())
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return found
+
+
+def load_folder(folder: str | Path, *, size: int = INPUT_SIZE, cache: str | Path | None = None,
+                progress: bool = True) -> LabelledImages:
+    """Load and prepare every image of a Kaggle-layout folder (cached as .npz if asked)."""
+    entries = list_images(folder)
+    if cache is not None and Path(cache).is_file():
+        with np.load(cache) as z:
+            if list(z["names"]) == [str(p) for p, _ in entries] and z["images"].shape[1] == size:
+                log.info("using cached arrays %s", cache)
+                return LabelledImages(z["images"], z["labels"], z["patients"], [p for p, _ in entries])
+    images = np.empty((len(entries), size, size), dtype=np.uint8)
+    iterator = entries
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(entries, desc=f"reading {Path(folder).name}", unit="img")
+    for i, (path, _) in enumerate(iterator):
+        images[i] = prepare_file(path, size)
+    labels = np.array([label for _, label in entries], dtype=np.int64)
+    patients = np.array([patient_id(p.name) for p, _ in entries])
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, images=images, labels=labels, patients=patients,
+                 names=np.array([str(p) for p, _ in entries]))
+    return LabelledImages(images, labels, patients, [p for p, _ in entries])
+
+
+def patient_split(data: LabelledImages, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation): whole patients on one side, stratified by class."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_splits = max(2, round(1 / val_fraction))
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_idx, val_idx = next(splitter.split(np.zeros(len(data)), data.labels, groups=data.patients))
+    return train_idx, val_idx

@@ -1,0 +1,42 @@
+"""Screening metrics: ROC AUC, the operating threshold, confusion counts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, sensitivity: float) -> float:
+    """The highest threshold whose sensitivity (recall of label 1) is at least ``sensitivity``."""
+    positives = np.sort(np.asarray(scores)[np.asarray(labels) == 1])
+    if positives.size == 0:
+        raise ValueError("no positive examples to set a threshold on")
+    # flag p >= t; allow at most floor((1 - sensitivity) * n) misses
+    misses = int(np.floor((1.0 - sensitivity) * positives.size + 1e-9))
+    t = float(positives[misses])
+    return float(np.clip(t, 1e-6, 1 - 1e-6))
+
+
+def binary_report(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float | int]:
+    """Precision, recall (sensitivity), specificity, F1, accuracy, AUC and counts at ``threshold``."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=float)
+    pred = scores >= threshold
+    tp = int(np.sum(pred & (labels == 1)))
+    fp = int(np.sum(pred & (labels == 0)))
+    fn = int(np.sum(~pred & (labels == 1)))
+    tn = int(np.sum(~pred & (labels == 0)))
+
+    def ratio(a: int, b: int) -> float:
+        return float(a / b) if b else 0.0
+
+    precision, sensitivity = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    f1 = ratio(2 * tp, 2 * tp + fp + fn)
+    auc = float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
+    return {
+        "n": int(len(labels)), "auc": auc, "sensitivity": sensitivity,
+        "specificity": ratio(tn, tn + fp), "precision": precision, "f1": f1,
+        "accuracy": ratio(tp + tn, len(labels)), "threshold": float(threshold),
+        "tn": tn, "fp": fp, "fn": fn, "tp": tp,
+    }

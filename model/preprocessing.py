@@ -1,0 +1,91 @@
+"""The one preprocessing path shared by training and serving.
+
+Every image, whether it came from a DICOM file (after ``dicom_io.pixels``
+turned it into display-ready 8-bit grey) or from a PNG/JPEG file, goes
+through :func:`prepare` to become a 224x224 ``uint8`` array. That array is
+what is cached for training and what travels to the inference workers, so
+training and serving see byte-identical tensors for the same image.
+:func:`to_model_input` then makes the network input: 3 channels (RGB,
+grey replicated), float32 scaled to [0, 1].
+
+This module imports nothing from the rest of the project.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+#: Bumped whenever :func:`prepare` changes what it produces; written into
+#: the model card so a model is never served with a different preprocessing.
+PREPROCESSING_VERSION = "1"
+
+#: Side of the square network input, in pixels.
+INPUT_SIZE = 224
+
+#: File suffixes read as plain images (everything else is treated as DICOM).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+
+
+def prepare(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+    """Return the ``size`` x ``size`` ``uint8`` grey image the network is fed from.
+
+    Parameters
+    ----------
+    image:
+        A 2-D grey image or a 3-D ``(rows, columns, 3|4)`` image in OpenCV's
+        BGR(A) order, ``uint8``. Display-ready: a DICOM image must already
+        have had its modality/VOI LUTs applied and MONOCHROME1 inverted.
+    size:
+        Output side in pixels.
+    """
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise TypeError(f"image must be uint8 (display-ready), got {image.dtype}")
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        code = cv2.COLOR_BGR2GRAY if image.shape[2] == 3 else cv2.COLOR_BGRA2GRAY
+        image = cv2.cvtColor(image, code)
+    elif image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim != 2:
+        raise ValueError(f"image must be 2-D grey or 3-D colour, got shape {image.shape}")
+    if min(image.shape) < 2:
+        raise ValueError(f"image is too small to screen: {image.shape[1]}x{image.shape[0]}")
+    interpolation = cv2.INTER_AREA if min(image.shape) >= size else cv2.INTER_LINEAR
+    out = cv2.resize(image, (size, size), interpolation=interpolation)
+    return np.ascontiguousarray(out, dtype=np.uint8)
+
+
+def to_model_input(batch: np.ndarray) -> np.ndarray:
+    """Turn prepared ``uint8`` images ``(n, size, size)`` into the network input.
+
+    Returns ``float32`` of shape ``(n, size, size, 3)`` in [0, 1], the grey
+    channel replicated into R, G and B.
+    """
+    batch = np.asarray(batch)
+    if batch.ndim == 2:
+        batch = batch[np.newaxis]
+    if batch.ndim != 3 or batch.dtype != np.uint8:
+        raise ValueError(
+            f"expected uint8 images of shape (n, size, size), got {batch.dtype} {batch.shape}"
+        )
+    scaled = batch.astype(np.float32) / np.float32(255.0)
+    return np.repeat(scaled[..., np.newaxis], 3, axis=-1)
+
+
+def read_image_file(path: str | Path) -> np.ndarray:
+    """Read a PNG/JPEG (or other OpenCV-readable) file as ``uint8`` grey."""
+    path = Path(path)
+    data = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise ValueError(f"{path}: not a readable image file")
+    return image
+
+
+def prepare_file(path: str | Path, size: int = INPUT_SIZE) -> np.ndarray:
+    """:func:`read_image_file` then :func:`prepare`."""
+    return prepare(read_image_file(path), size)

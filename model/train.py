@@ -1,0 +1,134 @@
+"""Training: Kaggle-layout folder in, model artifact out.
+
+Images are read once through the shared preprocessing and cached as uint8
+arrays; the validation set is carved from ``train/`` by patient (the
+official ``val/`` split has 16 images, too few to choose a threshold on, so
+it is only reported). The threshold is set on validation for the target
+sensitivity and written into the model card with the validation figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from model.artifact import ModelCard, save_artifact
+from model.dataset import LabelledImages, load_folder, patient_split
+from model.metrics import binary_report, threshold_for_sensitivity
+from model.preprocessing import INPUT_SIZE, to_model_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    val_fraction: float = 0.2
+    target_sensitivity: float = 0.97
+    patience: int = 6
+    seed: int = 1234
+    input_size: int = INPUT_SIZE
+    name: str = "pneumoscreen-cnn"
+    version: str = "0.1.0"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError("epochs must be at least 1")
+        if not 0.05 <= self.val_fraction <= 0.5:
+            raise ValueError("val_fraction must lie in [0.05, 0.5]")
+        if not 0.5 <= self.target_sensitivity < 1.0:
+            raise ValueError("target_sensitivity must lie in [0.5, 1)")
+
+
+def _manifest_hash(data: LabelledImages) -> str:
+    digest = hashlib.sha256()
+    for path, label in zip(data.paths, data.labels):
+        digest.update(f"{label}\t{Path(path).name}\n".encode())
+    return digest.hexdigest()
+
+
+def _dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuffle: bool, seed: int):
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
+    if shuffle:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    ds = ds.map(lambda x, y: (tf.repeat(tf.cast(x, tf.float32)[..., None] / 255.0, 3, axis=-1), y),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def predict_prepared(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Scores for prepared uint8 images, in batches."""
+    out = [np.asarray(model(to_model_input(images[i:i + batch_size]), training=False)).reshape(-1)
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.empty(0)
+
+
+def train(data_dir: str | Path, out_dir: str | Path, config: TrainingConfig = TrainingConfig(),
+          *, cache_dir: str | Path | None = None) -> ModelCard:
+    import keras
+
+    from model.network import build_network
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    keras.utils.set_random_seed(config.seed)
+    cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
+    full = load_folder(data_dir / "train", size=config.input_size, cache=cache_dir / f"train_{config.input_size}.npz")
+    official_val = None
+    if (data_dir / "val").is_dir():
+        official_val = load_folder(data_dir / "val", size=config.input_size, cache=cache_dir / f"val_{config.input_size}.npz")
+    train_idx, val_idx = patient_split(full, val_fraction=config.val_fraction, seed=config.seed)
+    tr, va = full.subset(train_idx), full.subset(val_idx)
+    log.info("train %d images (%d patients), validation %d images (%d patients)",
+             len(tr), len(set(tr.patients)), len(va), len(set(va.patients)))
+
+    counts = np.bincount(tr.labels, minlength=2)
+    class_weight = {c: float(len(tr) / (2 * counts[c])) for c in (0, 1)}
+    steps = int(np.ceil(len(tr) / config.batch_size)) * config.epochs
+    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=steps, alpha=0.05)
+    model = build_network(config.input_size)
+    model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
+                  loss="binary_crossentropy", metrics=[keras.metrics.AUC(name="auc")])
+    callbacks = [keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience,
+                                               restore_best_weights=True, verbose=1)]
+    started = time.monotonic()
+    history = model.fit(
+        _dataset(tr.images, tr.labels, batch_size=config.batch_size, shuffle=True, seed=config.seed),
+        validation_data=_dataset(va.images, va.labels, batch_size=64, shuffle=False, seed=config.seed),
+        epochs=config.epochs, class_weight=class_weight, callbacks=callbacks, verbose=2,
+    )
+    seconds = time.monotonic() - started
+
+    val_scores = predict_prepared(model, va.images)
+    threshold = threshold_for_sensitivity(va.labels, val_scores, config.target_sensitivity)
+    validation = {"patient_split": binary_report(va.labels, val_scores, threshold)}
+    if official_val is not None:
+        validation["official_val"] = binary_report(official_val.labels, predict_prepared(model, official_val.images), threshold)
+    epochs_run = len(history.history["loss"])
+    card = save_artifact(
+        model, out_dir,
+        name=config.name, version=config.version, threshold=threshold, input_size=config.input_size,
+        training_data={
+            "source": "Kermany et al. 2018, Chest X-Ray Images (Pneumonia), doi:10.17632/rscbjbr9sj.2, CC BY 4.0",
+            "folder": str(data_dir), "manifest_sha256": _manifest_hash(full),
+            "train_images": len(tr), "validation_images": len(va),
+            "validation_split": f"patient-level, stratified, {config.val_fraction:.0%} of train/, seed {config.seed}",
+        },
+        validation=validation,
+        training={"epochs_run": epochs_run, "best_epoch": int(np.argmax(history.history["val_auc"])) + 1,
+                  "seconds": round(seconds, 1), "images_per_second": round(len(tr) * epochs_run / seconds, 1),
+                  "seed": config.seed, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+                  "class_weight": class_weight, "target_sensitivity": config.target_sensitivity},
+    )
+    log.info("wrote %s (threshold %.4f, validation AUC %.4f)", out_dir, threshold,
+             validation["patient_split"]["auc"])
+    return card

@@ -1,0 +1,42 @@
+"""The Celery application and its routing, in one place."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from worker.settings import Settings
+
+PREPROCESS_QUEUE = "preprocess"
+INFERENCE_QUEUE = "inference"
+MAINTENANCE_QUEUE = "maintenance"
+ALL_QUEUES = (PREPROCESS_QUEUE, INFERENCE_QUEUE, MAINTENANCE_QUEUE)
+
+app = Celery("pneumoscreen", include=["worker.tasks"])
+app.conf.update(
+    task_routes={
+        "pneumoscreen.preprocess": {"queue": PREPROCESS_QUEUE},
+        "pneumoscreen.infer": {"queue": INFERENCE_QUEUE},
+        "pneumoscreen.reconcile": {"queue": MAINTENANCE_QUEUE},
+    },
+    task_default_queue=PREPROCESS_QUEUE,
+    task_serializer="json",
+    accept_content=["json"],
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    task_ignore_result=True,
+    worker_prefetch_multiplier=1,
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    beat_schedule={
+        "reconcile": {"task": "pneumoscreen.reconcile", "schedule": 60.0},
+    },
+)
+
+
+def configure_app(settings: Settings) -> Celery:
+    """Point the app at the configured broker (Redis in production, memory:// in `run`)."""
+    app.conf.broker_url = settings.broker_url
+    if settings.broker_url.startswith("redis"):
+        # a message not acknowledged within this time is delivered again
+        app.conf.broker_transport_options = {"visibility_timeout": 3600}
+    return app

@@ -1,0 +1,267 @@
+"""``pneumoscreen``: the one command line entry point."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+from pydantic import ValidationError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from worker.settings import Settings  # noqa: E402
+
+log = logging.getLogger("pneumoscreen")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("pynetdicom", "absl", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load_settings(**overrides) -> Settings:
+    """Settings from the environment, flags on top; a bad value stops here with a clear message."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()]
+        raise click.UsageError("invalid settings:\n" + "\n".join(lines)) from None
+    from worker import runtime
+
+    runtime.configure(settings)
+    return settings
+
+
+def _sessions():
+    from worker import runtime
+
+    return runtime.sessions()
+
+
+def _require_current_schema(settings: Settings) -> None:
+    from db.migrate import is_current
+
+    if not is_current(settings.effective_database_url):
+        raise click.ClickException(
+            "the database schema is not at the current version: run `pneumoscreen db upgrade` first"
+        )
+
+
+def _spool(settings: Settings):
+    from dicom_io.spool import Spool
+
+    return Spool(settings.spool_dir, min_free_bytes=settings.min_free_mb * 1024 * 1024)
+
+
+def _start_listener(settings: Settings):
+    from dicom_io.server import start_listener
+
+    return start_listener(host=settings.host, port=settings.port, ae_title=settings.ae_title,
+                          spool=_spool(settings), sessions=_sessions(),
+                          allowed_aes=settings.allowed_ae_titles)
+
+
+listener_options = [
+    click.option("--data-dir", type=click.Path(path_type=Path), help="spool, SQLite database, logs [PNEUMOSCREEN_DATA_DIR]"),
+    click.option("--host", help="address to listen on [PNEUMOSCREEN_HOST, 127.0.0.1]"),
+    click.option("--port", type=int, help="DICOM port [PNEUMOSCREEN_PORT, 11112]"),
+    click.option("--ae-title", help="our AE title [PNEUMOSCREEN_AE_TITLE, PNEUMOSCREEN]"),
+]
+
+
+def with_options(options):
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="INFO", show_default=True, envvar="PNEUMOSCREEN_LOG_LEVEL")
+@click.version_option(package_name="pneumoscreen")
+def cli(log_level: str) -> None:
+    """pneumoscreen: DICOM/PACS-integrated pneumonia screening for chest X-rays."""
+    _setup_logging(log_level)
+
+
+@cli.command()
+@with_options(listener_options)
+@click.option("--concurrency", type=int, default=2, show_default=True, help="worker threads")
+def run(data_dir, host, port, ae_title, concurrency) -> None:
+    """All in one: listener + workers + in-process broker + SQLite under the data dir."""
+    settings = _load_settings(data_dir=data_dir, host=host, port=port, ae_title=ae_title, broker_url="memory://localhost/")
+    from db.migrate import upgrade
+    from worker.celery_app import ALL_QUEUES, configure_app
+    from worker.dispatcher import Dispatcher
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url)
+    app = configure_app(settings)
+    server = _start_listener(settings)
+    dispatcher = Dispatcher(_sessions(), quiet_seconds=settings.study_quiet_seconds, reconcile_every=60.0,
+                            reconcile_after=settings.reconcile_after_seconds)
+    dispatcher.start()
+    log.info("pneumoscreen running: data in %s, database %s", settings.data_dir.resolve(),
+             settings.effective_database_url.split("///")[0] + "///...")
+    try:
+        app.worker_main(["worker", "--queues", ",".join(ALL_QUEUES), "--pool", "threads",
+                         "--concurrency", str(concurrency), "--hostname", "pneumoscreen-run@%h",
+                         "--loglevel", logging.getLevelName(logging.getLogger().level), "--without-mingle",
+                         "--without-gossip"])
+    finally:
+        dispatcher.stop()
+        server.shutdown()
+
+
+@cli.command()
+@with_options(listener_options)
+def listen(data_dir, host, port, ae_title) -> None:
+    """The DICOM listener and study dispatcher (production: one process)."""
+    settings = _load_settings(data_dir=data_dir, host=host, port=port, ae_title=ae_title)
+    from worker.celery_app import configure_app
+    from worker.dispatcher import Dispatcher
+
+    _require_current_schema(settings)
+    configure_app(settings)
+    server = _start_listener(settings)
+    dispatcher = Dispatcher(_sessions(), quiet_seconds=settings.study_quiet_seconds)
+    dispatcher.start()
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        while dispatcher.is_alive() and not stopping.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        log.info("stopping the listener")
+        dispatcher.stop()
+        server.shutdown()
+
+
+@cli.command()
+@click.option("--queues", default="preprocess,inference,maintenance", show_default=True,
+              help="comma-separated queues to consume")
+@click.option("--concurrency", type=int, default=2, show_default=True)
+@click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True)
+def worker(queues: str, concurrency: int, pool: str) -> None:
+    """A Celery worker process (production: preprocess on CPU, inference on GPU)."""
+    settings = _load_settings()
+    from worker.celery_app import ALL_QUEUES, configure_app
+
+    unknown = set(queues.split(",")) - set(ALL_QUEUES)
+    if unknown:
+        raise click.UsageError(f"unknown queue(s) {', '.join(sorted(unknown))}; known: {', '.join(ALL_QUEUES)}")
+    _require_current_schema(settings)
+    app = configure_app(settings)
+    app.worker_main(["worker", "--queues", queues, "--pool", pool, "--concurrency", str(concurrency),
+                     "--hostname", f"pneumoscreen-{queues.replace(',', '-')}@%h",
+                     "--loglevel", logging.getLevelName(logging.getLogger().level)])
+
+
+@cli.command()
+def beat() -> None:
+    """The scheduler: reconciliation every minute (and, later, overnight rescreening)."""
+    settings = _load_settings()
+    from worker.celery_app import configure_app
+
+    app = configure_app(settings)
+    schedule = settings.data_dir / "celerybeat-schedule"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app.Beat(schedule=str(schedule), loglevel=logging.getLevelName(logging.getLogger().level)).run()
+
+
+@cli.command()
+@click.option("--flagged-only", is_flag=True, help="only studies the model flagged")
+@click.option("--limit", type=int, help="at most N studies")
+@click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
+def worklist(flagged_only: bool, limit: int | None, as_json: bool) -> None:
+    """Studies in reading order: flagged first."""
+    settings = _load_settings()
+    _require_current_schema(settings)
+    from db.queries import worklist as worklist_rows
+
+    with _sessions().begin() as session:
+        rows = worklist_rows(session, flagged_only=flagged_only, limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from worker.render import worklist_table
+
+    worklist_table(rows)
+
+
+@cli.command()
+@click.option("--state", type=click.Choice(["RECEIVED", "QUEUED", "PREPROCESSED", "PREDICTED", "SKIPPED", "FAILED"]))
+@click.option("--limit", type=int)
+@click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
+def instances(state: str | None, limit: int | None, as_json: bool) -> None:
+    """Every received instance with its state and reason."""
+    settings = _load_settings()
+    _require_current_schema(settings)
+    from db.models import InstanceState
+    from db.queries import list_instances
+
+    with _sessions().begin() as session:
+        rows = list_instances(session, state=InstanceState(state) if state else None, limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from worker.render import instances_table
+
+    instances_table(rows)
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply Alembic migrations up to the current schema."""
+    settings = _load_settings()
+    from db.migrate import upgrade
+
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.effective_database_url)
+    click.echo("database schema is current")
+
+
+@cli.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Kaggle-layout folder: train/{NORMAL,PNEUMONIA}/ (and optionally val/)")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--version", "model_version", default="0.1.0", show_default=True)
+def train(data_dir: Path, out_dir: Path, epochs: int, seed: int, model_version: str) -> None:
+    """Train the screening CNN and write a model artifact."""
+    from model.train import TrainingConfig, train as run_training
+
+    card = run_training(data_dir, out_dir, TrainingConfig(epochs=epochs, seed=seed, version=model_version))
+    val = card.validation["patient_split"]
+    click.echo(f"wrote {out_dir}: threshold {card.threshold:.4f}, validation AUC {val['auc']:.4f}, "
+               f"sensitivity {val['sensitivity']:.3f}, specificity {val['specificity']:.3f}")
+
+
+def main() -> None:
+    cli(prog_name="pneumoscreen")
+
+
+if __name__ == "__main__":
+    main()

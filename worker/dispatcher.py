@@ -1,0 +1,85 @@
+"""Study assembly and reconciliation: the bridge from the database (the
+source of truth) to the broker (only a transport).
+
+- ``dispatch_quiet``: instances of studies that have been quiet for the
+  quiet period are marked QUEUED (committed) and then sent to ``preprocess``.
+  Instances arriving after their study was dispatched are picked up the same
+  way once the study is quiet again.
+- ``reconcile``: anything left QUEUED or PREPROCESSED for too long (broker
+  restarted, worker killed) is sent again; the tasks are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from kombu.exceptions import KombuError
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import InstanceState, utcnow
+from db.queries import claim_quiet_instances, stale_instances, touch_instances
+from worker.celery_app import app
+
+log = logging.getLogger(__name__)
+
+
+def _send(ids: list[int]) -> None:
+    for instance_id in ids:
+        app.send_task("pneumoscreen.preprocess", args=[instance_id])
+
+
+def dispatch_quiet(sessions: sessionmaker[Session], *, quiet_seconds: float) -> int:
+    """Queue the RECEIVED instances of quiet studies; returns how many were sent."""
+    with sessions.begin() as session:
+        ids = claim_quiet_instances(session, quiet_since=utcnow() - timedelta(seconds=quiet_seconds))
+    _send(ids)
+    if ids:
+        log.info("dispatched %d instance(s) to preprocess", len(ids))
+    return len(ids)
+
+
+def reconcile(sessions: sessionmaker[Session], *, older_than_seconds: float) -> int:
+    """Send again what has been in flight longer than ``older_than_seconds``."""
+    with sessions.begin() as session:
+        stale = stale_instances(session, older_than=utcnow() - timedelta(seconds=older_than_seconds))
+        ids = [instance_id for instance_id, _ in stale]
+        if ids:
+            touch_instances(session, ids=ids, state=InstanceState.QUEUED)
+    _send(ids)
+    if ids:
+        log.warning("reconciler re-sent %d instance(s) left in flight", len(ids))
+    return len(ids)
+
+
+class Dispatcher(threading.Thread):
+    """Background loop: dispatch quiet studies every ``interval`` seconds and,
+    when ``reconcile_every`` is set, reconcile too (the embedded default has no beat)."""
+
+    def __init__(self, sessions: sessionmaker[Session], *, quiet_seconds: float, interval: float = 1.0,
+                 reconcile_every: float | None = None, reconcile_after: float = 300.0) -> None:
+        super().__init__(name="pneumoscreen-dispatcher", daemon=True)
+        self.sessions = sessions
+        self.quiet_seconds = quiet_seconds
+        self.interval = interval
+        self.reconcile_every = reconcile_every
+        self.reconcile_after = reconcile_after
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        since_reconcile = 0.0
+        while not self._stop_event.wait(self.interval):
+            try:
+                dispatch_quiet(self.sessions, quiet_seconds=self.quiet_seconds)
+                since_reconcile += self.interval
+                if self.reconcile_every is not None and since_reconcile >= self.reconcile_every:
+                    since_reconcile = 0.0
+                    reconcile(self.sessions, older_than_seconds=self.reconcile_after)
+            except (SQLAlchemyError, KombuError, OSError) as exc:
+                # the rows stay as they are; the next round (or the reconciler) picks them up
+                log.error("dispatch round failed, will retry: %s", exc)

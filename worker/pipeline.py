@@ -1,0 +1,94 @@
+"""The work behind the tasks, as plain functions (testable without Celery).
+
+``preprocess_instance``: spool file -> eligibility -> display pixels ->
+shared preprocessing; ``infer``: prepared images -> one batched forward pass
+-> Prediction rows. Every instance that enters ends PREDICTED, SKIPPED or
+FAILED with a reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+
+import cv2
+import numpy as np
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import InstanceState
+from db.queries import get_instance, record_prediction, set_state
+from dicom_io.eligibility import Eligibility
+from dicom_io.pixels import PixelDecodeError, display_image
+from model.artifact import LoadedModel
+from model.preprocessing import prepare
+
+log = logging.getLogger(__name__)
+
+
+def encode_prepared(image: np.ndarray) -> str:
+    """A prepared 224x224 uint8 image as lossless PNG in base64 (a compact message payload)."""
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError("could not encode the prepared image")
+    return base64.b64encode(buf.tobytes()).decode("ascii")
+
+
+def decode_prepared(payload: str) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(base64.b64decode(payload), np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.dtype != np.uint8 or image.ndim != 2:
+        raise ValueError("payload is not a prepared grey uint8 image")
+    return image
+
+
+def _finish(sessions: sessionmaker[Session], instance_id: int, state: InstanceState, reason: str) -> None:
+    with sessions.begin() as session:
+        set_state(session, instance_id=instance_id, state=state, reason=reason)
+    log.info("instance %d %s: %s", instance_id, state.value, reason)
+
+
+def preprocess_instance(sessions: sessionmaker[Session], instance_id: int) -> np.ndarray | None:
+    """The prepared image for ``instance_id``, or None if it ended SKIPPED/FAILED (or already had)."""
+    with sessions.begin() as session:
+        instance = get_instance(session, instance_id=instance_id)
+        if instance is None:
+            log.warning("instance %d is not in the database", instance_id)
+            return None
+        if instance.state.is_terminal:
+            return None
+        path = instance.path
+    try:
+        ds = dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        _finish(sessions, instance_id, InstanceState.FAILED, f"file could not be read: {type(exc).__name__}: {exc}")
+        return None
+    eligibility = Eligibility.from_dataset(ds)
+    if not eligibility.eligible:
+        _finish(sessions, instance_id, InstanceState.SKIPPED, eligibility.reason or "not eligible")
+        return None
+    try:
+        prepared = prepare(display_image(ds))
+    except (PixelDecodeError, ValueError, TypeError) as exc:
+        _finish(sessions, instance_id, InstanceState.FAILED, str(exc))
+        return None
+    with sessions.begin() as session:
+        set_state(session, instance_id=instance_id, state=InstanceState.PREPROCESSED)
+    return prepared
+
+
+def infer(sessions: sessionmaker[Session], model: LoadedModel, items: list[tuple[int, np.ndarray]]) -> list[float]:
+    """One forward pass for ``items`` (instance id, prepared image); records each prediction."""
+    if not items:
+        return []
+    probabilities = model.predict(np.stack([image for _, image in items]))
+    card = model.card
+    with sessions.begin() as session:
+        for (instance_id, _), probability in zip(items, probabilities):
+            record_prediction(
+                session, instance_id=instance_id, model_name=card.name, model_version=card.version,
+                weights_sha256=card.sha256, probability=probability, threshold=card.threshold,
+            )
+    for (instance_id, _), probability in zip(items, probabilities):
+        log.info("instance %d PREDICTED p=%.4f (%s %s)", instance_id, probability, card.name, card.version)
+    return probabilities

@@ -1,0 +1,35 @@
+"""Human-readable tables for the CLI (``--json`` gives the machine form)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+_PRIORITY = {1: "[bold red]FLAGGED[/]", 2: "[yellow]pending[/]", 3: "routine"}
+
+
+def _probability(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def worklist_table(rows: list[dict[str, Any]]) -> None:
+    table = Table(title=f"Worklist ({len(rows)} studies)")
+    for column in ("#", "priority", "p(pneumonia)", "state", "accession", "study", "received", "model"):
+        table.add_column(column)
+    for i, r in enumerate(rows, 1):
+        table.add_row(str(i), _PRIORITY.get(r["priority"], str(r["priority"])), _probability(r["max_probability"]),
+                      r["state"], r["accession_number"] or "", r["study_instance_uid"],
+                      (r["received_at"] or "")[:19], r["model_version"] or "")
+    Console().print(table)
+
+
+def instances_table(rows: list[dict[str, Any]]) -> None:
+    table = Table(title=f"Instances ({len(rows)})")
+    for column in ("state", "p", "reason", "SOP instance", "study"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["state"], _probability(r["probability"]), r["reason"] or "", r["sop_instance_uid"],
+                      r["study_instance_uid"])
+    Console().print(table)

@@ -1,0 +1,41 @@
+"""Process-wide resources, made once per process on first use: the settings,
+the database engine and session factory. Worker child processes make their
+own (an engine must not cross a fork)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.session import make_engine, make_sessionmaker
+from worker.settings import Settings
+
+_lock = threading.Lock()
+_settings: Settings | None = None
+_sessions: tuple[int, sessionmaker[Session]] | None = None
+
+
+def configure(settings: Settings) -> None:
+    """Install ``settings`` for this process (the CLI calls this once at start-up)."""
+    global _settings, _sessions
+    with _lock:
+        _settings, _sessions = settings, None
+
+
+def settings() -> Settings:
+    global _settings
+    with _lock:
+        if _settings is None:
+            _settings = Settings()
+        return _settings
+
+
+def sessions() -> sessionmaker[Session]:
+    global _sessions
+    current = settings()
+    with _lock:
+        if _sessions is None or _sessions[0] != os.getpid():
+            _sessions = (os.getpid(), make_sessionmaker(make_engine(current.effective_database_url)))
+        return _sessions[1]

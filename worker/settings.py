@@ -1,0 +1,98 @@
+"""The one typed settings object, read from ``PNEUMOSCREEN_*`` environment
+variables (and CLI flags), validated at start-up so a bad value fails before
+the first association."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+
+def _check_ae_title(value: str) -> str:
+    value = value.strip()
+    if not _AE_TITLE.match(value):
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PNEUMOSCREEN_", extra="ignore")
+
+    data_dir: Path = Field(Path("./pneumoscreen-data"), description="spool, SQLite database and logs")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in the data dir")
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker; `run` uses memory://")
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    ae_title: str = "PNEUMOSCREEN"
+    allowed_aes: str = Field("", description="comma-separated calling AE titles; empty = any (loopback only)")
+    study_quiet_seconds: float = Field(10.0, ge=0.0, le=86400.0)
+    model_dir: Path | None = Field(None, description="model artifact folder; default: the shipped model")
+    results_destination: str | None = None
+    api_token: str | None = None
+    reconcile_after_seconds: float = Field(300.0, ge=1.0, description="re-send work left in flight this long")
+    min_free_mb: int = Field(512, ge=0, description="refuse C-STORE (0xA700) below this much free spool space")
+    tf_threads: int = Field(0, ge=0, description="TensorFlow intra-op threads (0 = TensorFlow's default)")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("allowed_aes")
+    @classmethod
+    def _valid_allowed_aes(cls, value: str) -> str:
+        titles = [_check_ae_title(t) for t in value.split(",") if t.strip()]
+        return ",".join(titles)
+
+    @field_validator("database_url")
+    @classmethod
+    def _valid_database_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[a-z][a-z0-9+]*://", value):
+            raise ValueError(f"{value!r} is not a database URL (e.g. postgresql+psycopg://user@host/db)")
+        return value or None
+
+    @field_validator("results_destination")
+    @classmethod
+    def _valid_destination(cls, value: str | None) -> str | None:
+        if value and not re.match(r"^[^@]{1,16}@[^:]+:\d{1,5}$", value):
+            raise ValueError(f"{value!r} must look like AET@host:port")
+        return value or None
+
+    @model_validator(mode="after")
+    def _open_listener_needs_allow_list(self) -> "Settings":
+        if not self.allowed_aes and not is_loopback(self.host):
+            raise ValueError(
+                f"listening on {self.host} with no PNEUMOSCREEN_ALLOWED_AES: any AE is accepted only "
+                "on a loopback address; set a comma-separated list of calling AE titles"
+            )
+        return self
+
+    @cached_property
+    def allowed_ae_titles(self) -> frozenset[str]:
+        return frozenset(t for t in self.allowed_aes.split(",") if t)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'pneumoscreen.db').resolve()}"
