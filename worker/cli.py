@@ -59,6 +59,17 @@ def _require_current_schema(settings: Settings) -> None:
         )
 
 
+def _check_model(settings: Settings) -> None:
+    """Fail at start-up, not at the first study, if the model artifact is missing or altered."""
+    from model.artifact import ModelArtifactError, read_card
+
+    try:
+        card = read_card(settings.model_dir)
+    except (ModelArtifactError, ValueError, OSError) as exc:
+        raise click.ClickException(f"model artifact: {exc}") from None
+    log.info("model %s %s (sha256 %s..., threshold %.4f)", card.name, card.version, card.sha256[:12], card.threshold)
+
+
 def _spool(settings: Settings):
     from dicom_io.spool import Spool
 
@@ -107,6 +118,7 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
     from worker.celery_app import ALL_QUEUES, configure_app
     from worker.dispatcher import Dispatcher
 
+    _check_model(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.effective_database_url)
     app = configure_app(settings)
@@ -114,8 +126,10 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
     dispatcher = Dispatcher(_sessions(), quiet_seconds=settings.study_quiet_seconds, reconcile_every=60.0,
                             reconcile_after=settings.reconcile_after_seconds)
     dispatcher.start()
+    from sqlalchemy.engine import make_url
+
     log.info("pneumoscreen running: data in %s, database %s", settings.data_dir.resolve(),
-             settings.effective_database_url.split("///")[0] + "///...")
+             make_url(settings.effective_database_url).render_as_string(hide_password=True))
     try:
         app.worker_main(["worker", "--queues", ",".join(ALL_QUEUES), "--pool", "threads",
                          "--concurrency", str(concurrency), "--hostname", "pneumoscreen-run@%h",
@@ -166,6 +180,8 @@ def worker(queues: str, concurrency: int, pool: str) -> None:
     if unknown:
         raise click.UsageError(f"unknown queue(s) {', '.join(sorted(unknown))}; known: {', '.join(ALL_QUEUES)}")
     _require_current_schema(settings)
+    if "inference" in queues.split(","):
+        _check_model(settings)
     app = configure_app(settings)
     app.worker_main(["worker", "--queues", queues, "--pool", pool, "--concurrency", str(concurrency),
                      "--hostname", f"pneumoscreen-{queues.replace(',', '-')}@%h",

@@ -1,0 +1,25 @@
+# pneumoscreen: `make run` (embedded default) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV   ?= .venv
+PIP     = $(VENV)/bin/pip
+
+.PHONY: run test install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## Listener + workers + in-process broker + SQLite under ./pneumoscreen-data, port 11112.
+run: install
+	$(VENV)/bin/pneumoscreen run
+
+## Needs Redis and PostgreSQL on 127.0.0.1 and dcmtk (see README).
+test: install
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) pneumoscreen-data .pytest_cache

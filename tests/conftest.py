@@ -1,0 +1,152 @@
+"""Shared test fixtures: real PostgreSQL, real Redis, real processes.
+
+PostgreSQL and Redis are expected at ``PNEUMOSCREEN_TEST_POSTGRES`` (default
+``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``) and
+``PNEUMOSCREEN_TEST_REDIS`` (default ``redis://127.0.0.1:6379/13``). Each
+test gets its own database (dropped afterwards) and the Redis db is flushed
+after use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+PG_ADMIN_URL = os.environ.get("PNEUMOSCREEN_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("PNEUMOSCREEN_TEST_REDIS", "redis://127.0.0.1:6379/13")
+PNEUMOSCREEN = [sys.executable, "-m", "worker.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test."""
+    name = f"pneumoscreen_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    try:
+        yield REDIS_URL
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'pneumoscreen.db'}"
+
+
+def cli_env(**settings: str) -> dict[str, str]:
+    """The environment for a pneumoscreen process: this one's, less stray PNEUMOSCREEN_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PNEUMOSCREEN_")}
+    env.update({f"PNEUMOSCREEN_{k.upper()}": str(v) for k, v in settings.items()})
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([*PNEUMOSCREEN, *args], env=env, capture_output=True, text=True, timeout=120,
+                          check=check)
+
+
+def cli_json(*args: str, env: dict[str, str]):
+    result = run_cli(*args, "--json", env=env)
+    return json.loads(result.stdout)
+
+
+def wait_until(predicate, *, timeout: float, interval: float = 0.5, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not met within {timeout}s (last: {last!r})")
+
+
+class Process:
+    """A pneumoscreen subprocess whose output goes to a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([*PNEUMOSCREEN, *args], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Process]]:
+    started: list[Process] = []
+    yield started
+    for p in reversed(started):
+        p.stop()
+
+
+def storescu(port: int, *files: Path, jpeg_as_is: bool = False, aet: str = "STORESCU",
+             aec: str = "PNEUMOSCREEN") -> subprocess.CompletedProcess:
+    exe = shutil.which("storescu")
+    if exe is None:
+        pytest.fail("dcmtk's storescu is not installed (apt-get install dcmtk)")
+    args = [exe, "-aet", aet, "-aec", aec]
+    if jpeg_as_is:
+        args.append("-xy")
+    args += ["127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, env={**os.environ, "TCP_NODELAY": "1"})

@@ -1,0 +1,62 @@
+"""docker-compose.yml (no Docker engine runs in CI): every pneumoscreen service
+runs a real command with options that parse, configured by environment only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import yaml
+
+from worker.cli import cli
+
+COMPOSE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
+
+
+def _services():
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def _resolve(args: list[str]) -> click.Command:
+    """Find the command ``pneumoscreen ARGS`` names and parse its options, without running it."""
+    command, path, rest = cli, ["pneumoscreen"], list(args)
+    while isinstance(command, click.Group):
+        assert rest and rest[0] in command.commands, f"{args}: no command {rest[:1]} under {' '.join(path)}"
+        path.append(rest[0])
+        command, rest = command.commands[rest[0]], rest[1:]
+    command.make_context(" ".join(path), rest)  # raises on an unknown option or bad value
+    return command
+
+
+def test_expected_services_are_present():
+    assert {"redis", "postgres", "listener", "preprocess-worker", "inference-worker", "beat"} <= set(_services())
+
+
+def test_every_pneumoscreen_service_runs_a_real_command():
+    commands = {name: s["command"] for name, s in _services().items() if s.get("command", [""])[0] == "pneumoscreen"}
+    assert {"listener", "preprocess-worker", "inference-worker", "beat", "migrate"} <= set(commands)
+    for name, command in commands.items():
+        assert callable(_resolve(command[1:]).callback), name
+
+
+def test_services_are_configured_by_environment_only():
+    for name, service in _services().items():
+        if service.get("command", [""])[0] != "pneumoscreen":
+            continue
+        env = service["environment"]
+        assert env["PNEUMOSCREEN_BROKER_URL"].startswith("redis://"), name
+        assert env["PNEUMOSCREEN_DATABASE_URL"].startswith("postgresql+psycopg://"), name
+        assert "${POSTGRES_PASSWORD" in env["PNEUMOSCREEN_DATABASE_URL"], f"{name}: secret must come from the environment"
+
+
+def test_inference_worker_reserves_a_gpu_and_consumes_inference():
+    service = _services()["inference-worker"]
+    [device] = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "inference" in service["command"][service["command"].index("--queues") + 1].split(",")
+
+
+def test_listener_open_to_the_network_requires_an_allow_list():
+    env = _services()["listener"]["environment"]
+    assert env["PNEUMOSCREEN_HOST"] == "0.0.0.0"
+    assert "PNEUMOSCREEN_ALLOWED_AES" in env and ":?" in env["PNEUMOSCREEN_ALLOWED_AES"]

@@ -1,0 +1,121 @@
+"""Schema and queries on both SQLite (embedded default) and PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import inspect
+
+from db.migrate import is_current, upgrade
+from db.models import InstanceState
+from db.queries import (
+    PRIORITY_FLAGGED,
+    PRIORITY_PENDING,
+    PRIORITY_ROUTINE,
+    claim_quiet_instances,
+    list_instances,
+    record_prediction,
+    record_received,
+    set_state,
+    worklist,
+)
+from db.models import utcnow
+from db.session import make_engine, make_sessionmaker
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request, tmp_path):
+    url = (f"sqlite:///{tmp_path / 'q.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("pg_url"))
+    assert not is_current(url)
+    upgrade(url)
+    assert is_current(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def _receive(s, study: str, sop: str, accession: str = "A1"):
+    instance, created = record_received(
+        s, StudyInstanceUID=study, SeriesInstanceUID=study + ".1", SOPInstanceUID=sop,
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.1", TransferSyntaxUID="1.2.840.10008.1.2.1",
+        AccessionNumber=accession, Modality="CR", path=f"/spool/{sop}.dcm", size_bytes=10, calling_ae="PACS",
+    )
+    return instance, created
+
+
+def _predict(s, instance_id: int, p: float, version: str = "1.0"):
+    record_prediction(s, instance_id=instance_id, model_name="cnn", model_version=version,
+                      weights_sha256="0" * 64, probability=p, threshold=0.5)
+
+
+def test_migration_creates_the_tables(sessions):
+    with sessions() as s:
+        names = set(inspect(s.get_bind()).get_table_names())
+    assert {"study", "series", "instance", "prediction", "alembic_version"} <= names
+
+
+def test_record_received_is_idempotent_per_sop_instance(sessions):
+    with sessions.begin() as s:
+        first, created = _receive(s, "1.2.3", "1.2.3.1.1")
+        assert created
+    with sessions.begin() as s:
+        again, created = _receive(s, "1.2.3", "1.2.3.1.1")
+        assert not created and again.id == first.id
+    with sessions() as s:
+        assert len(list_instances(s)) == 1
+
+
+def test_quiet_studies_are_claimed_once(sessions):
+    with sessions.begin() as s:
+        _receive(s, "1.2.3", "1.2.3.1.1")
+        _receive(s, "1.2.3", "1.2.3.1.2")
+    with sessions.begin() as s:
+        assert claim_quiet_instances(s, quiet_since=utcnow().replace(year=2000)) == []
+    with sessions.begin() as s:
+        assert len(claim_quiet_instances(s, quiet_since=utcnow())) == 2
+    with sessions.begin() as s:
+        assert claim_quiet_instances(s, quiet_since=utcnow()) == []
+        assert {r["state"] for r in list_instances(s)} == {"QUEUED"}
+
+
+def test_prediction_is_recorded_once_per_model_version(sessions):
+    with sessions.begin() as s:
+        instance, _ = _receive(s, "1.2.3", "1.2.3.1.1")
+        _predict(s, instance.id, 0.8)
+    with sessions.begin() as s:
+        _predict(s, instance.id, 0.1)  # a redelivered message: the first answer stands
+    with sessions() as s:
+        [row] = list_instances(s)
+    assert row["state"] == "PREDICTED" and row["probability"] == pytest.approx(0.8)
+
+
+def test_terminal_state_is_never_left(sessions):
+    with sessions.begin() as s:
+        instance, _ = _receive(s, "1.2.3", "1.2.3.1.1")
+        assert set_state(s, instance_id=instance.id, state=InstanceState.SKIPPED, reason="lateral")
+        assert not set_state(s, instance_id=instance.id, state=InstanceState.QUEUED)
+    with sessions() as s:
+        [row] = list_instances(s, state=InstanceState.SKIPPED)
+    assert row["reason"] == "lateral"
+
+
+def test_worklist_puts_flagged_studies_first_by_probability(sessions):
+    with sessions.begin() as s:
+        routine, _ = _receive(s, "1.1", "1.1.1.1", "ROUTINE")
+        high, _ = _receive(s, "1.2", "1.2.1.1", "HIGH")
+        higher, _ = _receive(s, "1.3", "1.3.1.1", "HIGHER")
+        _receive(s, "1.4", "1.4.1.1", "PENDING")
+        _predict(s, routine.id, 0.2)
+        _predict(s, high.id, 0.7)
+        _predict(s, higher.id, 0.95)
+    with sessions() as s:
+        rows = worklist(s)
+        flagged = worklist(s, flagged_only=True)
+        limited = worklist(s, limit=1)
+    assert [r["accession_number"] for r in rows] == ["HIGHER", "HIGH", "PENDING", "ROUTINE"]
+    assert [r["priority"] for r in rows] == [PRIORITY_FLAGGED, PRIORITY_FLAGGED, PRIORITY_PENDING, PRIORITY_ROUTINE]
+    assert [r["state"] for r in rows] == ["SCREENED", "SCREENED", "IN_PROGRESS", "SCREENED"]
+    assert rows[0]["max_probability"] == pytest.approx(0.95) and rows[0]["flagged"] is True
+    assert rows[0]["model_version"] == "1.0" and rows[0]["received_at"].endswith("+00:00")
+    assert [r["accession_number"] for r in flagged] == ["HIGHER", "HIGH"]
+    assert len(limited) == 1

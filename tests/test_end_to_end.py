@@ -1,0 +1,115 @@
+"""A chest X-ray sent by a PACS becomes a prioritized result, end to end, with
+real peers: dcmtk's storescu and pynetdicom as senders, the listener and a
+Celery worker as separate processes over Redis and PostgreSQL, and the
+embedded default (`pneumoscreen run`, SQLite, in-process broker)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from pynetdicom import AE
+from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+from conftest import Process, cli_env, cli_json, free_port, run_cli, storescu, wait_for_port, wait_until
+from dicom_factory import NORMAL_JPEG, PLANTED_PATIENT_ID, PLANTED_PATIENT_NAME, PNEUMONIA_JPEG, write_chest_dicom
+from model.artifact import read_card
+
+pytestmark = pytest.mark.slow
+
+
+def _all_terminal(env):
+    rows = cli_json("instances", env=env)
+    return rows if rows and all(r["state"] in ("PREDICTED", "SKIPPED", "FAILED") for r in rows) else None
+
+
+def _assert_screened(env, *, pneumonia_study: str, normal_study: str, expected_instances: int) -> None:
+    card = read_card()
+    instances = wait_until(lambda: _all_terminal(env), timeout=90, what="every instance terminal")
+    assert len(instances) == expected_instances
+    for row in instances:
+        assert row["state"] == "PREDICTED", row
+        assert 0.0 <= row["probability"] <= 1.0
+        assert row["model_version"] == card.version
+
+    worklist = cli_json("worklist", env=env)
+    by_study = {row["study_instance_uid"]: row for row in worklist}
+    assert set(by_study) == {pneumonia_study, normal_study}
+    for row in worklist:
+        assert row["state"] == "SCREENED"
+        assert row["model_version"] == card.version
+        assert row["max_probability"] is not None
+        assert row["flagged"] == (row["max_probability"] >= card.threshold)
+    # the pneumonia film is read before the normal one
+    assert [r["study_instance_uid"] for r in worklist] == [pneumonia_study, normal_study]
+    assert by_study[pneumonia_study]["flagged"] is True
+    assert by_study[pneumonia_study]["priority"] < by_study[normal_study]["priority"]
+    flagged = cli_json("worklist", "--flagged-only", env=env)
+    assert pneumonia_study in {r["study_instance_uid"] for r in flagged}
+    assert normal_study not in {r["study_instance_uid"] for r in flagged}
+
+
+def _send_with_pynetdicom(port: int, path: Path) -> int:
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(SecondaryCaptureImageStorage, JPEGBaseline8Bit)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PNEUMOSCREEN")
+    assert assoc.is_established
+    try:
+        from pydicom import dcmread
+
+        status = assoc.send_c_store(dcmread(path))
+    finally:
+        assoc.release()
+    return int(status.Status)
+
+
+def test_study_from_storescu_and_pynetdicom_is_predicted_with_redis_postgres_and_worker_process(
+    tmp_path, pg_url, redis_url, processes
+):
+    port = free_port()
+    env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", port=port,
+                  study_quiet_seconds=1)
+    run_cli("db", "upgrade", env=env)
+    listener = Process(["listen"], env, tmp_path / "listen.log")
+    processes.append(listener)
+    worker = Process(["worker", "--queues", "preprocess,inference,maintenance"], env, tmp_path / "worker.log")
+    processes.append(worker)
+    wait_for_port(port, listener.proc)
+
+    pneumonia = write_chest_dicom(tmp_path / "pneumonia.dcm", PNEUMONIA_JPEG, transfer_syntax=ExplicitVRLittleEndian)
+    normal = write_chest_dicom(tmp_path / "normal_jpeg.dcm", NORMAL_JPEG, transfer_syntax=JPEGBaseline8Bit)
+    sent = storescu(port, tmp_path / "pneumonia.dcm")
+    assert sent.returncode == 0, sent.stderr
+    assert _send_with_pynetdicom(port, tmp_path / "normal_jpeg.dcm") == 0x0000
+
+    _assert_screened(env, pneumonia_study=pneumonia.StudyInstanceUID, normal_study=normal.StudyInstanceUID,
+                     expected_instances=2)
+    for p in processes:
+        assert PLANTED_PATIENT_NAME.split("^")[0] not in p.log()
+        assert PLANTED_PATIENT_ID not in p.log()
+
+
+def test_embedded_default_screens_uncompressed_and_jpeg_baseline_from_storescu(tmp_path, processes):
+    port = free_port()
+    data_dir = tmp_path / "data"
+    env = cli_env(study_quiet_seconds=1)
+    runner = Process(["run", "--data-dir", str(data_dir), "--port", str(port)], env, tmp_path / "run.log")
+    processes.append(runner)
+    wait_for_port(port, runner.proc)
+
+    pneumonia = write_chest_dicom(tmp_path / "pneumonia_jpeg.dcm", PNEUMONIA_JPEG, transfer_syntax=JPEGBaseline8Bit)
+    normal = write_chest_dicom(tmp_path / "normal.dcm", NORMAL_JPEG, transfer_syntax=ExplicitVRLittleEndian,
+                               sop_class="CR", modality="CR")
+    sent = storescu(port, tmp_path / "pneumonia_jpeg.dcm", jpeg_as_is=True)
+    assert sent.returncode == 0, sent.stderr
+    sent = storescu(port, tmp_path / "normal.dcm")
+    assert sent.returncode == 0, sent.stderr
+
+    query_env = cli_env(data_dir=data_dir)
+    _assert_screened(query_env, pneumonia_study=pneumonia.StudyInstanceUID, normal_study=normal.StudyInstanceUID,
+                     expected_instances=2)
+    assert (data_dir / "pneumoscreen.db").is_file()
+    spooled = sorted(p.name for p in (data_dir / "spool").rglob("*.dcm"))
+    assert spooled == sorted([f"{pneumonia.SOPInstanceUID}.dcm", f"{normal.SOPInstanceUID}.dcm"])
+    assert PLANTED_PATIENT_NAME.split("^")[0] not in runner.log()

@@ -1,0 +1,115 @@
+"""The work behind the tasks, without Celery: every instance ends PREDICTED,
+SKIPPED or FAILED with a reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from db.migrate import upgrade
+from db.models import InstanceState
+from db.queries import list_instances, record_received
+from db.session import make_engine, make_sessionmaker
+from dicom_factory import PNEUMONIA_JPEG, write_chest_dicom
+from model.preprocessing import INPUT_SIZE
+from worker import pipeline
+
+
+@pytest.fixture
+def sessions(sqlite_url):
+    upgrade(sqlite_url)
+    engine = make_engine(sqlite_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def _receive(sessions, path: Path, ds) -> int:
+    with sessions.begin() as s:
+        instance, _ = record_received(
+            s, StudyInstanceUID=ds.StudyInstanceUID, SeriesInstanceUID=ds.SeriesInstanceUID,
+            SOPInstanceUID=ds.SOPInstanceUID, SOPClassUID=ds.SOPClassUID,
+            TransferSyntaxUID=ds.file_meta.TransferSyntaxUID, AccessionNumber="A", Modality=ds.Modality,
+            path=str(path), size_bytes=path.stat().st_size, calling_ae="T",
+        )
+        return instance.id
+
+
+def _state(sessions) -> tuple[str, str | None]:
+    with sessions() as s:
+        [row] = list_instances(s)
+    return row["state"], row["reason"]
+
+
+def test_eligible_instance_is_prepared(sessions, tmp_path):
+    ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG)
+    prepared = pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds))
+    assert prepared.shape == (INPUT_SIZE, INPUT_SIZE)
+    assert _state(sessions) == ("PREPROCESSED", None)
+    assert np.array_equal(pipeline.decode_prepared(pipeline.encode_prepared(prepared)), prepared)
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"view_position": "LL"}, "lateral"),
+    ({"modality": "MR"}, "modality MR is not screened"),
+    ({"body_part": "KNEE"}, "body part KNEE is not chest"),
+])
+def test_ineligible_instance_is_skipped_with_a_reason(sessions, tmp_path, kwargs, reason):
+    ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG, **kwargs)
+    assert pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds)) is None
+    state, why = _state(sessions)
+    assert state == "SKIPPED" and reason in why
+
+
+def test_truncated_file_fails_with_a_reason(sessions, tmp_path):
+    ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG)
+    data = (tmp_path / "a.dcm").read_bytes()
+    (tmp_path / "a.dcm").write_bytes(data[: len(data) // 2])
+    assert pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds)) is None
+    state, why = _state(sessions)
+    assert state == "FAILED" and why
+
+
+def test_missing_spool_file_fails_with_a_reason(sessions, tmp_path):
+    ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG)
+    instance_id = _receive(sessions, tmp_path / "a.dcm", ds)
+    (tmp_path / "a.dcm").unlink()
+    assert pipeline.preprocess_instance(sessions, instance_id) is None
+    state, why = _state(sessions)
+    assert state == "FAILED" and "could not be read" in why
+
+
+class _TinyModel:
+    """A stand-in with the LoadedModel interface around a tiny Keras model built here."""
+
+    def __init__(self):
+        import keras
+
+        from model.artifact import ModelCard
+
+        inputs = keras.Input((INPUT_SIZE, INPUT_SIZE, 3))
+        outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(inputs))
+        self.keras_model = keras.Model(inputs, outputs)
+        self.card = ModelCard(name="tiny", version="t1", sha256="a" * 64, threshold=0.5, input_size=INPUT_SIZE,
+                              preprocessing_version="1")
+
+    def predict(self, prepared):
+        from model.preprocessing import to_model_input
+
+        return [float(p) for p in np.asarray(self.keras_model(to_model_input(prepared))).reshape(-1)]
+
+
+def test_infer_records_prediction_and_is_idempotent(sessions, tmp_path):
+    ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG)
+    instance_id = _receive(sessions, tmp_path / "a.dcm", ds)
+    prepared = pipeline.preprocess_instance(sessions, instance_id)
+    model = _TinyModel()
+    [p] = pipeline.infer(sessions, model, [(instance_id, prepared)])
+    pipeline.infer(sessions, model, [(instance_id, prepared)])  # redelivered
+    with sessions() as s:
+        [row] = list_instances(s)
+    assert row["state"] == InstanceState.PREDICTED.value
+    assert row["probability"] == pytest.approx(p, abs=1e-6) and row["model_version"] == "t1"
+    # a terminal instance is not processed again
+    assert pipeline.preprocess_instance(sessions, instance_id) is None

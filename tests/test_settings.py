@@ -1,0 +1,40 @@
+"""Settings are validated at start-up with messages that say what to fix."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from conftest import cli_env, run_cli
+from worker.settings import Settings
+
+
+def test_defaults_match_the_design():
+    s = Settings(_env_file=None)
+    assert (s.host, s.port, s.ae_title, s.study_quiet_seconds) == ("127.0.0.1", 11112, "PNEUMOSCREEN", 10.0)
+    assert s.effective_database_url.startswith("sqlite:///") and s.effective_database_url.endswith("pneumoscreen.db")
+
+
+def test_environment_variables_are_read(monkeypatch):
+    monkeypatch.setenv("PNEUMOSCREEN_PORT", "4242")
+    monkeypatch.setenv("PNEUMOSCREEN_ALLOWED_AES", "PACS1, PACS2")
+    s = Settings()
+    assert s.port == 4242 and s.allowed_ae_titles == {"PACS1", "PACS2"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"port": 0}, "greater than or equal to 1"),
+    ({"ae_title": "THIS_AE_TITLE_IS_TOO_LONG"}, "not a valid AE title"),
+    ({"host": "0.0.0.0"}, "PNEUMOSCREEN_ALLOWED_AES"),
+    ({"database_url": "not a url"}, "not a database URL"),
+    ({"results_destination": "PACS"}, "AET@host:port"),
+])
+def test_bad_values_fail_with_a_clear_message(kwargs, message):
+    with pytest.raises(ValidationError, match=message):
+        Settings(**kwargs)
+
+
+def test_cli_refuses_to_start_on_bad_settings():
+    result = run_cli("instances", env=cli_env(port="99999"), check=False)
+    assert result.returncode == 2
+    assert "invalid settings" in result.stderr and "port" in result.stderr
