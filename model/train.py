@@ -73,6 +73,16 @@ def predict_prepared(model, images: np.ndarray, batch_size: int = 64) -> np.ndar
     return np.concatenate(out) if out else np.empty(0)
 
 
+def serving_copy(model, input_size: int):
+    """The trained network without its augmentation layers and optimizer state:
+    same weights, same outputs, a smaller file."""
+    from model.network import build_network
+
+    serving = build_network(input_size, augment=False)
+    serving.set_weights(model.get_weights())
+    return serving
+
+
 def train(data_dir: str | Path, out_dir: str | Path, config: TrainingConfig = TrainingConfig(),
           *, cache_dir: str | Path | None = None) -> ModelCard:
     import keras
@@ -115,7 +125,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainingConfig = Tr
         validation["official_val"] = binary_report(official_val.labels, predict_prepared(model, official_val.images), threshold)
     epochs_run = len(history.history["loss"])
     card = save_artifact(
-        model, out_dir,
+        serving_copy(model, config.input_size), out_dir,
         name=config.name, version=config.version, threshold=threshold, input_size=config.input_size,
         training_data={
             "source": "Kermany et al. 2018, Chest X-Ray Images (Pneumonia), doi:10.17632/rscbjbr9sj.2, CC BY 4.0",

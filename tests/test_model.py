@@ -1,0 +1,52 @@
+"""The shipped model artifact: complete, matching its card, a real trained model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from dicom_factory import FIXTURES
+from model.artifact import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE, ModelArtifactError, get_model, read_card, sha256_file
+from model.preprocessing import PREPROCESSING_VERSION, prepare_file
+
+
+def test_shipped_card_names_the_weights_and_the_validation():
+    card = read_card()
+    assert card.sha256 == sha256_file(DEFAULT_MODEL_DIR / WEIGHTS_FILE)
+    assert card.preprocessing_version == PREPROCESSING_VERSION
+    assert 0 < card.threshold < 1 and card.input_size == 224
+    val = card.validation["patient_split"]
+    assert val["sensitivity"] >= 0.97 and val["n"] == val["tn"] + val["fp"] + val["fn"] + val["tp"]
+    assert "CC BY 4.0" in card.training_data["source"]
+    assert (DEFAULT_MODEL_DIR / WEIGHTS_FILE).stat().st_size < 20 * 1024 * 1024
+
+
+def test_shipped_model_separates_the_fixture_films():
+    model = get_model()
+    normal = sorted((FIXTURES / "NORMAL").glob("*.jpeg"))
+    pneumonia = sorted((FIXTURES / "PNEUMONIA").glob("*.jpeg"))
+    scores = model.predict(np.stack([prepare_file(p) for p in normal + pneumonia]))
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert max(scores[: len(normal)]) < model.card.threshold <= min(scores[len(normal):])
+
+
+def test_altered_weights_are_refused(tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, copy)
+    with open(copy / WEIGHTS_FILE, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelArtifactError, match="sha256"):
+        read_card(copy)
+
+
+def test_card_for_another_preprocessing_is_refused(tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, copy)
+    card = json.loads((copy / CARD_FILE).read_text())
+    card["preprocessing_version"] = "0"
+    (copy / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(ModelArtifactError, match="preprocessing version"):
+        read_card(copy)
