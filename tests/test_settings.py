@@ -38,3 +38,11 @@ def test_cli_refuses_to_start_on_bad_settings():
     result = run_cli("instances", env=cli_env(port="99999"), check=False)
     assert result.returncode == 2
     assert "invalid settings" in result.stderr and "port" in result.stderr
+
+
+def test_run_refuses_to_start_without_a_valid_model(tmp_path):
+    (tmp_path / "model").mkdir()
+    result = run_cli("run", "--data-dir", str(tmp_path / "data"), "--port", "11",
+                     env=cli_env(model_dir=tmp_path / "model"), check=False)
+    assert result.returncode == 1
+    assert "model artifact" in result.stderr and "model.keras" in result.stderr

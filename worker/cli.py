@@ -59,12 +59,13 @@ def _require_current_schema(settings: Settings) -> None:
         )
 
 
-def _check_model(settings: Settings) -> None:
-    """Fail at start-up, not at the first study, if the model artifact is missing or altered."""
-    from model.artifact import ModelArtifactError, read_card
+def _load_model(settings: Settings, *, load: bool = True) -> None:
+    """Load the model now, so that a missing or altered artifact stops start-up
+    and the first study does not wait for TensorFlow (``load=False``: only verify it)."""
+    from model.artifact import ModelArtifactError, get_model, read_card
 
     try:
-        card = read_card(settings.model_dir)
+        card = get_model(settings.model_dir).card if load else read_card(settings.model_dir)
     except (ModelArtifactError, ValueError, OSError) as exc:
         raise click.ClickException(f"model artifact: {exc}") from None
     log.info("model %s %s (sha256 %s..., threshold %.4f)", card.name, card.version, card.sha256[:12], card.threshold)
@@ -118,7 +119,7 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
     from worker.celery_app import ALL_QUEUES, configure_app
     from worker.dispatcher import Dispatcher
 
-    _check_model(settings)
+    _load_model(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.effective_database_url)
     app = configure_app(settings)
@@ -181,7 +182,8 @@ def worker(queues: str, concurrency: int, pool: str) -> None:
         raise click.UsageError(f"unknown queue(s) {', '.join(sorted(unknown))}; known: {', '.join(ALL_QUEUES)}")
     _require_current_schema(settings)
     if "inference" in queues.split(","):
-        _check_model(settings)
+        # prefork children load it themselves: TensorFlow must not cross a fork
+        _load_model(settings, load=pool != "prefork")
     app = configure_app(settings)
     app.worker_main(["worker", "--queues", queues, "--pool", pool, "--concurrency", str(concurrency),
                      "--hostname", f"pneumoscreen-{queues.replace(',', '-')}@%h",

@@ -16,19 +16,24 @@ def _probability(value: float | None) -> str:
 
 def worklist_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title=f"Worklist ({len(rows)} studies)")
-    for column in ("#", "priority", "p(pneumonia)", "state", "accession", "study", "received", "model"):
-        table.add_column(column)
+    for column in ("#", "priority", "p(pneumonia)", "state", "accession"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("study", overflow="fold")
+    table.add_column("received", no_wrap=True)
+    table.add_column("model", no_wrap=True)
     for i, r in enumerate(rows, 1):
         table.add_row(str(i), _PRIORITY.get(r["priority"], str(r["priority"])), _probability(r["max_probability"]),
                       r["state"], r["accession_number"] or "", r["study_instance_uid"],
-                      (r["received_at"] or "")[:19], r["model_version"] or "")
+                      (r["received_at"] or "")[:19].replace("T", " "), r["model_version"] or "")
     Console().print(table)
 
 
 def instances_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title=f"Instances ({len(rows)})")
-    for column in ("state", "p", "reason", "SOP instance", "study"):
-        table.add_column(column)
+    table.add_column("state", no_wrap=True)
+    table.add_column("p", no_wrap=True)
+    for column in ("reason", "SOP instance", "study"):
+        table.add_column(column, overflow="fold")
     for r in rows:
         table.add_row(r["state"], _probability(r["probability"]), r["reason"] or "", r["sop_instance_uid"],
                       r["study_instance_uid"])
