@@ -75,7 +75,8 @@ class Instance(Base):
     __table_args__ = (Index("ix_instance_state_updated", "state", "updated_at"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    #: None only for a dataset that could not be parsed (quarantined, FAILED)
+    series_id: Mapped[int | None] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
     SOPInstanceUID: Mapped[str] = mapped_column("sop_instance_uid", String(64), unique=True)
     SOPClassUID: Mapped[str] = mapped_column("sop_class_uid", String(64))
     TransferSyntaxUID: Mapped[str] = mapped_column("transfer_syntax_uid", String(64))
@@ -87,7 +88,7 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
-    series: Mapped[Series] = relationship(back_populates="instances")
+    series: Mapped[Series | None] = relationship(back_populates="instances")
     predictions: Mapped[list["Prediction"]] = relationship(back_populates="instance")
 
 

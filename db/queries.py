@@ -46,8 +46,13 @@ def record_received(
     series = _get_or_create(session, Series, {"SeriesInstanceUID": SeriesInstanceUID},
                             {"study_id": study.id, "Modality": Modality})
     existing = session.scalars(select(Instance).filter_by(SOPInstanceUID=SOPInstanceUID)).one_or_none()
-    if existing is not None:
+    if existing is not None and existing.series_id is not None:
         return existing, False
+    if existing is not None:  # an earlier copy could not be parsed: this one replaces it
+        existing.series_id, existing.path, existing.size_bytes = series.id, path, size_bytes
+        existing.TransferSyntaxUID, existing.calling_ae = TransferSyntaxUID, calling_ae
+        existing.state, existing.reason, existing.updated_at = InstanceState.RECEIVED, None, now
+        return existing, True
     instance = _get_or_create(
         session, Instance, {"SOPInstanceUID": SOPInstanceUID},
         {"series_id": series.id, "SOPClassUID": SOPClassUID, "TransferSyntaxUID": TransferSyntaxUID,
@@ -55,6 +60,24 @@ def record_received(
          "state": InstanceState.RECEIVED, "received_at": now, "updated_at": now},
     )
     return instance, True
+
+
+def record_unreadable(
+    session: Session, *, SOPInstanceUID: str, SOPClassUID: str, TransferSyntaxUID: str, path: str,
+    size_bytes: int, calling_ae: str | None, reason: str,
+) -> Instance | None:
+    """Record a received dataset that could not be parsed as FAILED (its file is quarantined).
+
+    Returns None when the SOP Instance UID is already known (a good copy is never replaced).
+    """
+    if session.scalars(select(Instance.id).filter_by(SOPInstanceUID=SOPInstanceUID)).first() is not None:
+        return None
+    now = utcnow()
+    instance = Instance(SOPInstanceUID=SOPInstanceUID, SOPClassUID=SOPClassUID, TransferSyntaxUID=TransferSyntaxUID,
+                        path=path, size_bytes=size_bytes, calling_ae=calling_ae, state=InstanceState.FAILED,
+                        reason=reason, received_at=now, updated_at=now)
+    session.add(instance)
+    return instance
 
 
 def claim_quiet_instances(session: Session, *, quiet_since: datetime, limit: int = 500) -> list[int]:
@@ -102,12 +125,16 @@ def get_instance(session: Session, *, instance_id: int) -> Instance | None:
     return session.get(Instance, instance_id)
 
 
-def set_state(session: Session, *, instance_id: int, state: InstanceState, reason: str | None = None) -> bool:
-    """Move an instance to ``state`` unless it is already terminal; True if it moved."""
+def set_state(session: Session, *, instance_id: int, state: InstanceState, reason: str | None = None,
+              path: str | None = None) -> bool:
+    """Move an instance to ``state`` (and its file to ``path``) unless it is already terminal; True if it moved."""
+    values = {"state": state, "reason": reason, "updated_at": utcnow()}
+    if path is not None:
+        values["path"] = path
     result = session.execute(
         update(Instance)
         .where(Instance.id == instance_id, Instance.state.not_in(TERMINAL_STATES))
-        .values(state=state, reason=reason, updated_at=utcnow())
+        .values(**values)
     )
     return result.rowcount == 1
 
@@ -200,8 +227,8 @@ def list_instances(session: Session, *, state: InstanceState | None = None, limi
     stmt = (
         select(Instance, Series.SeriesInstanceUID, Study.StudyInstanceUID, Prediction.probability,
                Prediction.model_version)
-        .join(Series, Instance.series_id == Series.id)
-        .join(Study, Series.study_id == Study.id)
+        .outerjoin(Series, Instance.series_id == Series.id)
+        .outerjoin(Study, Series.study_id == Study.id)
         .outerjoin(latest, latest.c.instance_id == Instance.id)
         .outerjoin(Prediction, Prediction.id == latest.c.prediction_id)
         .order_by(Instance.id)

@@ -2,17 +2,51 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
-#: Modalities screened (also on Secondary Capture objects: public chest X-ray
-#: sets such as RSNA's and NIH's are SC-wrapped CR).
-SCREENED_MODALITIES = frozenset({"CR", "DX"})
-#: BodyPartExamined values taken as chest; an absent value is accepted.
-CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "PORTABLE CHEST"})
-LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL"})
-MIN_SIDE = 128
+LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL", "LLO", "RLO"})
+
+
+@dataclass(frozen=True)
+class EligibilityPolicy:
+    """What is screened: the defaults follow chest radiography practice; every
+    field is configurable (``PNEUMOSCREEN_ELIGIBLE_MODALITIES`` and friends)."""
+
+    modalities: frozenset[str] = frozenset({"CR", "DX"})
+    """Modality values screened, also on Secondary Capture objects (public chest
+    X-ray sets such as RSNA's and NIH's are SC-wrapped CR)."""
+    chest_body_parts: frozenset[str] = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "PORTABLE CHEST"})
+    """BodyPartExamined values taken as chest; an absent value is accepted."""
+    lateral_views: frozenset[str] = field(default=LATERAL_VIEWS)
+    """ViewPosition values refused: the model reads frontal (PA/AP) films."""
+    min_side: int = 128
+    """Smallest accepted Rows / Columns."""
+
+    def __post_init__(self) -> None:
+        if not self.modalities:
+            raise ValueError("at least one modality must be screened")
+        if self.min_side < 1:
+            raise ValueError(f"min_side must be positive, got {self.min_side}")
+
+    def judge(self, ds: Dataset) -> "Eligibility":
+        modality = str(ds.get("Modality", "") or "").strip().upper()
+        if modality not in self.modalities:
+            return Eligibility(False, f"modality {modality or '(none)'} is not screened "
+                                      f"({'/'.join(sorted(self.modalities))} only)")
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            return Eligibility(False, "no pixel data")
+        body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+        if body_part and body_part not in self.chest_body_parts:
+            return Eligibility(False, f"body part {body_part} is not chest")
+        view = str(ds.get("ViewPosition", "") or "").strip().upper()
+        if view in self.lateral_views:
+            return Eligibility(False, f"view position {view} is lateral; only frontal views are screened")
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if min(rows, columns) < self.min_side:
+            return Eligibility(False, f"image {columns}x{rows} is smaller than {self.min_side} px")
+        return Eligibility(True)
 
 
 @dataclass(frozen=True)
@@ -21,19 +55,5 @@ class Eligibility:
     reason: str | None = None
 
     @classmethod
-    def from_dataset(cls, ds: Dataset) -> "Eligibility":
-        modality = str(ds.get("Modality", "") or "").strip().upper()
-        if modality not in SCREENED_MODALITIES:
-            return cls(False, f"modality {modality or '(none)'} is not screened (CR/DX only)")
-        if "PixelData" not in ds:
-            return cls(False, "no pixel data")
-        body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
-        if body_part and body_part not in CHEST_BODY_PARTS:
-            return cls(False, f"body part {body_part} is not chest")
-        view = str(ds.get("ViewPosition", "") or "").strip().upper()
-        if view in LATERAL_VIEWS:
-            return cls(False, f"view position {view} is lateral; only frontal views are screened")
-        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        if min(rows, columns) < MIN_SIDE:
-            return cls(False, f"image {columns}x{rows} is smaller than {MIN_SIDE} px")
-        return cls(True)
+    def from_dataset(cls, ds: Dataset, policy: EligibilityPolicy = EligibilityPolicy()) -> "Eligibility":
+        return policy.judge(ds)

@@ -1,20 +1,29 @@
 """The listener's event handlers: short, never raising to the sender, never
 running inference. A C-STORE is answered with success only once the bytes
-are fsync'd in the spool and the instance row is committed."""
+are fsync'd in the spool and the instance row is committed.
+
+Datasets are received in chunks into a temporary file (pynetdicom's
+``STORE_RECV_CHUNKED_DATASET``), so a large image never sits in memory; the
+handler reads only the header, then moves the file into the spool.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
+from pydicom import dcmread
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.queries import record_received
-from dicom_io.spool import Spool, SpoolFullError
+from db.queries import record_received, record_unreadable
+from dicom_io.spool import Spool, valid_uid
 from dicom_io.status import EchoStatus, StoreStatus
 
 log = logging.getLogger(__name__)
+
+_HEADER_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber", "Modality")
 
 
 @dataclass(frozen=True)
@@ -30,44 +39,77 @@ def handle_echo(event) -> int:
     return EchoStatus.SUCCESS
 
 
+def _read_header(path: Path) -> dict[str, str]:
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_KEYWORDS))
+    return {k: str(ds.get(k, "") or "").strip() for k in _HEADER_KEYWORDS}
+
+
+def _refuse(event, context: StoreContext, received: Path, status: StoreStatus, reason: str) -> int:
+    """Quarantine what cannot be understood, record it FAILED, answer ``status``."""
+    request = event.request
+    try:
+        sop_uid = valid_uid(str(request.AffectedSOPInstanceUID))
+    except ValueError:
+        sop_uid = None
+    try:
+        quarantined = context.spool.quarantine(received, reason, name=sop_uid)
+        if sop_uid is not None:
+            with context.sessions.begin() as session:
+                record_unreadable(session, SOPInstanceUID=sop_uid, SOPClassUID=str(request.AffectedSOPClassUID),
+                                  TransferSyntaxUID=str(event.context.transfer_syntax), path=str(quarantined),
+                                  size_bytes=quarantined.stat().st_size,
+                                  calling_ae=event.assoc.requestor.ae_title, reason=reason)
+    except (SQLAlchemyError, OSError) as exc:
+        log.error("could not quarantine a refused instance: %s", exc)
+    log.warning("C-STORE %s from %s refused (0x%04X): %s", sop_uid, event.assoc.requestor.ae_title,
+                status, reason)
+    return status
+
+
 def handle_store(event, context: StoreContext) -> int:
     calling_ae = event.assoc.requestor.ae_title
+    received = Path(event.dataset_path)
+    size = received.stat().st_size
     try:
-        ds = event.dataset
-        uids = {k: str(ds.get(k, "") or "").strip() for k in
-                ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
-        accession = str(ds.get("AccessionNumber", "") or "") or None
-        modality = str(ds.get("Modality", "") or "") or None
-    except Exception as exc:  # pydicom raises many types on a malformed stream
-        log.warning("C-STORE from %s: dataset could not be parsed: %s", calling_ae, type(exc).__name__)
-        return StoreStatus.CANNOT_UNDERSTAND
-    try:
-        final = context.spool.path_for(**uids)
-    except ValueError as exc:
-        log.warning("C-STORE from %s refused: %s", calling_ae, exc)
-        return StoreStatus.MISSING_UIDS
+        context.spool.check_space(size)
+    except OSError as exc:  # SpoolFullError, or the spool folder cannot be made
+        log.error("C-STORE %s refused: %s", event.request.AffectedSOPInstanceUID, exc)
+        return StoreStatus.OUT_OF_RESOURCES
 
-    data = event.encoded_dataset(include_meta=True)
     try:
-        context.spool.check_space(len(data))
-        tmp = context.spool.write_temp(final, data)
-    except (SpoolFullError, OSError) as exc:
-        log.error("C-STORE %s refused, spool cannot take it: %s", uids["SOPInstanceUID"], exc)
+        header = _read_header(received)
+    except Exception as exc:  # pydicom raises many types on a malformed stream
+        return _refuse(event, context, received, StoreStatus.CANNOT_UNDERSTAND,
+                       f"dataset could not be parsed: {type(exc).__name__}: {exc}")
+    try:
+        final = context.spool.path_for(header["StudyInstanceUID"], header["SeriesInstanceUID"],
+                                       header["SOPInstanceUID"])
+    except ValueError as exc:
+        return _refuse(event, context, received, StoreStatus.MISSING_UIDS, f"missing or invalid UID: {exc}")
+
+    sop_uid = header["SOPInstanceUID"]
+    try:
+        tmp = context.spool.adopt(received, final)
+    except OSError as exc:
+        log.error("C-STORE %s refused, spool cannot take it: %s", sop_uid, exc)
         return StoreStatus.OUT_OF_RESOURCES
 
     moved = False
     try:
         with context.sessions.begin() as session:
-            instance, created = record_received(
-                session, **uids, SOPClassUID=str(event.request.AffectedSOPClassUID),
-                TransferSyntaxUID=str(event.context.transfer_syntax), AccessionNumber=accession,
-                Modality=modality, path=str(final), size_bytes=len(data), calling_ae=calling_ae,
+            _, created = record_received(
+                session, StudyInstanceUID=header["StudyInstanceUID"],
+                SeriesInstanceUID=header["SeriesInstanceUID"], SOPInstanceUID=sop_uid,
+                SOPClassUID=str(event.request.AffectedSOPClassUID),
+                TransferSyntaxUID=str(event.context.transfer_syntax),
+                AccessionNumber=header["AccessionNumber"] or None, Modality=header["Modality"] or None,
+                path=str(final), size_bytes=size, calling_ae=calling_ae,
             )
             if created:
                 context.spool.commit(tmp, final)
                 moved = True
     except (SQLAlchemyError, OSError) as exc:
-        log.error("C-STORE %s refused, could not record it: %s", uids["SOPInstanceUID"], exc)
+        log.error("C-STORE %s refused, could not record it: %s", sop_uid, exc)
         if moved:
             final.unlink(missing_ok=True)
         return StoreStatus.OUT_OF_RESOURCES
@@ -75,7 +117,7 @@ def handle_store(event, context: StoreContext) -> int:
         tmp.unlink(missing_ok=True)
 
     if created:
-        log.info("stored %s (%d bytes) from %s", uids["SOPInstanceUID"], len(data), calling_ae)
+        log.info("stored %s (%d bytes) from %s", sop_uid, size, calling_ae)
     else:
-        log.info("duplicate %s from %s: already stored, kept once", uids["SOPInstanceUID"], calling_ae)
+        log.info("duplicate %s from %s: already stored, kept once", sop_uid, calling_ae)
     return StoreStatus.SUCCESS

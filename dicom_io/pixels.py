@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
 
 class PixelDecodeError(ValueError):
     """The pixel data could not be decoded into an image."""
 
+
+#: Larger images are refused before decoding (a radiograph is at most ~45 Mpixel).
+MAX_PIXELS = 100_000_000
 
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR"}
 
@@ -23,12 +26,22 @@ def _first_frame(ds: Dataset) -> np.ndarray:
     if "PixelData" not in ds:
         raise PixelDecodeError("no Pixel Data in the dataset")
     try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise PixelDecodeError(f"Rows/Columns/SamplesPerPixel missing or invalid: {exc}") from exc
+    if rows < 1 or columns < 1:
+        raise PixelDecodeError(f"invalid image size {columns}x{rows}")
+    if rows * columns * samples > MAX_PIXELS:
+        raise PixelDecodeError(f"image {columns}x{rows}x{samples} exceeds {MAX_PIXELS} pixels")
+    try:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            from pydicom.pixels import pixel_array
+
+            return pixel_array(ds, index=0)
         arr = ds.pixel_array
     except Exception as exc:  # decoders raise many types on a bad codestream
         raise PixelDecodeError(f"pixel data could not be decoded: {type(exc).__name__}: {exc}") from exc
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        arr = arr[0]
     return arr
 
 
@@ -44,6 +57,11 @@ def display_image(ds: Dataset) -> np.ndarray:
     """The first frame of ``ds`` as display-ready ``uint8`` grey (rows, columns)."""
     arr = _first_frame(ds)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric == "PALETTE COLOR":
+        try:
+            arr = apply_color_lut(arr, ds)
+        except (ValueError, AttributeError, KeyError) as exc:
+            raise PixelDecodeError(f"palette colour lookup failed: {exc}") from exc
     if photometric in _COLOUR or arr.ndim == 3:
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise PixelDecodeError(f"unexpected colour pixel shape {arr.shape}")

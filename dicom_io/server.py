@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -14,32 +18,84 @@ from dicom_io.spool import Spool
 
 log = logging.getLogger(__name__)
 
+# receive each dataset into a temporary file instead of memory
+_config.STORE_RECV_CHUNKED_DATASET = True
 
-def make_ae(ae_title: str, *, allowed_aes: Iterable[str] = (), maximum_associations: int = 16,
-            timeout: float = 60.0) -> AE:
-    """An AE that accepts Verification and every storage SOP class in any transfer syntax."""
-    ae = AE(ae_title=ae_title)
+
+def decodable_transfer_syntaxes() -> list[str]:
+    """Every transfer syntax whose pixel data the installed decoders can read.
+
+    Offering only these makes a PACS send, or transcode to, something we can
+    screen; uncompressed syntaxes come first.
+    """
+    found = []
+    for uid in ALL_TRANSFER_SYNTAXES:
+        try:
+            if get_decoder(UID(uid)).is_available:
+                found.append(uid)
+        except NotImplementedError:
+            continue
+    return found
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """How the listener talks to the network; values are checked by the settings object."""
+
+    host: str = "127.0.0.1"
+    port: int = 11112
+    ae_title: str = "PNEUMOSCREEN"
+    allowed_aes: frozenset[str] = field(default_factory=frozenset)
+    max_associations: int = 16
+    max_pdu_size: int = 262144
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls_cert is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(certfile=self.tls_cert, keyfile=self.tls_key)
+        if self.tls_client_ca is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=self.tls_client_ca)
+        return context
+
+
+def make_ae(config: ListenerConfig) -> AE:
+    """An AE that accepts Verification and every storage SOP class in every decodable transfer syntax."""
+    ae = AE(ae_title=config.ae_title)
     ae.add_supported_context(Verification)
+    syntaxes = decodable_transfer_syntaxes()
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(context.abstract_syntax, syntaxes)
     ae.require_called_aet = True
-    allowed = sorted(allowed_aes)
-    if allowed:
-        ae.require_calling_aet = allowed
-    ae.maximum_associations = maximum_associations
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    if config.allowed_aes:
+        ae.require_calling_aet = sorted(config.allowed_aes)
+    ae.maximum_associations = config.max_associations
+    ae.maximum_pdu_size = config.max_pdu_size
+    ae.acse_timeout = config.acse_timeout
+    ae.dimse_timeout = config.dimse_timeout
+    ae.network_timeout = config.network_timeout
     return ae
 
 
-def start_listener(*, host: str, port: int, ae_title: str, spool: Spool, sessions: sessionmaker[Session],
-                   allowed_aes: Iterable[str] = ()):
+def start_listener(config: ListenerConfig, *, spool: Spool, sessions: sessionmaker[Session]):
     """Start the SCP in the background; returns the server (call ``.shutdown()`` to stop)."""
     context = StoreContext(spool=spool, sessions=sessions)
     handlers = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
     ]
-    ae = make_ae(ae_title, allowed_aes=allowed_aes)
-    server = ae.start_server((host, port), block=False, evt_handlers=handlers)
-    log.info("listening as %s on %s:%d", ae_title, host, port)
+    ae = make_ae(config)
+    server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers,
+                             ssl_context=config.ssl_context())
+    log.info("listening as %s on %s:%d%s%s", config.ae_title, config.host, config.port,
+             " (TLS)" if config.tls_cert else "",
+             f", calling AEs {', '.join(sorted(config.allowed_aes))}" if config.allowed_aes else ", any calling AE")
     return server

@@ -1,8 +1,10 @@
-"""The spool: every received instance as a file, written atomically.
+"""The spool: every received instance as a file, written atomically, and the
+quarantine beside it for what could not be understood or screened.
 
-Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
-A file is first written to a temporary name in its final folder, fsync'd,
-then renamed over its final name and the folder fsync'd, so a crash never
+Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
+and ``<quarantine>/<YYYYMMDD>/<name>.dcm`` with ``<name>.reason.txt``.
+A file first gets a temporary name in its final folder and is fsync'd, then
+is renamed over its final name and the folder is fsync'd, so a crash never
 leaves a half-written instance under a real name.
 """
 
@@ -12,6 +14,8 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -21,8 +25,9 @@ class SpoolFullError(OSError):
     """Free space in the spool is below the configured watermark."""
 
 
-def _safe_uid(uid: str) -> str:
-    uid = uid.strip().rstrip("\x00")
+def valid_uid(uid: str) -> str:
+    """``uid`` stripped of padding, or ValueError if it is not a DICOM UID."""
+    uid = str(uid or "").strip().rstrip("\x00")
     if not uid or len(uid) > 64 or not _UID.match(uid):
         raise ValueError(f"{uid!r} is not a valid DICOM UID")
     return uid
@@ -36,14 +41,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Spool:
-    def __init__(self, root: str | Path, *, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: str | Path, *, quarantine_root: str | Path | None = None,
+                 min_free_bytes: int = 0) -> None:
         self.root = Path(root)
+        self.quarantine_root = Path(quarantine_root) if quarantine_root else self.root.parent / "quarantine"
         self.min_free_bytes = min_free_bytes
 
     def path_for(self, StudyInstanceUID: str, SeriesInstanceUID: str, SOPInstanceUID: str) -> Path:
-        return (self.root / _safe_uid(StudyInstanceUID) / _safe_uid(SeriesInstanceUID)
-                / f"{_safe_uid(SOPInstanceUID)}.dcm")
+        return (self.root / valid_uid(StudyInstanceUID) / valid_uid(SeriesInstanceUID)
+                / f"{valid_uid(SOPInstanceUID)}.dcm")
 
     def check_space(self, incoming_bytes: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -51,22 +66,39 @@ class Spool:
         if free - incoming_bytes < self.min_free_bytes:
             raise SpoolFullError(f"spool {self.root}: {free} bytes free, watermark {self.min_free_bytes}")
 
-    def write_temp(self, final: Path, data: bytes) -> Path:
-        """Write ``data`` beside ``final`` under a temporary name and fsync it."""
+    def adopt(self, received: Path, final: Path) -> Path:
+        """Bring a received file beside ``final`` under a temporary name, fsync'd.
+
+        A rename when both are on one file system (no copy), a copy otherwise.
+        """
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".incoming-", suffix=".part")
+        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=".incoming-", suffix=".part")
+        os.close(fd)
+        tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                os.replace(received, tmp)
+            except OSError:  # another file system: copy
+                shutil.copyfile(received, tmp)
+            _fsync_file(tmp)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
-        return Path(tmp)
+        return tmp
 
     @staticmethod
     def commit(tmp: Path, final: Path) -> None:
         """Rename ``tmp`` over ``final`` and fsync the folder."""
         os.replace(tmp, final)
         _fsync_dir(final.parent)
+
+    def quarantine(self, path: Path, reason: str, *, name: str | None = None) -> Path:
+        """Move ``path`` into the quarantine with a ``.reason.txt`` beside it; returns the new path."""
+        day = datetime.now(timezone.utc).strftime("%Y%m%d")
+        stem = f"{name or 'unknown'}-{uuid.uuid4().hex[:8]}"
+        final = self.quarantine_root / day / f"{stem}.dcm"
+        tmp = self.adopt(path, final)
+        self.commit(tmp, final)
+        reason_file = final.with_suffix(".reason.txt")
+        reason_file.write_text(reason + "\n", encoding="utf-8")
+        return final

@@ -14,9 +14,9 @@ class StoreStatus(enum.IntEnum):
     """Refused: no room in the spool (free space below the watermark) or the
     database could not record it; nothing was kept, the sender should retry."""
     CANNOT_UNDERSTAND = 0xC210
-    """Refused: the dataset could not be parsed."""
-    MISSING_UIDS = 0xC211
-    """Refused: Study, Series or SOP Instance UID missing or empty."""
+    """Refused: the dataset could not be parsed; the bytes are quarantined."""
+    MISSING_UIDS = 0xC212
+    """Refused: Study, Series or SOP Instance UID missing or invalid; the bytes are quarantined."""
 
 
 class EchoStatus(enum.IntEnum):

@@ -19,21 +19,22 @@ from db.migrate import upgrade
 from db.models import Instance, InstanceState
 from db.session import make_engine, make_sessionmaker
 from dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG, chest_dataset, write_chest_dicom
-from dicom_io.server import start_listener
+from dicom_io.server import ListenerConfig, start_listener
 from dicom_io.spool import Spool
 from dicom_io.status import StoreStatus
 
 
 class Listener:
     def __init__(self, tmp_path: Path, database_url: str, *, spool_root: Path | None = None,
-                 min_free_bytes: int = 0, allowed_aes=()) -> None:
+                 min_free_bytes: int = 0, allowed_aes=(), **listener_kwargs) -> None:
         self.port = free_port()
         self.database_url = database_url
         self.engine = make_engine(database_url)
         self.sessions = make_sessionmaker(self.engine)
-        self.spool = Spool(spool_root or tmp_path / "spool", min_free_bytes=min_free_bytes)
-        self.server = start_listener(host="127.0.0.1", port=self.port, ae_title="PNEUMOSCREEN",
-                                     spool=self.spool, sessions=self.sessions, allowed_aes=allowed_aes)
+        self.spool = Spool(spool_root or tmp_path / "spool", quarantine_root=tmp_path / "quarantine",
+                           min_free_bytes=min_free_bytes)
+        config = ListenerConfig(port=self.port, allowed_aes=frozenset(allowed_aes), **listener_kwargs)
+        self.server = start_listener(config, spool=self.spool, sessions=self.sessions)
 
     def instances(self) -> list[Instance]:
         with self.sessions() as s:
@@ -138,11 +139,18 @@ def test_store_returns_A700_and_keeps_no_file_when_database_cannot_record(tmp_pa
         lst.close()
 
 
-def test_store_without_uids_is_refused_with_C211(listener):
+def test_store_without_uids_is_refused_with_C212(listener):
     ds = chest_dataset(PNEUMONIA_JPEG, sop_class="CR")
     ds.StudyInstanceUID = ""
     assert send(listener.port, ds) == StoreStatus.MISSING_UIDS
-    assert listener.instances() == []
+    [instance] = listener.instances()
+    assert instance.state is InstanceState.FAILED and "invalid UID" in instance.reason
+    assert instance.series_id is None
+    quarantined = Path(instance.path)
+    assert quarantined.parent.parent == listener.spool.quarantine_root
+    assert "invalid UID" in quarantined.with_suffix(".reason.txt").read_text()
+    assert dcmread(quarantined).SOPInstanceUID == ds.SOPInstanceUID
+    assert not list(listener.spool.root.rglob("*.dcm"))
 
 
 def test_calling_ae_outside_the_allow_list_is_rejected_at_association(tmp_path, sqlite_url):

@@ -71,18 +71,17 @@ def _load_model(settings: Settings, *, load: bool = True) -> None:
     log.info("model %s %s (sha256 %s..., threshold %.4f)", card.name, card.version, card.sha256[:12], card.threshold)
 
 
-def _spool(settings: Settings):
-    from dicom_io.spool import Spool
-
-    return Spool(settings.spool_dir, min_free_bytes=settings.min_free_mb * 1024 * 1024)
-
-
 def _start_listener(settings: Settings):
-    from dicom_io.server import start_listener
+    from dicom_io.server import ListenerConfig, start_listener
+    from worker import runtime
 
-    return start_listener(host=settings.host, port=settings.port, ae_title=settings.ae_title,
-                          spool=_spool(settings), sessions=_sessions(),
-                          allowed_aes=settings.allowed_ae_titles)
+    config = ListenerConfig(
+        host=settings.host, port=settings.port, ae_title=settings.ae_title,
+        allowed_aes=settings.allowed_ae_titles, max_associations=settings.max_associations,
+        max_pdu_size=settings.max_pdu_size, network_timeout=settings.network_timeout,
+        tls_cert=settings.tls_cert, tls_key=settings.tls_key, tls_client_ca=settings.tls_client_ca,
+    )
+    return start_listener(config, spool=runtime.spool(), sessions=_sessions())
 
 
 listener_options = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,8 +20,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import InstanceState
 from db.queries import get_instance, record_prediction, set_state
-from dicom_io.eligibility import Eligibility
+from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.pixels import PixelDecodeError, display_image
+from dicom_io.spool import Spool
 from model.artifact import LoadedModel
 from model.preprocessing import prepare
 
@@ -42,14 +44,31 @@ def decode_prepared(payload: str) -> np.ndarray:
     return image
 
 
-def _finish(sessions: sessionmaker[Session], instance_id: int, state: InstanceState, reason: str) -> None:
+def _finish(sessions: sessionmaker[Session], instance_id: int, state: InstanceState, reason: str,
+            path: str | None = None) -> None:
     with sessions.begin() as session:
-        set_state(session, instance_id=instance_id, state=state, reason=reason)
+        set_state(session, instance_id=instance_id, state=state, reason=reason, path=path)
     log.info("instance %d %s: %s", instance_id, state.value, reason)
 
 
-def preprocess_instance(sessions: sessionmaker[Session], instance_id: int) -> np.ndarray | None:
-    """The prepared image for ``instance_id``, or None if it ended SKIPPED/FAILED (or already had)."""
+def _fail(sessions: sessionmaker[Session], spool: Spool | None, instance_id: int, path: str, reason: str) -> None:
+    """FAILED with ``reason``; the file moves to the quarantine (when there is one to move)."""
+    moved = None
+    if spool is not None and Path(path).is_file():
+        try:
+            moved = str(spool.quarantine(Path(path), reason, name=Path(path).stem))
+        except OSError as exc:
+            log.error("instance %d: could not quarantine %s: %s", instance_id, path, exc)
+    _finish(sessions, instance_id, InstanceState.FAILED, reason, path=moved)
+
+
+def preprocess_instance(sessions: sessionmaker[Session], instance_id: int, *,
+                        policy: EligibilityPolicy = EligibilityPolicy(),
+                        spool: Spool | None = None) -> np.ndarray | None:
+    """The prepared image for ``instance_id``, or None if it ended SKIPPED/FAILED (or already had).
+
+    With ``spool``, the file of a FAILED instance is moved to its quarantine.
+    """
     with sessions.begin() as session:
         instance = get_instance(session, instance_id=instance_id)
         if instance is None:
@@ -60,17 +79,17 @@ def preprocess_instance(sessions: sessionmaker[Session], instance_id: int) -> np
         path = instance.path
     try:
         ds = dcmread(path)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-        _finish(sessions, instance_id, InstanceState.FAILED, f"file could not be read: {type(exc).__name__}: {exc}")
+        eligibility = policy.judge(ds)
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        _fail(sessions, spool, instance_id, path, f"file could not be read: {type(exc).__name__}: {exc}")
         return None
-    eligibility = Eligibility.from_dataset(ds)
     if not eligibility.eligible:
         _finish(sessions, instance_id, InstanceState.SKIPPED, eligibility.reason or "not eligible")
         return None
     try:
         prepared = prepare(display_image(ds))
-    except (PixelDecodeError, ValueError, TypeError) as exc:
-        _finish(sessions, instance_id, InstanceState.FAILED, str(exc))
+    except (PixelDecodeError, ValueError, TypeError, MemoryError) as exc:
+        _fail(sessions, spool, instance_id, path, str(exc) or type(exc).__name__)
         return None
     with sessions.begin() as session:
         set_state(session, instance_id=instance_id, state=InstanceState.PREPROCESSED)

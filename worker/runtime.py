@@ -10,6 +10,8 @@ import threading
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_sessionmaker
+from dicom_io.eligibility import EligibilityPolicy
+from dicom_io.spool import Spool
 from worker.settings import Settings
 
 _lock = threading.Lock()
@@ -39,3 +41,15 @@ def sessions() -> sessionmaker[Session]:
         if _sessions is None or _sessions[0] != os.getpid():
             _sessions = (os.getpid(), make_sessionmaker(make_engine(current.effective_database_url)))
         return _sessions[1]
+
+
+def spool() -> Spool:
+    current = settings()
+    return Spool(current.spool_dir, quarantine_root=current.quarantine_dir,
+                 min_free_bytes=current.min_free_mb * 1024 * 1024)
+
+
+def eligibility_policy() -> EligibilityPolicy:
+    current = settings()
+    return EligibilityPolicy(modalities=current.eligible_modality_set, chest_body_parts=current.chest_body_part_set,
+                             min_side=current.min_image_side)

@@ -47,6 +47,16 @@ class Settings(BaseSettings):
     api_token: str | None = None
     reconcile_after_seconds: float = Field(300.0, ge=1.0, description="re-send work left in flight this long")
     min_free_mb: int = Field(512, ge=0, description="refuse C-STORE (0xA700) below this much free spool space")
+    max_associations: int = Field(16, ge=1, le=1000)
+    max_pdu_size: int = Field(262144, ge=0, description="largest PDU we accept (0 = unlimited)")
+    network_timeout: float = Field(60.0, gt=0)
+    tls_cert: Path | None = Field(None, description="server certificate (PEM); enables DICOM TLS")
+    tls_key: Path | None = Field(None, description="server private key (PEM)")
+    tls_client_ca: Path | None = Field(None, description="CA bundle; when set, clients must present a certificate")
+    eligible_modalities: str = Field("CR,DX", description="Modality values screened (also on SC objects)")
+    chest_body_parts: str = Field("CHEST,THORAX,LUNG,LUNGS,TORAX,PORTABLE CHEST,CHEST PA,CHEST AP,PA CHEST,AP CHEST",
+                                  description="BodyPartExamined values taken as chest; absent is accepted")
+    min_image_side: int = Field(128, ge=1, description="smaller images are SKIPPED")
     tf_threads: int = Field(0, ge=0, description="TensorFlow intra-op threads (0 = TensorFlow's default)")
 
     @field_validator("ae_title")
@@ -75,6 +85,18 @@ class Settings(BaseSettings):
         return value or None
 
     @model_validator(mode="after")
+    def _tls_files(self) -> "Settings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("set both PNEUMOSCREEN_TLS_CERT and PNEUMOSCREEN_TLS_KEY, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("PNEUMOSCREEN_TLS_CLIENT_CA needs PNEUMOSCREEN_TLS_CERT and PNEUMOSCREEN_TLS_KEY")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"PNEUMOSCREEN_{name.upper()}: {path} is not a file")
+        return self
+
+    @model_validator(mode="after")
     def _open_listener_needs_allow_list(self) -> "Settings":
         if not self.allowed_aes and not is_loopback(self.host):
             raise ValueError(
@@ -90,6 +112,22 @@ class Settings(BaseSettings):
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @staticmethod
+    def _words(value: str) -> frozenset[str]:
+        return frozenset(w.strip().upper() for w in value.split(",") if w.strip())
+
+    @property
+    def eligible_modality_set(self) -> frozenset[str]:
+        return self._words(self.eligible_modalities)
+
+    @property
+    def chest_body_part_set(self) -> frozenset[str]:
+        return self._words(self.chest_body_parts)
 
     @property
     def effective_database_url(self) -> str:

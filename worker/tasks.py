@@ -18,7 +18,8 @@ _TRANSIENT = (OperationalError, ConnectionError, TimeoutError)
 @app.task(name="pneumoscreen.preprocess", acks_late=True, autoretry_for=_TRANSIENT,
           retry_backoff=True, retry_backoff_max=300, max_retries=10)
 def preprocess(instance_id: int) -> None:
-    prepared = pipeline.preprocess_instance(runtime.sessions(), instance_id)
+    prepared = pipeline.preprocess_instance(runtime.sessions(), instance_id, policy=runtime.eligibility_policy(),
+                                            spool=runtime.spool())
     if prepared is not None:
         infer.apply_async(args=[instance_id, pipeline.encode_prepared(prepared)],
                           argsrepr=f"({instance_id}, <prepared image>)")

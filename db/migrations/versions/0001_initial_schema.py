@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 05:46:29.315296
+Create Date: 2026-11-26 06:02:49.602337
 
 """
 from typing import Sequence, Union
@@ -44,7 +44,7 @@ def upgrade() -> None:
 
     op.create_table('instance',
     sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('series_id', sa.Integer(), nullable=False),
+    sa.Column('series_id', sa.Integer(), nullable=True),
     sa.Column('sop_instance_uid', sa.String(length=64), nullable=False),
     sa.Column('sop_class_uid', sa.String(length=64), nullable=False),
     sa.Column('transfer_syntax_uid', sa.String(length=64), nullable=False),
