@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, apply_windowing
 
 
 class PixelDecodeError(ValueError):
@@ -53,6 +53,22 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+def _apply_voi(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """VOI LUT Sequence or window center/width, onto the full 8-bit output range."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        out = apply_voi(values, ds, index=0).astype(np.float64)
+        return np.clip(np.rint(out * (255.0 / (2**bits - 1))), 0, 255).astype(np.uint8)
+    # windowing onto 0..255: the window attributes on an 8-bit unsigned view
+    view = Dataset()
+    view.BitsStored, view.PixelRepresentation, view.PhotometricInterpretation = 8, 0, "MONOCHROME2"
+    view.WindowCenter, view.WindowWidth = ds.WindowCenter, ds.WindowWidth
+    if "VOILUTFunction" in ds:
+        view.VOILUTFunction = ds.VOILUTFunction
+    out = apply_windowing(values.astype(np.float64), view, index=0)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def display_image(ds: Dataset) -> np.ndarray:
     """The first frame of ``ds`` as display-ready ``uint8`` grey (rows, columns)."""
     arr = _first_frame(ds)
@@ -72,14 +88,15 @@ def display_image(ds: Dataset) -> np.ndarray:
         raise PixelDecodeError(f"unexpected pixel shape {arr.shape}")
 
     has_rescale = "RescaleSlope" in ds or "RescaleIntercept" in ds or "ModalityLUTSequence" in ds
-    has_voi = "VOILUTSequence" in ds or "WindowCenter" in ds
+    has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
     if arr.dtype == np.uint8 and not has_rescale and not has_voi:
         image = arr  # already display-ready 8-bit: keep the exact values
     else:
-        values = apply_modality_lut(arr, ds) if has_rescale else arr
-        if has_voi:
-            values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-        image = _to_uint8(np.asarray(values))
+        try:
+            values = apply_modality_lut(arr, ds) if has_rescale else arr
+            image = _apply_voi(values, ds) if has_voi else _to_uint8(np.asarray(values))
+        except (ValueError, TypeError, IndexError, AttributeError, ZeroDivisionError) as exc:
+            raise PixelDecodeError(f"modality/VOI LUT could not be applied: {exc}") from exc
     if photometric == "MONOCHROME1":
         image = 255 - image
     return np.ascontiguousarray(image, dtype=np.uint8)
