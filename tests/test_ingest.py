@@ -173,3 +173,40 @@ def test_corpus_real_files_and_malformed_inputs_over_tcp_each_end_terminal_with_
     for secret in (PLANTED_PATIENT_NAME.split("^")[0], PLANTED_PATIENT_ID, "20190101"):
         assert secret not in log
     assert "DEBUG" in log  # the scan ran over debug-level output
+
+
+@pytest.mark.slow
+def test_late_instances_and_an_aborted_association_lose_nothing(tmp_path, processes):
+    port = free_port()
+    data_dir = tmp_path / "data"
+    runner = Process(["run", "--data-dir", str(data_dir), "--port", str(port)], cli_env(study_quiet_seconds=1),
+                     tmp_path / "run.log")
+    processes.append(runner)
+    wait_for_port(port, runner.proc)
+    env = cli_env(data_dir=data_dir)
+    first = chest_dataset(PNEUMONIA_JPEG)
+    study = first.StudyInstanceUID
+
+    ae = AE(ae_title="ABORTER")
+    ae.add_requested_context(first.SOPClassUID, first.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PNEUMOSCREEN")
+    assert assoc.is_established
+    second = chest_dataset(PNEUMONIA_JPEG, study_uid=study, series_uid=first.SeriesInstanceUID)
+    assert assoc.send_c_store(first).Status == 0 and assoc.send_c_store(second).Status == 0
+    assoc.abort()  # the sender dies before releasing: what it completed stays
+
+    def states():
+        return {r["sop_instance_uid"]: r["state"] for r in cli_json("instances", env=env)}
+
+    wait_until(lambda: set(states().values()) == {"PREDICTED"} and len(states()) == 2, timeout=60,
+               what="both instances of the aborted association PREDICTED")
+
+    # an instance arriving after its study was screened is screened too
+    late = chest_dataset(PNEUMONIA_JPEG, study_uid=study)
+    late_path = tmp_path / "late.dcm"
+    late.save_as(late_path, enforce_file_format=True)
+    assert storescu(port, late_path).returncode == 0
+    wait_until(lambda: states().get(str(late.SOPInstanceUID)) == "PREDICTED", timeout=60, what="late instance")
+    [row] = [r for r in cli_json("worklist", env=env) if r["study_instance_uid"] == study]
+    assert row["state"] == "SCREENED"
+    assert len(states()) == 3

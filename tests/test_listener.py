@@ -176,3 +176,36 @@ def test_secondary_capture_and_cr_sop_classes_are_accepted(listener):
         assert ds.SOPClassUID == uid
         assert send(listener.port, ds) == StoreStatus.SUCCESS
     assert len(listener.instances()) == 2
+
+
+def test_associations_beyond_the_limit_are_refused(tmp_path, sqlite_url):
+    upgrade(sqlite_url)
+    lst = Listener(tmp_path, sqlite_url, max_associations=1)
+    try:
+        ds = chest_dataset(PNEUMONIA_JPEG)
+        ae = AE(ae_title="FIRST")
+        ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+        held = ae.associate("127.0.0.1", lst.port, ae_title="PNEUMOSCREEN")
+        assert held.is_established
+        try:
+            assert send(lst.port, ds) is None  # a second one while the first is open
+        finally:
+            held.release()
+        assert send(lst.port, ds) == StoreStatus.SUCCESS
+    finally:
+        lst.close()
+
+
+def test_only_decodable_transfer_syntaxes_are_offered(listener):
+    from pydicom.uid import MPEG2MPML
+
+    ds = chest_dataset(PNEUMONIA_JPEG)
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(ds.SOPClassUID, MPEG2MPML)
+    ae.add_requested_context(ComputedRadiographyImageStorage, JPEGBaseline8Bit)
+    assoc = ae.associate("127.0.0.1", listener.port, ae_title="PNEUMOSCREEN")
+    try:
+        accepted = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
+        assert accepted == {JPEGBaseline8Bit}
+    finally:
+        assoc.release()
