@@ -210,3 +210,30 @@ def test_late_instances_and_an_aborted_association_lose_nothing(tmp_path, proces
     [row] = [r for r in cli_json("worklist", env=env) if r["study_instance_uid"] == study]
     assert row["state"] == "SCREENED"
     assert len(states()) == 3
+
+
+@pytest.mark.slow
+def test_orthanc_sends_studies_through_its_rest_api(tmp_path, processes):
+    from orthanc import Orthanc
+
+    port = free_port()
+    data_dir = tmp_path / "data"
+    runner = Process(["run", "--data-dir", str(data_dir), "--port", str(port)],
+                     cli_env(study_quiet_seconds=1, allowed_aes="ORTHANC"), tmp_path / "run.log")
+    processes.append(runner)
+    wait_for_port(port, runner.proc)
+    orthanc = Orthanc(tmp_path / "orthanc", modalities={"pneumoscreen": ("PNEUMOSCREEN", "127.0.0.1", port)})
+    try:
+        generated = tmp_path / "generated.dcm"
+        chest_dataset(PNEUMONIA_JPEG).save_as(generated, enforce_file_format=True)
+        ids = [orthanc.upload(p) for p in (generated, real_file("RG1_J2KR.dcm"), real_file("RG3_UNCR.dcm"))]
+        echo = orthanc.post("/modalities/pneumoscreen/echo", {})
+        assert echo == {} or echo is None
+        orthanc.post("/modalities/pneumoscreen/store", {"Resources": ids, "Synchronous": True})
+    finally:
+        orthanc.stop()
+    env = cli_env(data_dir=data_dir)
+    rows = wait_until(lambda: (r := cli_json("instances", env=env)) and len(r) == 3
+                      and all(x["state"] in TERMINAL for x in r) and r, timeout=90, what="Orthanc's instances")
+    assert sorted(r["state"] for r in rows) == ["PREDICTED", "PREDICTED", "SKIPPED"]
+    assert runner.log().count("from ORTHANC") >= 3
