@@ -28,38 +28,65 @@ def _get_or_create(session: Session, model, lookup: dict[str, Any], defaults: di
         return session.scalars(stmt).one()
 
 
+def _upsert(session: Session, table, values: dict[str, Any], *, key: str, update: dict[str, Any] | None = None):
+    """INSERT ... ON CONFLICT (key) DO UPDATE/NOTHING ... RETURNING id, on SQLite and PostgreSQL alike."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"database {dialect!r} is not supported (SQLite or PostgreSQL)")
+    stmt = insert(table).values(**values)
+    if update:
+        stmt = stmt.on_conflict_do_update(index_elements=[key], set_=update)
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=[key])
+    return session.execute(stmt.returning(table.c.id)).scalar_one_or_none()
+
+
 def record_received(
     session: Session, *, StudyInstanceUID: str, SeriesInstanceUID: str, SOPInstanceUID: str,
     SOPClassUID: str, TransferSyntaxUID: str, AccessionNumber: str | None, Modality: str | None,
     path: str, size_bytes: int, calling_ae: str | None,
-) -> tuple[Instance, bool]:
-    """Record a stored instance; returns ``(instance, created)``.
+) -> tuple[int, bool]:
+    """Record a stored instance; returns ``(instance id, created)``.
 
-    A SOP Instance UID already known is not recorded twice: the existing row
-    is returned with ``created=False``. Either way the study's quiet period
-    restarts.
+    Three statements, safe against concurrent senders of the same study. A SOP
+    Instance UID already known is not recorded twice (``created=False``),
+    unless the earlier copy could not be parsed: this one then replaces it.
+    Either way the study's quiet period restarts.
     """
     now = utcnow()
-    study = _get_or_create(session, Study, {"StudyInstanceUID": StudyInstanceUID},
-                           {"AccessionNumber": AccessionNumber, "received_at": now, "last_received_at": now})
-    study.last_received_at = now
-    series = _get_or_create(session, Series, {"SeriesInstanceUID": SeriesInstanceUID},
-                            {"study_id": study.id, "Modality": Modality})
-    existing = session.scalars(select(Instance).filter_by(SOPInstanceUID=SOPInstanceUID)).one_or_none()
-    if existing is not None and existing.series_id is not None:
-        return existing, False
-    if existing is not None:  # an earlier copy could not be parsed: this one replaces it
-        existing.series_id, existing.path, existing.size_bytes = series.id, path, size_bytes
-        existing.TransferSyntaxUID, existing.calling_ae = TransferSyntaxUID, calling_ae
-        existing.state, existing.reason, existing.updated_at = InstanceState.RECEIVED, None, now
-        return existing, True
-    instance = _get_or_create(
-        session, Instance, {"SOPInstanceUID": SOPInstanceUID},
-        {"series_id": series.id, "SOPClassUID": SOPClassUID, "TransferSyntaxUID": TransferSyntaxUID,
-         "path": path, "size_bytes": size_bytes, "calling_ae": calling_ae,
-         "state": InstanceState.RECEIVED, "received_at": now, "updated_at": now},
+    study_id = _upsert(
+        session, Study.__table__,
+        {"study_instance_uid": StudyInstanceUID, "accession_number": AccessionNumber, "received_at": now,
+         "last_received_at": now},
+        key="study_instance_uid", update={"last_received_at": now},
     )
-    return instance, True
+    series_id = _upsert(
+        session, Series.__table__,
+        {"series_instance_uid": SeriesInstanceUID, "study_id": study_id, "modality": Modality},
+        key="series_instance_uid", update={"series_instance_uid": SeriesInstanceUID},
+    )
+    values = {"series_id": series_id, "sop_class_uid": SOPClassUID, "transfer_syntax_uid": TransferSyntaxUID,
+              "path": path, "size_bytes": size_bytes, "calling_ae": calling_ae,
+              "state": InstanceState.RECEIVED, "reason": None, "received_at": now, "updated_at": now}
+    instance_id = _upsert(session, Instance.__table__, {"sop_instance_uid": SOPInstanceUID, **values},
+                          key="sop_instance_uid")
+    if instance_id is not None:
+        return instance_id, True
+    # known already: replace it only if the earlier copy could not be parsed
+    del values["received_at"]
+    table = Instance.__table__
+    replaced = session.execute(
+        update(table).where(table.c.sop_instance_uid == SOPInstanceUID, table.c.series_id.is_(None))
+        .values(**values).returning(table.c.id)
+    ).scalar_one_or_none()
+    if replaced is not None:
+        return replaced, True
+    existing = session.scalars(select(Instance.id).where(Instance.SOPInstanceUID == SOPInstanceUID)).one()
+    return existing, False
 
 
 def record_unreadable(

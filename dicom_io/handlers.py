@@ -9,8 +9,10 @@ handler reads only the header, then moves the file into the spool.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
@@ -32,6 +34,13 @@ class StoreContext:
 
     spool: Spool
     sessions: sessionmaker[Session]
+    write_lock: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    """Serializes this process's writes (SQLite: one writer at a time, without busy-waiting)."""
+
+    @classmethod
+    def for_database(cls, spool: Spool, sessions: sessionmaker[Session]) -> "StoreContext":
+        sqlite = sessions.kw["bind"].dialect.name == "sqlite"
+        return cls(spool, sessions, threading.Lock() if sqlite else contextlib.nullcontext())
 
 
 def handle_echo(event) -> int:
@@ -54,7 +63,7 @@ def _refuse(event, context: StoreContext, received: Path, status: StoreStatus, r
     try:
         quarantined = context.spool.quarantine(received, reason, name=sop_uid)
         if sop_uid is not None:
-            with context.sessions.begin() as session:
+            with context.write_lock, context.sessions.begin() as session:
                 record_unreadable(session, SOPInstanceUID=sop_uid, SOPClassUID=str(request.AffectedSOPClassUID),
                                   TransferSyntaxUID=str(event.context.transfer_syntax), path=str(quarantined),
                                   size_bytes=quarantined.stat().st_size,
@@ -96,7 +105,7 @@ def handle_store(event, context: StoreContext) -> int:
 
     moved = False
     try:
-        with context.sessions.begin() as session:
+        with context.write_lock, context.sessions.begin() as session:
             _, created = record_received(
                 session, StudyInstanceUID=header["StudyInstanceUID"],
                 SeriesInstanceUID=header["SeriesInstanceUID"], SOPInstanceUID=sop_uid,

@@ -35,12 +35,12 @@ def sessions(request, tmp_path):
 
 
 def _receive(s, study: str, sop: str, accession: str = "A1"):
-    instance, created = record_received(
+    instance_id, created = record_received(
         s, StudyInstanceUID=study, SeriesInstanceUID=study + ".1", SOPInstanceUID=sop,
         SOPClassUID="1.2.840.10008.5.1.4.1.1.1", TransferSyntaxUID="1.2.840.10008.1.2.1",
         AccessionNumber=accession, Modality="CR", path=f"/spool/{sop}.dcm", size_bytes=10, calling_ae="PACS",
     )
-    return instance, created
+    return instance_id, created
 
 
 def _predict(s, instance_id: int, p: float, version: str = "1.0"):
@@ -60,7 +60,7 @@ def test_record_received_is_idempotent_per_sop_instance(sessions):
         assert created
     with sessions.begin() as s:
         again, created = _receive(s, "1.2.3", "1.2.3.1.1")
-        assert not created and again.id == first.id
+        assert not created and again == first
     with sessions() as s:
         assert len(list_instances(s)) == 1
 
@@ -81,9 +81,9 @@ def test_quiet_studies_are_claimed_once(sessions):
 def test_prediction_is_recorded_once_per_model_version(sessions):
     with sessions.begin() as s:
         instance, _ = _receive(s, "1.2.3", "1.2.3.1.1")
-        _predict(s, instance.id, 0.8)
+        _predict(s, instance, 0.8)
     with sessions.begin() as s:
-        _predict(s, instance.id, 0.1)  # a redelivered message: the first answer stands
+        _predict(s, instance, 0.1)  # a redelivered message: the first answer stands
     with sessions() as s:
         [row] = list_instances(s)
     assert row["state"] == "PREDICTED" and row["probability"] == pytest.approx(0.8)
@@ -92,8 +92,8 @@ def test_prediction_is_recorded_once_per_model_version(sessions):
 def test_terminal_state_is_never_left(sessions):
     with sessions.begin() as s:
         instance, _ = _receive(s, "1.2.3", "1.2.3.1.1")
-        assert set_state(s, instance_id=instance.id, state=InstanceState.SKIPPED, reason="lateral")
-        assert not set_state(s, instance_id=instance.id, state=InstanceState.QUEUED)
+        assert set_state(s, instance_id=instance, state=InstanceState.SKIPPED, reason="lateral")
+        assert not set_state(s, instance_id=instance, state=InstanceState.QUEUED)
     with sessions() as s:
         [row] = list_instances(s, state=InstanceState.SKIPPED)
     assert row["reason"] == "lateral"
@@ -105,9 +105,9 @@ def test_worklist_puts_flagged_studies_first_by_probability(sessions):
         high, _ = _receive(s, "1.2", "1.2.1.1", "HIGH")
         higher, _ = _receive(s, "1.3", "1.3.1.1", "HIGHER")
         _receive(s, "1.4", "1.4.1.1", "PENDING")
-        _predict(s, routine.id, 0.2)
-        _predict(s, high.id, 0.7)
-        _predict(s, higher.id, 0.95)
+        _predict(s, routine, 0.2)
+        _predict(s, high, 0.7)
+        _predict(s, higher, 0.95)
     with sessions() as s:
         rows = worklist(s)
         flagged = worklist(s, flagged_only=True)

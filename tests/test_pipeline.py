@@ -27,13 +27,13 @@ def sessions(sqlite_url):
 
 def _receive(sessions, path: Path, ds) -> int:
     with sessions.begin() as s:
-        instance, _ = record_received(
+        instance_id, _ = record_received(
             s, StudyInstanceUID=ds.StudyInstanceUID, SeriesInstanceUID=ds.SeriesInstanceUID,
             SOPInstanceUID=ds.SOPInstanceUID, SOPClassUID=ds.SOPClassUID,
             TransferSyntaxUID=ds.file_meta.TransferSyntaxUID, AccessionNumber="A", Modality=ds.Modality,
             path=str(path), size_bytes=path.stat().st_size, calling_ae="T",
         )
-        return instance.id
+        return instance_id
 
 
 def _state(sessions) -> tuple[str, str | None]:

@@ -1,0 +1,185 @@
+"""Receive throughput: pneumoscreen's listener against dcmtk's storescp.
+
+N (default 300) CR images of about 2 MB each are sent with dcmtk's storescu
+(TCP_NODELAY=1 on both ends) over 1 and over 4 parallel associations, into
+`pneumoscreen listen` (fsync of every file and its folder, a committed
+database row per instance, before each success status) and into `storescp`
+(which writes the files without fsync), in the same run, alternating, each
+configuration repeated. Prints instances/s, MB/s and the ratio, and writes
+JSON.
+
+    .venv/bin/python bench/receive.py [--count 300] [--repeats 3] [--database-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "images" / "PNEUMONIA" / "person1003_virus_1685.jpeg"
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+def make_images(folder: Path, count: int) -> list[Path]:
+    """``count`` 1024x1024 12-bit CR images (2 MiB of pixel data each), one study per 4 images."""
+    grey = cv2.resize(cv2.imread(str(FIXTURE), cv2.IMREAD_GRAYSCALE), (1024, 1024))
+    pixels = (grey.astype(np.uint16) * 16).tobytes()
+    paths = []
+    study = None
+    for i in range(count):
+        if i % 4 == 0:
+            study, series = generate_uid(), generate_uid()
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+        ds.PatientName, ds.PatientID, ds.AccessionNumber = "Bench^Patient", f"B{i // 4:05d}", f"ACC{i // 4:05d}"
+        ds.Rows = ds.Columns = 1024
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
+        ds.PixelData = pixels
+        ds["PixelData"].VR = "OW"
+        path = folder / f"cr{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def send(port: int, aec: str, files: list[Path], associations: int) -> float:
+    """Seconds to send ``files`` over ``associations`` parallel storescu processes."""
+    chunks = [files[i::associations] for i in range(associations)]
+    started = time.perf_counter()
+    procs = [subprocess.Popen([shutil.which("storescu"), "-aec", aec, "127.0.0.1", str(port), *map(str, chunk)],
+                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for chunk in chunks]
+    failed = [p.stderr.read().decode() for p in procs if p.wait() != 0]
+    elapsed = time.perf_counter() - started
+    if failed:
+        raise RuntimeError(f"storescu failed: {failed[0][-1000:]}")
+    return elapsed
+
+
+def run_storescp(workdir: Path, files: list[Path], associations: int) -> float:
+    port = free_port()
+    out = workdir / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen([shutil.which("storescp"), "--fork", "-od", str(out), str(port)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        seconds = send(port, "STORESCP", files, associations)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    received = len(list(out.iterdir()))
+    if received != len(files):
+        raise RuntimeError(f"storescp kept {received} of {len(files)} files")
+    shutil.rmtree(out)
+    return seconds
+
+
+def run_pneumoscreen(workdir: Path, files: list[Path], associations: int, database_url: str | None) -> float:
+    port = free_port()
+    data_dir = workdir / "pneumoscreen"
+    env = {k: v for k, v in ENV.items() if not k.startswith("PNEUMOSCREEN_")}
+    env.update({"PNEUMOSCREEN_DATA_DIR": str(data_dir), "PNEUMOSCREEN_PORT": str(port),
+                "PNEUMOSCREEN_STUDY_QUIET_SECONDS": "86400", "PNEUMOSCREEN_LOG_LEVEL": "WARNING",
+                "PNEUMOSCREEN_MIN_FREE_MB": "64"})
+    if database_url:
+        env["PNEUMOSCREEN_DATABASE_URL"] = database_url
+    cli = [sys.executable, "-m", "worker.cli"]
+    subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True, cwd=ROOT)
+    proc = subprocess.Popen([*cli, "listen"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port)
+        seconds = send(port, "PNEUMOSCREEN", files, associations)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    out = subprocess.run([*cli, "instances", "--json"], env=env, check=True, capture_output=True, cwd=ROOT)
+    received = len(json.loads(out.stdout))
+    if received != len(files):
+        raise RuntimeError(f"pneumoscreen recorded {received} of {len(files)} instances")
+    shutil.rmtree(data_dir)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--database-url", help="PostgreSQL for pneumoscreen (default: SQLite in a temp dir); "
+                        "its schema must be new or current, and it is not cleaned")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "receive.json")
+    args = parser.parse_args()
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            sys.exit(f"dcmtk's {tool} is needed (apt-get install dcmtk)")
+
+    with tempfile.TemporaryDirectory(prefix="pneumoscreen-bench-", dir=ROOT / "bench") as tmp:
+        workdir = Path(tmp)
+        (workdir / "images").mkdir()
+        files = make_images(workdir / "images", args.count)
+        megabytes = sum(p.stat().st_size for p in files) / 1e6
+        print(f"{len(files)} files, {megabytes:.0f} MB ({megabytes / len(files):.2f} MB each)")
+        results = {}
+        for associations in (1, 4):
+            times: dict[str, list[float]] = {"storescp": [], "pneumoscreen": []}
+            for _ in range(args.repeats):
+                times["storescp"].append(run_storescp(workdir, files, associations))
+                times["pneumoscreen"].append(run_pneumoscreen(workdir, files, associations, args.database_url))
+            row = {}
+            for name, seconds in times.items():
+                median = statistics.median(seconds)
+                row[name] = {"seconds": seconds, "median_seconds": median,
+                             "instances_per_second": len(files) / median, "mb_per_second": megabytes / median}
+            row["ratio"] = row["pneumoscreen"]["instances_per_second"] / row["storescp"]["instances_per_second"]
+            results[f"{associations}_association{'s' if associations > 1 else ''}"] = row
+            print(f"{associations} association(s): storescp {row['storescp']['instances_per_second']:.1f} inst/s "
+                  f"({row['storescp']['mb_per_second']:.0f} MB/s), pneumoscreen "
+                  f"{row['pneumoscreen']['instances_per_second']:.1f} inst/s "
+                  f"({row['pneumoscreen']['mb_per_second']:.0f} MB/s), ratio {row['ratio']:.2f} "
+                  f"(medians of {args.repeats})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"count": len(files), "megabytes": megabytes, "repeats": args.repeats,
+              "database": "postgresql" if args.database_url else "sqlite", "results": results}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
