@@ -119,3 +119,20 @@ def test_worklist_puts_flagged_studies_first_by_probability(sessions):
     assert rows[0]["model_version"] == "1.0" and rows[0]["received_at"].endswith("+00:00")
     assert [r["accession_number"] for r in flagged] == ["HIGHER", "HIGH"]
     assert len(limited) == 1
+
+
+def test_a_good_copy_replaces_an_unparseable_one_but_never_the_reverse(sessions):
+    from db.queries import record_unreadable
+
+    with sessions.begin() as s:
+        assert record_unreadable(s, SOPInstanceUID="1.2.3.1.1", SOPClassUID="1.2", TransferSyntaxUID="1.2.840.10008.1.2.1",
+                                 path="/quarantine/x.dcm", size_bytes=5, calling_ae="PACS", reason="truncated") is not None
+    with sessions.begin() as s:
+        instance_id, created = _receive(s, "1.2.3", "1.2.3.1.1")
+        assert created
+    with sessions.begin() as s:
+        assert record_unreadable(s, SOPInstanceUID="1.2.3.1.1", SOPClassUID="1.2", TransferSyntaxUID="1.2.840.10008.1.2.1",
+                                 path="/quarantine/y.dcm", size_bytes=5, calling_ae="PACS", reason="truncated") is None
+    with sessions() as s:
+        [row] = list_instances(s)
+    assert row["state"] == "RECEIVED" and row["study_instance_uid"] == "1.2.3" and row["reason"] is None

@@ -1,4 +1,4 @@
-"""Pixel decoding to display-ready grey: LUTs, windowing, MONOCHROME1, real files."""
+"""Pixel decoding edge cases (the corpus in test_ingest.py covers each encoding and LUT case)."""
 
 from __future__ import annotations
 
@@ -9,24 +9,6 @@ from pydicom.data import get_testdata_file
 
 from dicom_factory import PNEUMONIA_JPEG, chest_dataset
 from dicom_io.pixels import PixelDecodeError, display_image
-
-
-def test_monochrome1_is_inverted_so_air_is_dark():
-    ds = chest_dataset(PNEUMONIA_JPEG, photometric="MONOCHROME1")
-    m2 = display_image(chest_dataset(PNEUMONIA_JPEG))
-    assert np.array_equal(display_image(ds), m2)
-
-
-def test_12_bit_with_window_is_windowed_into_8_bits():
-    ds = chest_dataset(PNEUMONIA_JPEG)
-    values = np.frombuffer(ds.PixelData, np.uint8).astype(np.uint16) * 16  # 0..4080
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelData = values.tobytes()
-    ds.WindowCenter, ds.WindowWidth = 2048, 4096
-    out = display_image(ds)
-    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
-    original = np.frombuffer(chest_dataset(PNEUMONIA_JPEG).PixelData, np.uint8).reshape(out.shape)
-    assert np.corrcoef(out.ravel(), original.ravel())[0, 1] > 0.999
 
 
 def test_missing_pixel_data_is_a_decode_error():

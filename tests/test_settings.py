@@ -46,3 +46,20 @@ def test_run_refuses_to_start_without_a_valid_model(tmp_path):
                      env=cli_env(model_dir=tmp_path / "model"), check=False)
     assert result.returncode == 1
     assert "model artifact" in result.stderr and "model.keras" in result.stderr
+
+
+def test_eligibility_policy_follows_the_settings(monkeypatch):
+    from dicom_factory import PNEUMONIA_JPEG, chest_dataset
+    from worker import runtime
+
+    monkeypatch.setenv("PNEUMOSCREEN_ELIGIBLE_MODALITIES", "DX")
+    monkeypatch.setenv("PNEUMOSCREEN_MIN_IMAGE_SIDE", "300")
+    runtime.configure(Settings())
+    try:
+        policy = runtime.eligibility_policy()
+        verdict = policy.judge(chest_dataset(PNEUMONIA_JPEG, modality="CR"))
+        assert not verdict.eligible and "DX only" in verdict.reason
+        verdict = policy.judge(chest_dataset(PNEUMONIA_JPEG, modality="DX"))
+        assert not verdict.eligible and "smaller than 300" in verdict.reason
+    finally:
+        runtime.configure(Settings())
