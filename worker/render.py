@@ -38,3 +38,32 @@ def instances_table(rows: list[dict[str, Any]]) -> None:
         table.add_row(r["state"], _probability(r["probability"]), r["reason"] or "", r["sop_instance_uid"],
                       r["study_instance_uid"])
     Console().print(table)
+
+
+def evaluation_table(report: dict[str, Any], *, unreadable: int = 0) -> None:
+    table = Table(title=f"Evaluation of model {report['model_version']} on {report['n']} images"
+                        + (f" ({unreadable} unreadable left out)" if unreadable else ""))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("auc", "sensitivity", "specificity", "precision", "f1", "accuracy", "threshold"):
+        table.add_row(key, f"{report[key]:.4f}")
+    Console().print(table)
+    matrix = Table(title="Confusion matrix")
+    matrix.add_column("true \\ predicted")
+    matrix.add_column("NORMAL", justify="right")
+    matrix.add_column("PNEUMONIA", justify="right")
+    matrix.add_row("NORMAL", str(report["tn"]), str(report["fp"]))
+    matrix.add_row("PNEUMONIA", str(report["fn"]), str(report["tp"]))
+    Console().print(matrix)
+
+
+def predictions_table(rows: list[dict[str, Any]]) -> None:
+    table = Table(title=f"Predictions ({len(rows)} files)")
+    table.add_column("file", overflow="fold")
+    table.add_column("p(pneumonia)", justify="right", no_wrap=True)
+    table.add_column("flag", no_wrap=True)
+    table.add_column("note", overflow="fold")
+    for r in rows:
+        flag = "-" if r["flagged"] is None else ("[bold red]FLAGGED[/]" if r["flagged"] else "normal")
+        table.add_row(r["path"], _probability(r["probability"]), flag, r["error"] or r.get("heatmap", ""))
+    Console().print(table)

@@ -1,0 +1,36 @@
+"""Grad-CAM: where in the film the network looked (Selvaraju et al. 2017)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from model.preprocessing import to_model_input
+
+#: The last convolutional activation of the screening CNN.
+DEFAULT_LAYER = "head_relu"
+
+
+def gradcam(keras_model, prepared: np.ndarray, *, layer: str = DEFAULT_LAYER) -> np.ndarray:
+    """A [0, 1] heat map the size of ``prepared`` (a prepared uint8 image) for the pneumonia output."""
+    import keras
+    import tensorflow as tf
+
+    grad_model = keras.Model(keras_model.inputs, [keras_model.get_layer(layer).output, keras_model.output])
+    x = tf.convert_to_tensor(to_model_input(prepared))
+    with tf.GradientTape() as tape:
+        activations, output = grad_model(x, training=False)
+        score = output[:, 0]
+    grads = tape.gradient(score, activations)
+    weights = tf.reduce_mean(grads, axis=(1, 2))
+    cam = tf.nn.relu(tf.reduce_sum(activations * weights[:, None, None, :], axis=-1))[0].numpy()
+    if cam.max() > 0:
+        cam = cam / cam.max()
+    return cv2.resize(cam.astype(np.float32), prepared.shape[::-1], interpolation=cv2.INTER_LINEAR)
+
+
+def overlay(prepared: np.ndarray, heat: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
+    """The grey film with the heat map in the JET colour map on top (BGR uint8)."""
+    colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)
+    grey = cv2.cvtColor(prepared, cv2.COLOR_GRAY2BGR)
+    return cv2.addWeighted(colour, alpha, grey, 1 - alpha, 0)
