@@ -113,3 +113,37 @@ def test_embedded_default_screens_uncompressed_and_jpeg_baseline_from_storescu(t
     spooled = sorted(p.name for p in (data_dir / "spool").rglob("*.dcm"))
     assert spooled == sorted([f"{pneumonia.SOPInstanceUID}.dcm", f"{normal.SOPInstanceUID}.dcm"])
     assert PLANTED_PATIENT_NAME.split("^")[0] not in runner.log()
+
+
+def test_embedded_default_resumes_work_left_in_flight_by_a_previous_run(tmp_path, processes):
+    """A crash left an instance QUEUED (its message died with the in-process broker):
+    the next `run` sends it again at start-up instead of after the reconcile timeout."""
+    from db.migrate import upgrade
+    from db.models import InstanceState
+    from db.queries import record_received, set_state
+    from db.session import make_engine, make_sessionmaker
+    from dicom_io.spool import Spool
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    url = f"sqlite:///{data_dir / 'pneumoscreen.db'}"
+    upgrade(url)
+    ds = write_chest_dicom(tmp_path / "x.dcm", PNEUMONIA_JPEG)
+    final = Spool(data_dir / "spool").path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    final.parent.mkdir(parents=True)
+    (tmp_path / "x.dcm").rename(final)
+    engine = make_engine(url)
+    with make_sessionmaker(engine).begin() as s:
+        instance_id, _ = record_received(
+            s, StudyInstanceUID=ds.StudyInstanceUID, SeriesInstanceUID=ds.SeriesInstanceUID,
+            SOPInstanceUID=ds.SOPInstanceUID, SOPClassUID=ds.SOPClassUID, TransferSyntaxUID=ExplicitVRLittleEndian,
+            AccessionNumber="A", Modality="CR", path=str(final), size_bytes=final.stat().st_size, calling_ae="X")
+        set_state(s, instance_id=instance_id, state=InstanceState.QUEUED)
+    engine.dispose()
+
+    port = free_port()
+    runner = Process(["run", "--data-dir", str(data_dir), "--port", str(port)], cli_env(), tmp_path / "run.log")
+    processes.append(runner)
+    env = cli_env(data_dir=data_dir)
+    wait_until(lambda: [r["state"] for r in cli_json("instances", env=env)] == ["PREDICTED"], timeout=60,
+               what="the left-over instance PREDICTED")

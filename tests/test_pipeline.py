@@ -113,3 +113,19 @@ def test_infer_records_prediction_and_is_idempotent(sessions, tmp_path):
     assert row["probability"] == pytest.approx(p, abs=1e-6) and row["model_version"] == "t1"
     # a terminal instance is not processed again
     assert pipeline.preprocess_instance(sessions, instance_id) is None
+
+
+def test_a_task_that_gives_up_marks_the_instance_failed_with_the_reason(sessions, sqlite_url, tmp_path):
+    from worker import runtime, tasks
+    from worker.settings import Settings
+
+    ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG)
+    instance_id = _receive(sessions, tmp_path / "a.dcm", ds)
+    runtime.configure(Settings(database_url=sqlite_url))
+    try:
+        tasks.infer.on_failure(ConnectionError("broker gone"), "task-id", (instance_id, "payload"), {}, None)
+    finally:
+        runtime.configure(Settings())
+    state, reason = _state(sessions)
+    assert state == "FAILED"
+    assert "pneumoscreen.infer gave up" in reason and "ConnectionError: broker gone" in reason

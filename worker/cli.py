@@ -116,12 +116,16 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
     settings = _load_settings(data_dir=data_dir, host=host, port=port, ae_title=ae_title, broker_url="memory://localhost/")
     from db.migrate import upgrade
     from worker.celery_app import ALL_QUEUES, configure_app
-    from worker.dispatcher import Dispatcher
+    from worker.dispatcher import Dispatcher, reconcile
 
     _load_model(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.effective_database_url)
     app = configure_app(settings)
+    # the in-process broker starts empty: whatever was in flight when the last run stopped goes again
+    resent = reconcile(_sessions(), older_than_seconds=0)
+    if resent:
+        log.info("re-sent %d instance(s) left in flight by the previous run", resent)
     server = _start_listener(settings)
     dispatcher = Dispatcher(_sessions(), quiet_seconds=settings.study_quiet_seconds, reconcile_every=60.0,
                             reconcile_after=settings.reconcile_after_seconds)
@@ -146,10 +150,11 @@ def listen(data_dir, host, port, ae_title) -> None:
     """The DICOM listener and study dispatcher (production: one process)."""
     settings = _load_settings(data_dir=data_dir, host=host, port=port, ae_title=ae_title)
     from worker.celery_app import configure_app
-    from worker.dispatcher import Dispatcher
+    from worker.dispatcher import Dispatcher, reconcile
 
     _require_current_schema(settings)
     configure_app(settings)
+    reconcile(_sessions(), older_than_seconds=settings.reconcile_after_seconds)
     server = _start_listener(settings)
     dispatcher = Dispatcher(_sessions(), quiet_seconds=settings.study_quiet_seconds)
     dispatcher.start()
