@@ -37,6 +37,10 @@ class EligibilityPolicy:
                                       f"({'/'.join(sorted(self.modalities))} only)")
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             return Eligibility(False, "no pixel data")
+        intent = str(ds.get("PresentationIntentType", "") or "").strip().upper()
+        if intent == "FOR PROCESSING":
+            return Eligibility(False, "a FOR PROCESSING image (raw detector data) is not screened; "
+                                      "send the FOR PRESENTATION image")
         body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
         if body_part and body_part not in self.chest_body_parts:
             return Eligibility(False, f"body part {body_part} is not chest")

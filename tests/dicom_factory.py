@@ -41,7 +41,7 @@ def chest_dataset(
     jpeg_path: Path = PNEUMONIA_JPEG, *, transfer_syntax: str = ExplicitVRLittleEndian, sop_class: str = "SC",
     modality: str = "CR", photometric: str = "MONOCHROME2", study_uid: str | None = None,
     series_uid: str | None = None, accession: str = "ACC0001", view_position: str | None = "PA",
-    body_part: str | None = "CHEST",
+    body_part: str | None = "CHEST", presentation_intent: str = "FOR PRESENTATION",
 ) -> Dataset:
     """A chest radiograph dataset built from ``jpeg_path``."""
     pixels = cv2.imread(str(jpeg_path), cv2.IMREAD_GRAYSCALE)
@@ -62,7 +62,7 @@ def chest_dataset(
     ds.AccessionNumber = accession
     ds.Modality = modality
     if sop_class == "DX":
-        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.PresentationIntentType = presentation_intent
     if body_part:
         ds.BodyPartExamined = body_part
     if view_position:

@@ -54,6 +54,7 @@ def test_eligible_instance_is_prepared(sessions, tmp_path):
     ({"view_position": "LL"}, "lateral"),
     ({"modality": "MR"}, "modality MR is not screened"),
     ({"body_part": "KNEE"}, "body part KNEE is not chest"),
+    ({"sop_class": "DX", "modality": "DX", "presentation_intent": "FOR PROCESSING"}, "FOR PROCESSING"),
 ])
 def test_ineligible_instance_is_skipped_with_a_reason(sessions, tmp_path, kwargs, reason):
     ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG, **kwargs)
