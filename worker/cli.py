@@ -110,7 +110,8 @@ def cli(log_level: str) -> None:
 
 @cli.command()
 @with_options(listener_options)
-@click.option("--concurrency", type=int, default=2, show_default=True, help="worker threads")
+@click.option("--concurrency", type=int, default=16, show_default=True,
+              help="worker threads (concurrent inference requests form one batch)")
 def run(data_dir, host, port, ae_title, concurrency) -> None:
     """All in one: listener + workers + in-process broker + SQLite under the data dir."""
     settings = _load_settings(data_dir=data_dir, host=host, port=port, ae_title=ae_title, broker_url="memory://localhost/")
@@ -174,11 +175,14 @@ def listen(data_dir, host, port, ae_title) -> None:
 @cli.command()
 @click.option("--queues", default="preprocess,inference,maintenance", show_default=True,
               help="comma-separated queues to consume")
-@click.option("--concurrency", type=int, default=2, show_default=True)
+@click.option("--concurrency", type=int, help="worker threads/processes [inference: PNEUMOSCREEN_INFERENCE_BATCH_SIZE "
+              "threads, whose concurrent requests form one batch; otherwise 2]")
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True)
-def worker(queues: str, concurrency: int, pool: str) -> None:
+def worker(queues: str, concurrency: int | None, pool: str) -> None:
     """A Celery worker process (production: preprocess on CPU, inference on GPU)."""
     settings = _load_settings()
+    if concurrency is None:
+        concurrency = settings.inference_batch_size if "inference" in queues.split(",") and pool == "threads" else 2
     from worker.celery_app import ALL_QUEUES, configure_app
 
     unknown = set(queues.split(",")) - set(ALL_QUEUES)

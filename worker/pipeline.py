@@ -23,7 +23,7 @@ from db.queries import get_instance, record_prediction, set_state
 from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.pixels import PixelDecodeError, display_image
 from dicom_io.spool import Spool
-from model.artifact import LoadedModel
+from model.artifact import LoadedModel, ModelCard
 from model.preprocessing import prepare
 
 log = logging.getLogger(__name__)
@@ -96,18 +96,23 @@ def preprocess_instance(sessions: sessionmaker[Session], instance_id: int, *,
     return prepared
 
 
+def record_predictions(sessions: sessionmaker[Session], card: ModelCard,
+                       results: list[tuple[int, float]]) -> None:
+    """Store each (instance id, probability) under ``card``'s model, in one transaction."""
+    with sessions.begin() as session:
+        for instance_id, probability in results:
+            record_prediction(
+                session, instance_id=instance_id, model_name=card.name, model_version=card.version,
+                weights_sha256=card.sha256, probability=probability, threshold=card.threshold,
+            )
+    for instance_id, probability in results:
+        log.info("instance %d PREDICTED p=%.4f (%s %s)", instance_id, probability, card.name, card.version)
+
+
 def infer(sessions: sessionmaker[Session], model: LoadedModel, items: list[tuple[int, np.ndarray]]) -> list[float]:
     """One forward pass for ``items`` (instance id, prepared image); records each prediction."""
     if not items:
         return []
     probabilities = model.predict(np.stack([image for _, image in items]))
-    card = model.card
-    with sessions.begin() as session:
-        for (instance_id, _), probability in zip(items, probabilities):
-            record_prediction(
-                session, instance_id=instance_id, model_name=card.name, model_version=card.version,
-                weights_sha256=card.sha256, probability=probability, threshold=card.threshold,
-            )
-    for (instance_id, _), probability in zip(items, probabilities):
-        log.info("instance %d PREDICTED p=%.4f (%s %s)", instance_id, probability, card.name, card.version)
+    record_predictions(sessions, model.card, [(i, p) for (i, _), p in zip(items, probabilities)])
     return probabilities

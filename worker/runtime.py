@@ -1,11 +1,12 @@
 """Process-wide resources, made once per process on first use: the settings,
-the database engine and session factory. Worker child processes make their
+the database engine and session factory, the inference micro-batcher. Worker child processes make their
 own (an engine must not cross a fork)."""
 
 from __future__ import annotations
 
 import os
 import threading
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -14,9 +15,13 @@ from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.spool import Spool
 from worker.settings import Settings
 
+if TYPE_CHECKING:
+    from model.serving import BatchPredictor
+
 _lock = threading.Lock()
 _settings: Settings | None = None
 _sessions: tuple[int, sessionmaker[Session]] | None = None
+_batcher: tuple[int, "BatchPredictor"] | None = None
 
 
 def configure(settings: Settings) -> None:
@@ -53,3 +58,18 @@ def eligibility_policy() -> EligibilityPolicy:
     current = settings()
     return EligibilityPolicy(modalities=current.eligible_modality_set, chest_body_parts=current.chest_body_part_set,
                              min_side=current.min_image_side)
+
+
+def batch_predictor() -> "BatchPredictor":
+    """This process's micro-batcher around its model (made on first use)."""
+    global _batcher
+    from model.artifact import get_model
+    from model.serving import BatchPredictor
+
+    current = settings()
+    with _lock:
+        if _batcher is None or _batcher[0] != os.getpid():
+            model = get_model(current.model_dir)
+            _batcher = (os.getpid(), BatchPredictor(model.predict, max_batch=current.inference_batch_size,
+                                                    max_wait_ms=current.inference_batch_ms))
+        return _batcher[1]

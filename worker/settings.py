@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     chest_body_parts: str = Field("CHEST,THORAX,LUNG,LUNGS,TORAX,PORTABLE CHEST,CHEST PA,CHEST AP,PA CHEST,AP CHEST",
                                   description="BodyPartExamined values taken as chest; absent is accepted")
     min_image_side: int = Field(128, ge=1, description="smaller images are SKIPPED")
+    inference_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass at most")
+    inference_batch_ms: float = Field(20.0, ge=0, le=10000, description="wait this long for a batch to fill")
     tf_threads: int = Field(0, ge=0, description="TensorFlow intra-op threads (0 = TensorFlow's default)")
 
     @field_validator("ae_title")

@@ -54,7 +54,8 @@ def preprocess(instance_id: int) -> None:
 @app.task(name="pneumoscreen.infer", base=InstanceTask, **_RETRY)
 def infer(instance_id: int, prepared: str) -> None:
     model = get_model(runtime.settings().model_dir)
-    pipeline.infer(runtime.sessions(), model, [(instance_id, pipeline.decode_prepared(prepared))])
+    probability = runtime.batch_predictor().predict_one(pipeline.decode_prepared(prepared))
+    pipeline.record_predictions(runtime.sessions(), model.card, [(instance_id, probability)])
 
 
 @app.task(name="pneumoscreen.reconcile", acks_late=True, autoretry_for=_TRANSIENT, retry_backoff=True)

@@ -1,0 +1,70 @@
+"""Micro-batching for inference: many callers, one forward pass.
+
+Worker threads each hold one image (one Celery message, acknowledged only
+after its own result is stored). They hand the image to a ``BatchPredictor``
+and wait; a single thread collects up to ``max_batch`` images, or whatever
+has arrived ``max_wait_ms`` after the first one, and runs one batched
+forward pass for all of them. Per-message acknowledgement (and so
+exactly-once results) is unchanged, while the model sees batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class BatchPredictor:
+    def __init__(self, predict: Callable[[np.ndarray], list[float]], *, max_batch: int = 32,
+                 max_wait_ms: float = 20.0) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self._predict = predict
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self._queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()
+        self.batches = 0  # forward passes run, for metrics and tests
+        self._thread = threading.Thread(target=self._run, name="pneumoscreen-batcher", daemon=True)
+        self._thread.start()
+
+    def predict_one(self, prepared: np.ndarray, timeout: float | None = 300.0) -> float:
+        """The probability for one prepared image, computed within a batch."""
+        future: Future = Future()
+        self._queue.put((prepared, future))
+        return future.result(timeout=timeout)
+
+    def _collect(self) -> list[tuple[np.ndarray, Future]]:
+        items = [self._queue.get()]
+        deadline = time.monotonic() + self.max_wait
+        while len(items) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                items.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return items
+
+    def _run(self) -> None:
+        while True:
+            items = self._collect()
+            try:
+                scores = self._predict(np.stack([image for image, _ in items]))
+            except Exception as exc:  # handed to every waiting caller, who decides
+                for _, future in items:
+                    future.set_exception(exc)
+                continue
+            self.batches += 1
+            for (_, future), score in zip(items, scores):
+                future.set_result(score)
