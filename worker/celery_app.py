@@ -27,9 +27,6 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
-    beat_schedule={
-        "reconcile": {"task": "pneumoscreen.reconcile", "schedule": 60.0},
-    },
 )
 
 
@@ -38,5 +35,8 @@ def configure_app(settings: Settings) -> Celery:
     app.conf.broker_url = settings.broker_url
     if settings.broker_url.startswith("redis"):
         # a message not acknowledged within this time is delivered again
-        app.conf.broker_transport_options = {"visibility_timeout": 3600}
+        app.conf.broker_transport_options = {"visibility_timeout": settings.broker_visibility_timeout}
+    app.conf.beat_schedule = {
+        "reconcile": {"task": "pneumoscreen.reconcile", "schedule": settings.reconcile_interval_seconds},
+    }
     return app

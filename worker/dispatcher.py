@@ -42,7 +42,8 @@ def dispatch_quiet(sessions: sessionmaker[Session], *, quiet_seconds: float) -> 
 
 
 def reconcile(sessions: sessionmaker[Session], *, older_than_seconds: float) -> int:
-    """Send again what has been in flight longer than ``older_than_seconds``."""
+    """Send again what has been in flight longer than ``older_than_seconds``, and dispatch
+    RECEIVED instances of studies quiet that long (in case no listener is dispatching)."""
     with sessions.begin() as session:
         stale = stale_instances(session, older_than=utcnow() - timedelta(seconds=older_than_seconds))
         ids = [instance_id for instance_id, _ in stale]
@@ -51,7 +52,7 @@ def reconcile(sessions: sessionmaker[Session], *, older_than_seconds: float) -> 
     _send(ids)
     if ids:
         log.warning("reconciler re-sent %d instance(s) left in flight", len(ids))
-    return len(ids)
+    return len(ids) + dispatch_quiet(sessions, quiet_seconds=older_than_seconds)
 
 
 class Dispatcher(threading.Thread):

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     results_destination: str | None = None
     api_token: str | None = None
     reconcile_after_seconds: float = Field(300.0, ge=1.0, description="re-send work left in flight this long")
+    reconcile_interval_seconds: float = Field(60.0, ge=1.0, description="how often beat runs the reconciler")
+    broker_visibility_timeout: float = Field(3600.0, ge=10.0,
+                                             description="Redis: an unacknowledged message is delivered again after this")
     min_free_mb: int = Field(512, ge=0, description="refuse C-STORE (0xA700) below this much free spool space")
     max_associations: int = Field(16, ge=1, le=1000)
     max_pdu_size: int = Field(262144, ge=0, description="largest PDU we accept (0 = unlimited)")
