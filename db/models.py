@@ -86,6 +86,8 @@ class Instance(Base):
     state: Mapped[InstanceState] = mapped_column(_state_type, default=InstanceState.RECEIVED)
     reason: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: when its study was dispatched (the start of the screening latency)
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
     series: Mapped[Series | None] = relationship(back_populates="instances")

@@ -122,7 +122,7 @@ def claim_quiet_instances(session: Session, *, quiet_since: datetime, limit: int
         session.execute(
             update(Instance)
             .where(Instance.id.in_(ids), Instance.state == InstanceState.RECEIVED)
-            .values(state=InstanceState.QUEUED, updated_at=utcnow())
+            .values(state=InstanceState.QUEUED, queued_at=utcnow(), updated_at=utcnow())
         )
     return ids
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 06:02:49.602337
+Create Date: 2026-11-26 06:45:52.780017
 
 """
 from typing import Sequence, Union
@@ -54,6 +54,7 @@ def upgrade() -> None:
     sa.Column('state', sa.Enum('RECEIVED', 'QUEUED', 'PREPROCESSED', 'PREDICTED', 'SKIPPED', 'FAILED', name='instance_state', native_enum=False, length=16), nullable=False),
     sa.Column('reason', sa.Text(), nullable=True),
     sa.Column('received_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('queued_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['series_id'], ['series.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
