@@ -97,6 +97,27 @@ def save_artifact(model, out_dir: str | Path, **card_fields: Any) -> ModelCard:
     return card
 
 
+def configure_tensorflow(*, intra_op_threads: int = 0, inter_op_threads: int = 0) -> None:
+    """Set TensorFlow's thread pools (0 = its default) and turn GPU memory growth on.
+
+    Must run before TensorFlow executes anything in this process; later calls are ignored
+    with a warning by TensorFlow itself.
+    """
+    import tensorflow as tf
+
+    try:
+        if intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        if inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError as exc:  # TensorFlow already initialised in this process
+        import logging
+
+        logging.getLogger(__name__).warning("TensorFlow already running, settings not applied: %s", exc)
+
+
 class LoadedModel:
     """A Keras model with its card, ready for batched inference."""
 

@@ -62,10 +62,11 @@ def _require_current_schema(settings: Settings) -> None:
 def _load_model(settings: Settings, *, load: bool = True) -> None:
     """Load the model now, so that a missing or altered artifact stops start-up
     and the first study does not wait for TensorFlow (``load=False``: only verify it)."""
-    from model.artifact import ModelArtifactError, get_model, read_card
+    from model.artifact import ModelArtifactError, read_card
+    from worker import runtime
 
     try:
-        card = get_model(settings.model_dir).card if load else read_card(settings.model_dir)
+        card = runtime.load_model().card if load else read_card(settings.model_dir)
     except (ModelArtifactError, ValueError, OSError) as exc:
         raise click.ClickException(f"model artifact: {exc}") from None
     log.info("model %s %s (sha256 %s..., threshold %.4f)", card.name, card.version, card.sha256[:12], card.threshold)

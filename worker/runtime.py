@@ -69,7 +69,23 @@ def batch_predictor() -> "BatchPredictor":
     current = settings()
     with _lock:
         if _batcher is None or _batcher[0] != os.getpid():
+            load_model()
             model = get_model(current.model_dir)
             _batcher = (os.getpid(), BatchPredictor(model.predict, max_batch=current.inference_batch_size,
                                                     max_wait_ms=current.inference_batch_ms))
         return _batcher[1]
+
+
+_tf_configured: int | None = None
+
+
+def load_model():
+    """This process's model, loaded once, after TensorFlow is configured from the settings."""
+    global _tf_configured
+    from model.artifact import configure_tensorflow, get_model
+
+    current = settings()
+    if _tf_configured != os.getpid():
+        configure_tensorflow(intra_op_threads=current.tf_threads, inter_op_threads=current.tf_threads)
+        _tf_configured = os.getpid()
+    return get_model(current.model_dir)

@@ -62,7 +62,8 @@ class Settings(BaseSettings):
     min_image_side: int = Field(128, ge=1, description="smaller images are SKIPPED")
     inference_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass at most")
     inference_batch_ms: float = Field(20.0, ge=0, le=10000, description="wait this long for a batch to fill")
-    tf_threads: int = Field(0, ge=0, description="TensorFlow intra-op threads (0 = TensorFlow's default)")
+    tf_threads: int = Field(0, ge=0, le=256,
+                            description="TensorFlow intra- and inter-op threads (0 = TensorFlow's default)")
 
     @field_validator("ae_title")
     @classmethod
