@@ -18,7 +18,7 @@ from worker.settings import Settings
 if TYPE_CHECKING:
     from model.serving import BatchPredictor
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _settings: Settings | None = None
 _sessions: tuple[int, sessionmaker[Session]] | None = None
 _batcher: tuple[int, "BatchPredictor"] | None = None
