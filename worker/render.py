@@ -10,6 +10,13 @@ from rich.table import Table
 _PRIORITY = {1: "[bold red]FLAGGED[/]", 2: "[yellow]pending[/]", 3: "routine"}
 
 
+def _console() -> Console:
+    """The terminal's width; when piped to a file or another program, wide enough for UIDs."""
+    import sys
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def _probability(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -17,15 +24,15 @@ def _probability(value: float | None) -> str:
 def worklist_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title=f"Worklist ({len(rows)} studies)")
     for column in ("#", "priority", "p(pneumonia)", "state", "accession"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("study", overflow="fold")
+        table.add_column(column, no_wrap=True, min_width=len(column))
+    table.add_column("study", overflow="fold", min_width=20)
     table.add_column("received", no_wrap=True)
     table.add_column("model", no_wrap=True)
     for i, r in enumerate(rows, 1):
         table.add_row(str(i), _PRIORITY.get(r["priority"], str(r["priority"])), _probability(r["max_probability"]),
                       r["state"], r["accession_number"] or "", r["study_instance_uid"],
                       (r["received_at"] or "")[:19].replace("T", " "), r["model_version"] or "")
-    Console().print(table)
+    _console().print(table)
 
 
 def instances_table(rows: list[dict[str, Any]]) -> None:
@@ -37,7 +44,7 @@ def instances_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         table.add_row(r["state"], _probability(r["probability"]), r["reason"] or "", r["sop_instance_uid"],
                       r["study_instance_uid"])
-    Console().print(table)
+    _console().print(table)
 
 
 def evaluation_table(report: dict[str, Any], *, unreadable: int = 0) -> None:
@@ -47,14 +54,14 @@ def evaluation_table(report: dict[str, Any], *, unreadable: int = 0) -> None:
     table.add_column("value", justify="right")
     for key in ("auc", "sensitivity", "specificity", "precision", "f1", "accuracy", "threshold"):
         table.add_row(key, f"{report[key]:.4f}")
-    Console().print(table)
+    _console().print(table)
     matrix = Table(title="Confusion matrix")
     matrix.add_column("true \\ predicted")
     matrix.add_column("NORMAL", justify="right")
     matrix.add_column("PNEUMONIA", justify="right")
     matrix.add_row("NORMAL", str(report["tn"]), str(report["fp"]))
     matrix.add_row("PNEUMONIA", str(report["fn"]), str(report["tp"]))
-    Console().print(matrix)
+    _console().print(matrix)
 
 
 def predictions_table(rows: list[dict[str, Any]]) -> None:
@@ -66,4 +73,4 @@ def predictions_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         flag = "-" if r["flagged"] is None else ("[bold red]FLAGGED[/]" if r["flagged"] else "normal")
         table.add_row(r["path"], _probability(r["probability"]), flag, r["error"] or r.get("heatmap", ""))
-    Console().print(table)
+    _console().print(table)
