@@ -211,47 +211,6 @@ def beat() -> None:
     app.Beat(schedule=str(schedule), loglevel=logging.getLevelName(logging.getLogger().level)).run()
 
 
-@cli.command()
-@click.option("--flagged-only", is_flag=True, help="only studies the model flagged")
-@click.option("--limit", type=int, help="at most N studies")
-@click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
-def worklist(flagged_only: bool, limit: int | None, as_json: bool) -> None:
-    """Studies in reading order: flagged first."""
-    settings = _load_settings()
-    _require_current_schema(settings)
-    from db.queries import worklist as worklist_rows
-
-    with _sessions().begin() as session:
-        rows = worklist_rows(session, flagged_only=flagged_only, limit=limit)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    from worker.render import worklist_table
-
-    worklist_table(rows)
-
-
-@cli.command()
-@click.option("--state", type=click.Choice(["RECEIVED", "QUEUED", "PREPROCESSED", "PREDICTED", "SKIPPED", "FAILED"]))
-@click.option("--limit", type=int)
-@click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
-def instances(state: str | None, limit: int | None, as_json: bool) -> None:
-    """Every received instance with its state and reason."""
-    settings = _load_settings()
-    _require_current_schema(settings)
-    from db.models import InstanceState
-    from db.queries import list_instances
-
-    with _sessions().begin() as session:
-        rows = list_instances(session, state=InstanceState(state) if state else None, limit=limit)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    from worker.render import instances_table
-
-    instances_table(rows)
-
-
 @cli.group()
 def db() -> None:
     """Database schema."""
@@ -269,147 +228,8 @@ def db_upgrade() -> None:
     click.echo("database schema is current")
 
 
-@cli.command()
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Kaggle-layout folder: train/{NORMAL,PNEUMONIA}/ (and optionally val/)")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--epochs", type=int, default=20, show_default=True)
-@click.option("--seed", type=int, default=1234, show_default=True)
-@click.option("--version", "model_version", default="0.1.0", show_default=True)
-def train(data_dir: Path, out_dir: Path, epochs: int, seed: int, model_version: str) -> None:
-    """Train the screening CNN and write a model artifact."""
-    from model.train import TrainingConfig, train as run_training
-
-    card = run_training(data_dir, out_dir, TrainingConfig(epochs=epochs, seed=seed, version=model_version))
-    val = card.validation["patient_split"]
-    click.echo(f"wrote {out_dir}: threshold {card.threshold:.4f}, validation AUC {val['auc']:.4f}, "
-               f"sensitivity {val['sensitivity']:.3f}, specificity {val['specificity']:.3f}")
-
-
-def _progress(description: str):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=True)
-
-
-def _score_files(files: list[Path], model, *, batch_size: int = 32):
-    """(path, probability or None, error or None) for each file, in batches of ``batch_size``."""
-    import numpy as np
-
-    from worker.inputs import UnreadableInput, prepare_any
-
-    results: list[tuple[Path, float | None, str | None]] = []
-    with _progress("screening") as progress:
-        task = progress.add_task("screening", total=len(files))
-        for start in range(0, len(files), batch_size):
-            batch, prepared = [], []
-            for path in files[start:start + batch_size]:
-                try:
-                    prepared.append(prepare_any(path))
-                    batch.append(path)
-                except UnreadableInput as exc:
-                    results.append((path, None, str(exc)))
-            if prepared:
-                for path, p in zip(batch, model.predict(np.stack(prepared))):
-                    results.append((path, p, None))
-            progress.advance(task, len(files[start:start + batch_size]))
-    return results
-
-
-@cli.command()
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="model artifact folder [default: PNEUMOSCREEN_MODEL_DIR or the shipped model]")
-@click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
-@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="write roc.png, confusion_matrix.png and score_histogram.png here")
-def evaluate(folder: Path, model_dir: Path | None, as_json: bool, plots_dir: Path | None) -> None:
-    """Screen FOLDER/NORMAL and FOLDER/PNEUMONIA (PNG/JPEG or DICOM) and report the figures."""
-    import numpy as np
-
-    from model.artifact import get_model
-    from model.metrics import binary_report
-
-    settings = _load_settings()
-    model = get_model(model_dir or settings.model_dir)
-    from worker.inputs import iter_files
-
-    labelled = []
-    for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
-        if not (folder / cls).is_dir():
-            raise click.UsageError(f"{folder} must hold NORMAL/ and PNEUMONIA/ folders")
-        labelled += [(path, label) for path in iter_files([folder / cls])]
-    labels_by_path = dict(labelled)
-    results = _score_files([p for p, _ in labelled], model)
-    unreadable = [(p, e) for p, s, e in results if s is None]
-    for path, error in unreadable:
-        log.warning("left out, unreadable: %s", error)
-    scored = [(labels_by_path[p], s) for p, s, e in results if s is not None]
-    if not scored or len({label for label, _ in scored}) < 2:
-        raise click.ClickException("need readable images of both classes to evaluate")
-    labels = np.array([label for label, _ in scored])
-    scores = np.array([s for _, s in scored])
-    report = binary_report(labels, scores, model.card.threshold)
-    report["model_version"] = model.card.version
-    if plots_dir is not None:
-        from model.plots import write_evaluation_plots
-
-        for path in write_evaluation_plots(labels, scores, report, plots_dir, title=f"{model.card.name} {model.card.version}"):
-            log.info("wrote %s", path)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-        return
-    from worker.render import evaluation_table
-
-    evaluation_table(report, unreadable=len(unreadable))
-
-
-@cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
-@click.option("--heatmap", "heatmap_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="write a Grad-CAM overlay PNG per image here")
-def predict(paths: tuple[Path, ...], model_dir: Path | None, as_json: bool, heatmap_dir: Path | None) -> None:
-    """Screen files or folders of DICOM or PNG/JPEG images."""
-    from model.artifact import get_model
-    from worker.inputs import iter_files
-
-    settings = _load_settings()
-    model = get_model(model_dir or settings.model_dir)
-    try:
-        files = list(iter_files(paths))
-    except FileNotFoundError as exc:
-        raise click.UsageError(str(exc)) from None
-    results = _score_files(files, model)
-    card = model.card
-    rows = [{"path": str(p), "probability": None if s is None else round(s, 6),
-             "flagged": None if s is None else s >= card.threshold, "threshold": round(card.threshold, 6),
-             "model_version": card.version, "error": e} for p, s, e in results]
-    if heatmap_dir is not None:
-        import cv2
-
-        from model.gradcam import gradcam, overlay
-        from worker.inputs import prepare_any
-
-        heatmap_dir.mkdir(parents=True, exist_ok=True)
-        for row in rows:
-            if row["probability"] is None:
-                continue
-            prepared = prepare_any(Path(row["path"]))
-            out = heatmap_dir / f"{Path(row['path']).stem}_gradcam.png"
-            cv2.imwrite(str(out), overlay(prepared, gradcam(model.keras_model, prepared)))
-            row["heatmap"] = str(out)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-    else:
-        from worker.render import predictions_table
-
-        predictions_table(rows)
-    if any(r["error"] for r in rows):
-        sys.exit(1)
+# the other commands register themselves on `cli`
+from worker import cli_model, cli_results  # noqa: E402,F401
 
 
 def main() -> None:
@@ -417,4 +237,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run through the importable module, where the other command modules registered themselves
+    from worker.cli import main as _main
+
+    _main()
