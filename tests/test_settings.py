@@ -63,3 +63,15 @@ def test_eligibility_policy_follows_the_settings(monkeypatch):
         assert not verdict.eligible and "smaller than 300" in verdict.reason
     finally:
         runtime.configure(Settings())
+
+
+def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("run", "--data-dir", str(tmp_path / "data"), "--port", str(port), env=cli_env(), check=False)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr

@@ -82,7 +82,10 @@ def _start_listener(settings: Settings):
         max_pdu_size=settings.max_pdu_size, network_timeout=settings.network_timeout,
         tls_cert=settings.tls_cert, tls_key=settings.tls_key, tls_client_ca=settings.tls_client_ca,
     )
-    return start_listener(config, spool=runtime.spool(), sessions=_sessions())
+    try:
+        return start_listener(config, spool=runtime.spool(), sessions=_sessions())
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
 
 
 listener_options = [
