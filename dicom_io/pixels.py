@@ -45,8 +45,20 @@ def _first_frame(ds: Dataset) -> np.ndarray:
     return arr
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    lo, hi = float(values.min()), float(values.max())
+def _padding_mask(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Pixels outside the image proper (PixelPaddingValue, up to PixelPaddingRangeLimit)."""
+    if "PixelPaddingValue" not in ds or arr.ndim != 2:
+        return None
+    a = int(ds.PixelPaddingValue)
+    b = int(ds.get("PixelPaddingRangeLimit", a))
+    mask = (arr >= min(a, b)) & (arr <= max(a, b))
+    return mask if mask.any() and not mask.all() else None
+
+
+def _to_uint8(values: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray:
+    """Stretch min..max to 0..255 (the image's own range; padding left out of it)."""
+    inside = values if ignore is None else values[~ignore]
+    lo, hi = float(inside.min()), float(inside.max())
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.uint8)
     scaled = (values.astype(np.float64) - lo) * (255.0 / (hi - lo))
@@ -98,6 +110,7 @@ def display_image(ds: Dataset) -> np.ndarray:
     if arr.ndim != 2:
         raise PixelDecodeError(f"unexpected pixel shape {arr.shape}")
 
+    padding = _padding_mask(arr, ds)
     has_rescale = "RescaleSlope" in ds or "RescaleIntercept" in ds or "ModalityLUTSequence" in ds
     has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
     if arr.dtype == np.uint8 and not has_rescale and not has_voi:
@@ -108,9 +121,11 @@ def display_image(ds: Dataset) -> np.ndarray:
                 image = _windowed_by_table(arr, ds, has_rescale)
             else:
                 values = apply_modality_lut(arr, ds) if has_rescale else arr
-                image = _apply_voi(values, ds) if has_voi else _to_uint8(np.asarray(values))
+                image = _apply_voi(values, ds) if has_voi else _to_uint8(np.asarray(values), padding)
         except (ValueError, TypeError, IndexError, AttributeError, ZeroDivisionError) as exc:
             raise PixelDecodeError(f"modality/VOI LUT could not be applied: {exc}") from exc
     if photometric == "MONOCHROME1":
         image = 255 - image
+    if padding is not None:
+        image = np.where(padding, np.uint8(0), image)  # padding shows as black background
     return np.ascontiguousarray(image, dtype=np.uint8)

@@ -32,3 +32,18 @@ def test_real_compressed_files_decode(name):
         pytest.fail(f"pydicom test file {name} is not available")
     out = display_image(dcmread(path))
     assert out.ndim == 2 and out.dtype == np.uint8 and out.std() > 1
+
+
+def test_pixel_padding_is_left_out_of_the_auto_range_and_shown_black():
+    ds = chest_dataset(PNEUMONIA_JPEG)
+    original = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, ds.Columns).astype(np.uint16)
+    stored = original * 16 + 1000  # 1000..5080: the image proper
+    stored[:, :20] = 0  # collimator border, marked as padding
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 13, 12
+    ds.PixelData = stored.tobytes()
+    ds.PixelPaddingValue = 0
+    out = display_image(ds)
+    assert (out[:, :20] == 0).all()
+    inner = original[:, 20:]
+    expected = np.rint((inner.astype(float) - inner.min()) * 255 / (inner.max() - inner.min()))
+    assert np.abs(out[:, 20:].astype(int) - expected.astype(int)).max() <= 1
