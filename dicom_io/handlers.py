@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class StoreContext:
     sessions: sessionmaker[Session]
     write_lock: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
     """Serializes this process's writes (SQLite: one writer at a time, without busy-waiting)."""
+    io: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(8, thread_name_prefix="spool-io"))
+    """Moves and fsyncs received files while the database rows are written."""
 
     @classmethod
     def for_database(cls, spool: Spool, sessions: sessionmaker[Session]) -> "StoreContext":
@@ -97,12 +100,9 @@ def handle_store(event, context: StoreContext) -> int:
         return _refuse(event, context, received, StoreStatus.MISSING_UIDS, f"missing or invalid UID: {exc}")
 
     sop_uid = header["SOPInstanceUID"]
-    try:
-        tmp = context.spool.adopt(received, final)
-    except OSError as exc:
-        log.error("C-STORE %s refused, spool cannot take it: %s", sop_uid, exc)
-        return StoreStatus.OUT_OF_RESOURCES
-
+    # the file's fsync (seconds of disk time on a slow disk) runs while the rows are written
+    adopting = context.io.submit(context.spool.adopt, received, final)
+    tmp: Path | None = None
     moved = False
     try:
         with context.write_lock, context.sessions.begin() as session:
@@ -114,16 +114,21 @@ def handle_store(event, context: StoreContext) -> int:
                 AccessionNumber=header["AccessionNumber"] or None, Modality=header["Modality"] or None,
                 path=str(final), size_bytes=size, calling_ae=calling_ae,
             )
+            tmp = adopting.result()  # the bytes are on disk
             if created:
-                context.spool.commit(tmp, final)
+                context.spool.commit(tmp, final)  # named, folder fsync'd, before the row commits
                 moved = True
     except (SQLAlchemyError, OSError) as exc:
-        log.error("C-STORE %s refused, could not record it: %s", sop_uid, exc)
+        log.error("C-STORE %s refused, could not store and record it: %s", sop_uid, exc)
         if moved:
             final.unlink(missing_ok=True)
         return StoreStatus.OUT_OF_RESOURCES
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is None:
+            with contextlib.suppress(OSError):
+                tmp = adopting.result()
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
     if created:
         log.info("stored %s (%d bytes) from %s", sop_uid, size, calling_ae)
