@@ -7,28 +7,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import case, func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.models import TERMINAL_STATES, Instance, InstanceState, Prediction, Series, Study, utcnow
 
 
-def _get_or_create(session: Session, model, lookup: dict[str, Any], defaults: dict[str, Any]):
-    """Select by ``lookup`` or insert; safe against a concurrent insert of the same key."""
-    stmt = select(model).filter_by(**lookup)
-    found = session.scalars(stmt).one_or_none()
-    if found is not None:
-        return found
-    try:
-        with session.begin_nested():
-            obj = model(**lookup, **defaults)
-            session.add(obj)
-        return obj
-    except IntegrityError:
-        return session.scalars(stmt).one()
-
-
-def _upsert(session: Session, table, values: dict[str, Any], *, key: str, update: dict[str, Any] | None = None):
+def _upsert(session: Session, table, values: dict[str, Any], *, key: str | list[str],
+            update: dict[str, Any] | None = None):
     """INSERT ... ON CONFLICT (key) DO UPDATE/NOTHING ... RETURNING id, on SQLite and PostgreSQL alike."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
@@ -38,10 +23,11 @@ def _upsert(session: Session, table, values: dict[str, Any], *, key: str, update
     else:
         raise NotImplementedError(f"database {dialect!r} is not supported (SQLite or PostgreSQL)")
     stmt = insert(table).values(**values)
+    keys = [key] if isinstance(key, str) else key
     if update:
-        stmt = stmt.on_conflict_do_update(index_elements=[key], set_=update)
+        stmt = stmt.on_conflict_do_update(index_elements=keys, set_=update)
     else:
-        stmt = stmt.on_conflict_do_nothing(index_elements=[key])
+        stmt = stmt.on_conflict_do_nothing(index_elements=keys)
     return session.execute(stmt.returning(table.c.id)).scalar_one_or_none()
 
 
@@ -169,18 +155,24 @@ def set_state(session: Session, *, instance_id: int, state: InstanceState, reaso
 def record_prediction(
     session: Session, *, instance_id: int, model_name: str, model_version: str, weights_sha256: str,
     probability: float, threshold: float,
-) -> Prediction:
-    """Store a model's answer (once per instance and model version) and mark the instance PREDICTED."""
-    prediction = _get_or_create(
-        session, Prediction, {"instance_id": instance_id, "model_version": model_version},
-        {"model_name": model_name, "weights_sha256": weights_sha256, "probability": probability,
-         "threshold": threshold, "flagged": probability >= threshold},
-    )
+) -> bool:
+    """Store a model's answer (once per instance and model version) and mark the instance PREDICTED.
+
+    Returns False when this model version had already answered: a redelivered message
+    changes nothing (the first answer stands).
+    """
+    created = _upsert(
+        session, Prediction.__table__,
+        {"instance_id": instance_id, "model_version": model_version, "model_name": model_name,
+         "weights_sha256": weights_sha256, "probability": probability, "threshold": threshold,
+         "flagged": probability >= threshold, "created_at": utcnow()},
+        key=["instance_id", "model_version"],
+    ) is not None
     session.execute(
         update(Instance).where(Instance.id == instance_id)
         .values(state=InstanceState.PREDICTED, reason=None, updated_at=utcnow())
     )
-    return prediction
+    return created
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -100,13 +100,16 @@ def record_predictions(sessions: sessionmaker[Session], card: ModelCard,
                        results: list[tuple[int, float]]) -> None:
     """Store each (instance id, probability) under ``card``'s model, in one transaction."""
     with sessions.begin() as session:
-        for instance_id, probability in results:
-            record_prediction(
-                session, instance_id=instance_id, model_name=card.name, model_version=card.version,
-                weights_sha256=card.sha256, probability=probability, threshold=card.threshold,
-            )
-    for instance_id, probability in results:
-        log.info("instance %d PREDICTED p=%.4f (%s %s)", instance_id, probability, card.name, card.version)
+        created = [record_prediction(session, instance_id=instance_id, model_name=card.name,
+                                     model_version=card.version, weights_sha256=card.sha256,
+                                     probability=probability, threshold=card.threshold)
+                   for instance_id, probability in results]
+    for (instance_id, probability), new in zip(results, created):
+        if new:
+            log.info("instance %d PREDICTED p=%.4f (%s %s)", instance_id, probability, card.name, card.version)
+        else:
+            log.info("instance %d: %s %s had already answered; kept the first answer", instance_id,
+                     card.name, card.version)
 
 
 def infer(sessions: sessionmaker[Session], model: LoadedModel, items: list[tuple[int, np.ndarray]]) -> list[float]:
