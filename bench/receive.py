@@ -93,18 +93,25 @@ def send(port: int, aec: str, files: list[Path], associations: int) -> float:
     return elapsed
 
 
+def serve_and_send(command: list[str], env: dict[str, str], port: int, aec: str, files: list[Path],
+                   associations: int, log_path: Path) -> float:
+    """Start the receiver ``command``, time sending ``files`` to it, stop it."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            wait_for_port(port)
+            return send(port, aec, files, associations)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
 def run_storescp(workdir: Path, files: list[Path], associations: int) -> float:
     port = free_port()
     out = workdir / "storescp"
     out.mkdir()
-    proc = subprocess.Popen([shutil.which("storescp"), "--fork", "-od", str(out), str(port)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port)
-        seconds = send(port, "STORESCP", files, associations)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    seconds = serve_and_send([shutil.which("storescp"), "--fork", "-od", str(out), str(port)], ENV, port,
+                             "STORESCP", files, associations, workdir / "storescp.log")
     received = len(list(out.iterdir()))
     if received != len(files):
         raise RuntimeError(f"storescp kept {received} of {len(files)} files")
@@ -123,13 +130,8 @@ def run_pneumoscreen(workdir: Path, files: list[Path], associations: int, databa
         env["PNEUMOSCREEN_DATABASE_URL"] = database_url
     cli = [sys.executable, "-m", "worker.cli"]
     subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True, cwd=ROOT)
-    proc = subprocess.Popen([*cli, "listen"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for_port(port)
-        seconds = send(port, "PNEUMOSCREEN", files, associations)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    seconds = serve_and_send([*cli, "listen"], env, port, "PNEUMOSCREEN", files, associations,
+                             workdir / "pneumoscreen.log")
     out = subprocess.run([*cli, "instances", "--json"], env=env, check=True, capture_output=True, cwd=ROOT)
     received = len(json.loads(out.stdout))
     if received != len(files):
