@@ -55,9 +55,7 @@ class EligibilityPolicy:
 
 @dataclass(frozen=True)
 class Eligibility:
+    """A verdict of ``EligibilityPolicy.judge``: screened, or not with the reason."""
+
     eligible: bool
     reason: str | None = None
-
-    @classmethod
-    def from_dataset(cls, ds: Dataset, policy: EligibilityPolicy = EligibilityPolicy()) -> "Eligibility":
-        return policy.judge(ds)

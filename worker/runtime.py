@@ -63,14 +63,12 @@ def eligibility_policy() -> EligibilityPolicy:
 def batch_predictor() -> "BatchPredictor":
     """This process's micro-batcher around its model (made on first use)."""
     global _batcher
-    from model.artifact import get_model
     from model.serving import BatchPredictor
 
     current = settings()
     with _lock:
         if _batcher is None or _batcher[0] != os.getpid():
-            load_model()
-            model = get_model(current.model_dir)
+            model = load_model()
             _batcher = (os.getpid(), BatchPredictor(model.predict, max_batch=current.inference_batch_size,
                                                     max_wait_ms=current.inference_batch_ms))
         return _batcher[1]

@@ -16,7 +16,6 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from db.models import InstanceState
 from db.queries import set_state
-from model.artifact import get_model
 from worker import dispatcher, pipeline, runtime
 from worker.celery_app import app
 
@@ -53,7 +52,7 @@ def preprocess(instance_id: int) -> None:
 
 @app.task(name="pneumoscreen.infer", base=InstanceTask, **_RETRY)
 def infer(instance_id: int, prepared: str) -> None:
-    model = get_model(runtime.settings().model_dir)
+    model = runtime.load_model()
     probability = runtime.batch_predictor().predict_one(pipeline.decode_prepared(prepared))
     pipeline.record_predictions(runtime.sessions(), model.card, [(instance_id, probability)])
 
