@@ -52,6 +52,8 @@ class Study(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     StudyInstanceUID: Mapped[str] = mapped_column("study_instance_uid", String(64), unique=True)
     AccessionNumber: Mapped[str | None] = mapped_column("accession_number", String(64))
+    #: DICOM DA (YYYYMMDD) as sent, for date-range queries
+    StudyDate: Mapped[str | None] = mapped_column("study_date", String(8), index=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -98,7 +100,8 @@ class Prediction(Base):
     """One model's answer for one instance; at most one per (instance, model version)."""
 
     __tablename__ = "prediction"
-    __table_args__ = (UniqueConstraint("instance_id", "model_version", name="uq_prediction_instance_model"),)
+    __table_args__ = (UniqueConstraint("instance_id", "model_version", name="uq_prediction_instance_model"),
+                      Index("ix_prediction_model_version", "model_version"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instance.id", ondelete="CASCADE"), index=True)
@@ -111,3 +114,73 @@ class Prediction(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     instance: Mapped[Instance] = relationship(back_populates="predictions")
+
+
+class ModelVersion(Base):
+    """A model that has screened something here: its identity and its card, once per version."""
+
+    __tablename__ = "model_version"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(32), unique=True)
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    threshold: Mapped[float] = mapped_column(Float)
+    preprocessing_version: Mapped[str | None] = mapped_column(String(16))
+    #: the model card (JSON) as it was when this version first answered
+    card: Mapped[str] = mapped_column(Text)
+    first_used_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeliveryState(str, enum.Enum):
+    """Where a study's result report is on its way to the PACS."""
+
+    PENDING = "PENDING"
+    """To be sent (new, or the study gained results since the last report)."""
+    SENDING = "SENDING"
+    """Claimed by a worker that is sending it now."""
+    SENT = "SENT"
+    """The destination answered success."""
+    FAILED = "FAILED"
+    """Gave up after the retries; reason says why."""
+
+
+_delivery_state_type = Enum(DeliveryState, name="delivery_state", native_enum=False, length=16,
+                            values_callable=lambda e: [m.value for m in e])
+
+
+class ResultDelivery(Base):
+    """The DICOM SR (and optional heatmaps) of one study and model version, sent to one destination."""
+
+    __tablename__ = "result_delivery"
+    __table_args__ = (UniqueConstraint("study_id", "model_version", "destination", name="uq_delivery_study_model_dest"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    model_version: Mapped[str] = mapped_column(String(32))
+    destination: Mapped[str] = mapped_column(String(128))
+    state: Mapped[DeliveryState] = mapped_column(_delivery_state_type, default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text)
+    #: the SR's SOP Instance UID, kept across retries so the PACS stores one copy
+    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    #: how many screened images the last report covered
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class AuditEntry(Base):
+    """Who looked at what: one row per query of results (HTTP API and command line)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    #: "api:<token fingerprint>" or "cli:<os user>"; never the secret itself
+    actor: Mapped[str] = mapped_column(String(128))
+    client: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(256))
+    #: query parameters as JSON
+    params: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[int] = mapped_column(Integer)
+    result_count: Mapped[int | None] = mapped_column(Integer)

@@ -3,13 +3,13 @@ the commit to the caller (``with Session.begin() as s: ...``)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.models import TERMINAL_STATES, Instance, InstanceState, Prediction, Series, Study, utcnow
+from db.models import TERMINAL_STATES, Instance, InstanceState, ModelVersion, Prediction, Series, Study, utcnow
 
 
 def _upsert(session: Session, table, values: dict[str, Any], *, key: str | list[str],
@@ -31,10 +31,16 @@ def _upsert(session: Session, table, values: dict[str, Any], *, key: str | list[
     return session.execute(stmt.returning(table.c.id)).scalar_one_or_none()
 
 
+def _dicom_date(value: str | None) -> str | None:
+    """A DICOM DA (YYYYMMDD) or None: anything else is not worth keeping for date queries."""
+    value = (value or "").strip().replace(".", "")
+    return value if len(value) == 8 and value.isdigit() else None
+
+
 def record_received(
     session: Session, *, StudyInstanceUID: str, SeriesInstanceUID: str, SOPInstanceUID: str,
     SOPClassUID: str, TransferSyntaxUID: str, AccessionNumber: str | None, Modality: str | None,
-    path: str, size_bytes: int, calling_ae: str | None,
+    path: str, size_bytes: int, calling_ae: str | None, StudyDate: str | None = None,
 ) -> tuple[int, bool]:
     """Record a stored instance; returns ``(instance id, created)``.
 
@@ -46,8 +52,8 @@ def record_received(
     now = utcnow()
     study_id = _upsert(
         session, Study.__table__,
-        {"study_instance_uid": StudyInstanceUID, "accession_number": AccessionNumber, "received_at": now,
-         "last_received_at": now},
+        {"study_instance_uid": StudyInstanceUID, "accession_number": AccessionNumber,
+         "study_date": _dicom_date(StudyDate), "received_at": now, "last_received_at": now},
         key="study_instance_uid", update={"last_received_at": now},
     )
     series_id = _upsert(
@@ -175,93 +181,38 @@ def record_prediction(
     return created
 
 
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.isoformat()
+def register_model(session: Session, *, name: str, version: str, weights_sha256: str, threshold: float,
+                   preprocessing_version: str | None, card_json: str) -> None:
+    """Remember a model version the first time it answers (later calls change nothing)."""
+    _upsert(session, ModelVersion.__table__,
+            {"name": name, "version": version, "weights_sha256": weights_sha256, "threshold": threshold,
+             "preprocessing_version": preprocessing_version, "card": card_json, "first_used_at": utcnow()},
+            key="version")
 
 
-#: Worklist priority: 1 = flagged (read first), 2 = not yet screened or some
-#: image could not be screened (a person must look), 3 = screened, nothing flagged.
-PRIORITY_FLAGGED, PRIORITY_PENDING, PRIORITY_ROUTINE = 1, 2, 3
+def requeue_for_model(session: Session, *, model_version: str, received_since: datetime | None = None,
+                      received_until: datetime | None = None, limit: int | None = None) -> list[int]:
+    """Mark PREDICTED instances that ``model_version`` has not yet answered QUEUED again; return their ids.
 
-
-def worklist(session: Session, *, flagged_only: bool = False, limit: int | None = None) -> list[dict[str, Any]]:
-    """Studies in reading order: flagged first (highest probability first), then
-    studies still in progress or with failed images, then the rest, oldest first."""
-    flagged = func.max(case((Prediction.flagged, 1), else_=0))
-    open_count = func.sum(case((Instance.state.not_in(TERMINAL_STATES), 1), else_=0))
-    failed_count = func.sum(case((Instance.state == InstanceState.FAILED, 1), else_=0))
-    predicted_count = func.count(Prediction.id)
-    max_probability = func.max(Prediction.probability)
-    priority = case(
-        (flagged == 1, PRIORITY_FLAGGED),
-        ((open_count > 0) | (failed_count > 0), PRIORITY_PENDING),
-        else_=PRIORITY_ROUTINE,
-    )
-    stmt = (
-        select(
-            Study.StudyInstanceUID, Study.AccessionNumber, Study.received_at,
-            priority.label("priority"), flagged.label("flagged"), max_probability.label("max_probability"),
-            open_count.label("open_count"), failed_count.label("failed_count"),
-            predicted_count.label("predicted_count"), func.max(Prediction.model_version).label("model_version"),
+    The rescreening of an archive: each id must then be sent to ``preprocess``.
+    Instances received in [``received_since``, ``received_until``) only, when given.
+    """
+    answered = select(Prediction.instance_id).where(Prediction.model_version == model_version)
+    stmt = (select(Instance.id)
+            .where(Instance.state == InstanceState.PREDICTED, Instance.id.not_in(answered))
+            .order_by(Instance.id))
+    if received_since is not None:
+        stmt = stmt.where(Instance.received_at >= received_since)
+    if received_until is not None:
+        stmt = stmt.where(Instance.received_at < received_until)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    ids = list(session.scalars(stmt))
+    if ids:
+        now = utcnow()
+        session.execute(
+            update(Instance)
+            .where(Instance.id.in_(ids), Instance.state == InstanceState.PREDICTED)
+            .values(state=InstanceState.QUEUED, queued_at=now, updated_at=now)
         )
-        .join(Series, Series.study_id == Study.id)
-        .join(Instance, Instance.series_id == Series.id)
-        .outerjoin(Prediction, Prediction.instance_id == Instance.id)
-        .group_by(Study.id)
-        .order_by(priority, max_probability.desc().nulls_last(), Study.received_at)
-    )
-    if flagged_only:
-        stmt = stmt.having(flagged == 1)
-    if limit is not None:
-        stmt = stmt.limit(limit)
-    rows = []
-    for r in session.execute(stmt):
-        if r.open_count:
-            state = "IN_PROGRESS"
-        elif r.predicted_count:
-            state = "SCREENED"
-        elif r.failed_count:
-            state = "FAILED"
-        else:
-            state = "NOT_SCREENED"
-        rows.append({
-            "study_instance_uid": r.StudyInstanceUID, "accession_number": r.AccessionNumber,
-            "priority": int(r.priority), "flagged": bool(r.flagged),
-            "max_probability": None if r.max_probability is None else round(float(r.max_probability), 6),
-            "state": state, "received_at": _iso(r.received_at), "model_version": r.model_version,
-        })
-    return rows
-
-
-def list_instances(session: Session, *, state: InstanceState | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    """Every received instance with its state, reason and latest probability."""
-    latest = (
-        select(Prediction.instance_id, func.max(Prediction.id).label("prediction_id"))
-        .group_by(Prediction.instance_id).subquery()
-    )
-    stmt = (
-        select(Instance, Series.SeriesInstanceUID, Study.StudyInstanceUID, Prediction.probability,
-               Prediction.model_version)
-        .outerjoin(Series, Instance.series_id == Series.id)
-        .outerjoin(Study, Series.study_id == Study.id)
-        .outerjoin(latest, latest.c.instance_id == Instance.id)
-        .outerjoin(Prediction, Prediction.id == latest.c.prediction_id)
-        .order_by(Instance.id)
-    )
-    if state is not None:
-        stmt = stmt.where(Instance.state == state)
-    if limit is not None:
-        stmt = stmt.limit(limit)
-    return [
-        {
-            "sop_instance_uid": inst.SOPInstanceUID, "study_instance_uid": study_uid,
-            "series_instance_uid": series_uid, "state": inst.state.value, "reason": inst.reason,
-            "probability": None if probability is None else round(float(probability), 6),
-            "model_version": model_version,
-        }
-        for inst, series_uid, study_uid, probability, model_version in session.execute(stmt)
-    ]
+    return ids

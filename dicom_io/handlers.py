@@ -26,7 +26,8 @@ from dicom_io.status import EchoStatus, StoreStatus
 
 log = logging.getLogger(__name__)
 
-_HEADER_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber", "Modality")
+_HEADER_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber", "Modality",
+                    "StudyDate")
 
 
 @dataclass(frozen=True)
@@ -56,48 +57,63 @@ def _read_header(path: Path) -> dict[str, str]:
     return {k: str(ds.get(k, "") or "").strip() for k in _HEADER_KEYWORDS}
 
 
-def _refuse(event, context: StoreContext, received: Path, status: StoreStatus, reason: str) -> int:
+def _refuse(context: StoreContext, received: Path, status: StoreStatus, reason: str, *, sop_uid: str | None,
+            sop_class_uid: str, transfer_syntax_uid: str, calling_ae: str | None) -> StoreOutcome:
     """Quarantine what cannot be understood, record it FAILED, answer ``status``."""
-    request = event.request
     try:
-        sop_uid = valid_uid(str(request.AffectedSOPInstanceUID))
+        sop_uid = valid_uid(sop_uid or "")
     except ValueError:
         sop_uid = None
     try:
         quarantined = context.spool.quarantine(received, reason, name=sop_uid)
         if sop_uid is not None:
             with context.write_lock, context.sessions.begin() as session:
-                record_unreadable(session, SOPInstanceUID=sop_uid, SOPClassUID=str(request.AffectedSOPClassUID),
-                                  TransferSyntaxUID=str(event.context.transfer_syntax), path=str(quarantined),
-                                  size_bytes=quarantined.stat().st_size,
-                                  calling_ae=event.assoc.requestor.ae_title, reason=reason)
+                record_unreadable(session, SOPInstanceUID=sop_uid, SOPClassUID=sop_class_uid,
+                                  TransferSyntaxUID=transfer_syntax_uid, path=str(quarantined),
+                                  size_bytes=quarantined.stat().st_size, calling_ae=calling_ae, reason=reason)
     except (SQLAlchemyError, OSError) as exc:
         log.error("could not quarantine a refused instance: %s", exc)
-    log.warning("C-STORE %s from %s refused (0x%04X): %s", sop_uid, event.assoc.requestor.ae_title,
-                status, reason)
-    return status
+    log.warning("C-STORE %s from %s refused (0x%04X): %s", sop_uid, calling_ae, status, reason)
+    return StoreOutcome(status, sop_uid, reason)
 
 
-def handle_store(event, context: StoreContext) -> int:
-    calling_ae = event.assoc.requestor.ae_title
-    received = Path(event.dataset_path)
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What became of one received file."""
+
+    status: StoreStatus
+    SOPInstanceUID: str | None
+    reason: str | None = None
+    created: bool = False
+
+
+def store_received(received: Path, context: StoreContext, *, sop_uid: str | None, sop_class_uid: str,
+                   transfer_syntax_uid: str, calling_ae: str | None) -> StoreOutcome:
+    """Move a received file (a temporary file of ours) into the spool and record it.
+
+    The one path for everything that enters: the C-STORE handler and ``pneumoscreen ingest``.
+    ``StoreStatus.SUCCESS`` only once the bytes are fsync'd and the row is committed.
+    """
     size = received.stat().st_size
     try:
         context.spool.check_space(size)
     except OSError as exc:  # SpoolFullError, or the spool folder cannot be made
-        log.error("C-STORE %s refused: %s", event.request.AffectedSOPInstanceUID, exc)
-        return StoreStatus.OUT_OF_RESOURCES
+        log.error("C-STORE %s refused: %s", sop_uid, exc)
+        received.unlink(missing_ok=True)
+        return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, sop_uid, str(exc))
 
+    refuse = {"sop_uid": sop_uid, "sop_class_uid": sop_class_uid, "transfer_syntax_uid": transfer_syntax_uid,
+              "calling_ae": calling_ae}
     try:
         header = _read_header(received)
     except Exception as exc:  # pydicom raises many types on a malformed stream
-        return _refuse(event, context, received, StoreStatus.CANNOT_UNDERSTAND,
-                       f"dataset could not be parsed: {type(exc).__name__}: {exc}")
+        return _refuse(context, received, StoreStatus.CANNOT_UNDERSTAND,
+                       f"dataset could not be parsed: {type(exc).__name__}: {exc}", **refuse)
     try:
         final = context.spool.path_for(header["StudyInstanceUID"], header["SeriesInstanceUID"],
                                        header["SOPInstanceUID"])
     except ValueError as exc:
-        return _refuse(event, context, received, StoreStatus.MISSING_UIDS, f"missing or invalid UID: {exc}")
+        return _refuse(context, received, StoreStatus.MISSING_UIDS, f"missing or invalid UID: {exc}", **refuse)
 
     sop_uid = header["SOPInstanceUID"]
     # the file's fsync (about 2 ms for 2 MB here, more on a slow disk) runs while the rows are written
@@ -109,10 +125,9 @@ def handle_store(event, context: StoreContext) -> int:
             _, created = record_received(
                 session, StudyInstanceUID=header["StudyInstanceUID"],
                 SeriesInstanceUID=header["SeriesInstanceUID"], SOPInstanceUID=sop_uid,
-                SOPClassUID=str(event.request.AffectedSOPClassUID),
-                TransferSyntaxUID=str(event.context.transfer_syntax),
+                SOPClassUID=sop_class_uid, TransferSyntaxUID=transfer_syntax_uid,
                 AccessionNumber=header["AccessionNumber"] or None, Modality=header["Modality"] or None,
-                path=str(final), size_bytes=size, calling_ae=calling_ae,
+                StudyDate=header["StudyDate"] or None, path=str(final), size_bytes=size, calling_ae=calling_ae,
             )
             tmp = adopting.result()  # the bytes are on disk
             if created:
@@ -122,7 +137,7 @@ def handle_store(event, context: StoreContext) -> int:
         log.error("C-STORE %s refused, could not store and record it: %s", sop_uid, exc)
         if moved:
             final.unlink(missing_ok=True)
-        return StoreStatus.OUT_OF_RESOURCES
+        return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, sop_uid, f"could not store and record it: {exc}")
     finally:
         if tmp is None:
             with contextlib.suppress(OSError):
@@ -134,4 +149,12 @@ def handle_store(event, context: StoreContext) -> int:
         log.info("stored %s (%d bytes) from %s", sop_uid, size, calling_ae)
     else:
         log.info("duplicate %s from %s: already stored, kept once", sop_uid, calling_ae)
-    return StoreStatus.SUCCESS
+    return StoreOutcome(StoreStatus.SUCCESS, sop_uid, None if created else "duplicate: already stored", created)
+
+
+def handle_store(event, context: StoreContext) -> int:
+    return store_received(
+        Path(event.dataset_path), context, sop_uid=str(event.request.AffectedSOPInstanceUID),
+        sop_class_uid=str(event.request.AffectedSOPClassUID),
+        transfer_syntax_uid=str(event.context.transfer_syntax), calling_ae=event.assoc.requestor.ae_title,
+    ).status

@@ -7,18 +7,17 @@ from sqlalchemy import inspect
 
 from db.migrate import is_current, upgrade
 from db.models import InstanceState
-from db.queries import (
+from db.models import utcnow
+from db.queries import claim_quiet_instances, record_prediction, record_received, requeue_for_model, set_state
+from db.results import (
     PRIORITY_FLAGGED,
     PRIORITY_PENDING,
     PRIORITY_ROUTINE,
-    claim_quiet_instances,
     list_instances,
-    record_prediction,
-    record_received,
-    set_state,
+    rescreen_changes,
+    study_detail,
     worklist,
 )
-from db.models import utcnow
 from db.session import make_engine, make_sessionmaker
 
 
@@ -34,11 +33,12 @@ def sessions(request, tmp_path):
     engine.dispose()
 
 
-def _receive(s, study: str, sop: str, accession: str = "A1"):
+def _receive(s, study: str, sop: str, accession: str = "A1", study_date: str | None = "20261102"):
     instance_id, created = record_received(
         s, StudyInstanceUID=study, SeriesInstanceUID=study + ".1", SOPInstanceUID=sop,
         SOPClassUID="1.2.840.10008.5.1.4.1.1.1", TransferSyntaxUID="1.2.840.10008.1.2.1",
         AccessionNumber=accession, Modality="CR", path=f"/spool/{sop}.dcm", size_bytes=10, calling_ae="PACS",
+        StudyDate=study_date,
     )
     return instance_id, created
 
@@ -51,7 +51,8 @@ def _predict(s, instance_id: int, p: float, version: str = "1.0"):
 def test_migration_creates_the_tables(sessions):
     with sessions() as s:
         names = set(inspect(s.get_bind()).get_table_names())
-    assert {"study", "series", "instance", "prediction", "alembic_version"} <= names
+    assert {"study", "series", "instance", "prediction", "model_version", "result_delivery", "audit_log",
+            "alembic_version"} <= names
 
 
 def test_record_received_is_idempotent_per_sop_instance(sessions):
@@ -136,3 +137,81 @@ def test_a_good_copy_replaces_an_unparseable_one_but_never_the_reverse(sessions)
     with sessions() as s:
         [row] = list_instances(s)
     assert row["state"] == "RECEIVED" and row["study_instance_uid"] == "1.2.3" and row["reason"] is None
+
+
+def test_worklist_filters_by_state_and_received_date_and_orders_by_choice(sessions):
+    with sessions.begin() as s:
+        low, _ = _receive(s, "1.1", "1.1.1.1", "LOW")
+        high, _ = _receive(s, "1.2", "1.2.1.1", "HIGH")
+        _receive(s, "1.3", "1.3.1.1", "PENDING")
+        skipped, _ = _receive(s, "1.4", "1.4.1.1", "SKIPPED")
+        failed, _ = _receive(s, "1.5", "1.5.1.1", "FAILED")
+        _predict(s, low, 0.6)
+        _predict(s, high, 0.9)
+        set_state(s, instance_id=skipped, state=InstanceState.SKIPPED, reason="lateral")
+        set_state(s, instance_id=failed, state=InstanceState.FAILED, reason="bad codestream")
+    now = utcnow()
+    with sessions() as s:
+        by_received = worklist(s, order="received")
+        assert [r["accession_number"] for r in worklist(s)][:2] == ["HIGH", "LOW"]
+        assert [r["accession_number"] for r in by_received][:2] == ["LOW", "HIGH"]
+        assert [r["accession_number"] for r in worklist(s, state="IN_PROGRESS")] == ["PENDING"]
+        assert [r["accession_number"] for r in worklist(s, state="NOT_SCREENED")] == ["SKIPPED"]
+        assert [r["accession_number"] for r in worklist(s, state="FAILED")] == ["FAILED"]
+        assert {r["accession_number"] for r in worklist(s, state="SCREENED")} == {"HIGH", "LOW"}
+        assert worklist(s, received_since=now) == []
+        assert len(worklist(s, received_until=now)) == 5
+        assert len(worklist(s, limit=2, offset=4)) == 1
+        assert by_received[0]["study_date"] == "20261102" and by_received[0]["images"] == 1
+        with pytest.raises(ValueError):
+            worklist(s, state="DONE")
+
+
+def test_rescreen_requeues_what_the_new_model_has_not_answered_and_reports_changes(sessions):
+    with sessions.begin() as s:
+        a, _ = _receive(s, "1.1", "1.1.1.1", "A")
+        b, _ = _receive(s, "1.2", "1.2.1.1", "B")
+        c, _ = _receive(s, "1.3", "1.3.1.1", "C")
+        skipped, _ = _receive(s, "1.4", "1.4.1.1", "D")
+        _predict(s, a, 0.2, version="1.0")
+        _predict(s, b, 0.8, version="1.0")
+        _predict(s, c, 0.9, version="2.0")  # already screened by the new model
+        set_state(s, instance_id=skipped, state=InstanceState.SKIPPED, reason="lateral")
+    with sessions.begin() as s:
+        ids = requeue_for_model(s, model_version="2.0")
+    assert ids == [a, b]
+    with sessions.begin() as s:
+        assert requeue_for_model(s, model_version="2.0") == []  # QUEUED now: not twice
+        assert {r["sop_instance_uid"]: r["state"] for r in list_instances(s)}["1.1.1.1"] == "QUEUED"
+        # still flagged on the worklist by the old answer while the new one is pending
+        assert worklist(s, flagged_only=True)[0]["accession_number"] in {"B", "C"}
+        assert rescreen_changes(s, instance_ids=ids, model_version="2.0")["pending"] == 2
+    with sessions.begin() as s:
+        _predict(s, a, 0.7, version="2.0")
+        _predict(s, b, 0.3, version="2.0")
+    with sessions() as s:
+        changes = rescreen_changes(s, instance_ids=ids, model_version="2.0")
+        rows = {r["accession_number"]: r for r in worklist(s)}
+        detail = study_detail(s, study_instance_uid="1.1")
+        assert study_detail(s, study_instance_uid="9.9") is None
+    assert changes["rescreened"] == 2 and changes["newly_flagged"] == 1 and changes["unflagged"] == 1
+    assert changes["changed_studies"] == [
+        {"study_instance_uid": "1.1", "flagged_before": False, "flagged_after": True},
+        {"study_instance_uid": "1.2", "flagged_before": True, "flagged_after": False},
+    ]
+    assert rows["A"]["flagged"] and rows["A"]["model_version"] == "2.0"
+    assert not rows["B"]["flagged"] and rows["B"]["max_probability"] == pytest.approx(0.3)
+    [instance] = detail["instances"]
+    assert [p["model_version"] for p in instance["predictions"]] == ["1.0", "2.0"]
+    assert instance["probability"] == pytest.approx(0.7) and detail["flagged"] is True
+    assert detail["study_date"] == "20261102" and instance["state"] == "PREDICTED"
+
+
+def test_requeue_for_model_honours_the_received_window(sessions):
+    with sessions.begin() as s:
+        a, _ = _receive(s, "1.1", "1.1.1.1", "A")
+        _predict(s, a, 0.2, version="1.0")
+    now = utcnow()
+    with sessions.begin() as s:
+        assert requeue_for_model(s, model_version="2.0", received_since=now) == []
+        assert requeue_for_model(s, model_version="2.0", received_until=now) == [a]

@@ -10,7 +10,8 @@ import pytest
 
 from db.migrate import upgrade
 from db.models import InstanceState
-from db.queries import list_instances, record_received
+from db.queries import record_received
+from db.results import list_instances
 from db.session import make_engine, make_sessionmaker
 from dicom_factory import PNEUMONIA_JPEG, write_chest_dicom
 from model.preprocessing import INPUT_SIZE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
+from celery.schedules import crontab
 
 from worker.settings import Settings
 
@@ -17,6 +18,8 @@ app.conf.update(
         "pneumoscreen.preprocess": {"queue": PREPROCESS_QUEUE},
         "pneumoscreen.infer": {"queue": INFERENCE_QUEUE},
         "pneumoscreen.reconcile": {"queue": MAINTENANCE_QUEUE},
+        "pneumoscreen.deliver_results": {"queue": MAINTENANCE_QUEUE},
+        "pneumoscreen.rescreen_archive": {"queue": MAINTENANCE_QUEUE},
     },
     task_default_queue=PREPROCESS_QUEUE,
     task_serializer="json",
@@ -36,7 +39,11 @@ def configure_app(settings: Settings) -> Celery:
     if settings.broker_url.startswith("redis"):
         # a message not acknowledged within this time is delivered again
         app.conf.broker_transport_options = {"visibility_timeout": settings.broker_visibility_timeout}
-    app.conf.beat_schedule = {
-        "reconcile": {"task": "pneumoscreen.reconcile", "schedule": settings.reconcile_interval_seconds},
-    }
+    app.conf.timezone = settings.timezone
+    schedule = {"reconcile": {"task": "pneumoscreen.reconcile", "schedule": settings.reconcile_interval_seconds}}
+    if settings.rescreen_schedule:
+        hour, minute = settings.rescreen_schedule.split(":")
+        schedule["rescreen-archive"] = {"task": "pneumoscreen.rescreen_archive",
+                                        "schedule": crontab(hour=int(hour), minute=int(minute))}
+    app.conf.beat_schedule = schedule
     return app

@@ -131,9 +131,13 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
     if resent:
         log.info("re-sent %d instance(s) left in flight by the previous run", resent)
     server = _start_listener(settings)
-    dispatcher = Dispatcher(_sessions(), quiet_seconds=settings.study_quiet_seconds, reconcile_every=60.0,
-                            reconcile_after=settings.reconcile_after_seconds)
+    dispatcher = Dispatcher(_sessions(), quiet_seconds=settings.study_quiet_seconds)
     dispatcher.start()
+    # beat (reconciler, nightly rescreen) in a thread of this process: the in-process broker is not shared with another one
+    from celery.beat import EmbeddedService
+
+    scheduler = EmbeddedService(app, thread=True, schedule_filename=str(settings.data_dir / "celerybeat-schedule"))
+    scheduler.start()
     from sqlalchemy.engine import make_url
 
     log.info("pneumoscreen running: data in %s, database %s", settings.data_dir.resolve(),
@@ -144,6 +148,7 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
                          "--loglevel", logging.getLevelName(logging.getLogger().level), "--without-mingle",
                          "--without-gossip"])
     finally:
+        scheduler.stop()
         dispatcher.stop()
         server.shutdown()
 
@@ -203,7 +208,7 @@ def worker(queues: str, concurrency: int | None, pool: str) -> None:
 
 @cli.command()
 def beat() -> None:
-    """The scheduler: reconciliation every minute (and, later, overnight rescreening)."""
+    """The scheduler: reconciliation every minute, rescreening at PNEUMOSCREEN_RESCREEN_SCHEDULE (01:00)."""
     settings = _load_settings()
     from worker.celery_app import configure_app
 
@@ -231,7 +236,7 @@ def db_upgrade() -> None:
 
 
 # the other commands register themselves on `cli`
-from worker import cli_model, cli_results  # noqa: E402,F401
+from worker import cli_archive, cli_model, cli_results  # noqa: E402,F401
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from worker.cli import _load_settings, cli
+from worker.render import progress_bar
 
 log = logging.getLogger("pneumoscreen")
 
@@ -31,14 +32,6 @@ def train(data_dir: Path, out_dir: Path, epochs: int, seed: int, model_version: 
                f"sensitivity {val['sensitivity']:.3f}, specificity {val['specificity']:.3f}")
 
 
-def _progress(description: str):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=True)
-
-
 def _score_files(files: list[Path], model, *, batch_size: int = 32):
     """(path, probability or None, error or None) for each file, in batches of ``batch_size``."""
     import numpy as np
@@ -46,7 +39,7 @@ def _score_files(files: list[Path], model, *, batch_size: int = 32):
     from worker.inputs import UnreadableInput, prepare_any
 
     results: list[tuple[Path, float | None, str | None]] = []
-    with _progress("screening") as progress:
+    with progress_bar("screening") as progress:
         task = progress.add_task("screening", total=len(files))
         for start in range(0, len(files), batch_size):
             batch, prepared = [], []

@@ -1,26 +1,66 @@
-"""`pneumoscreen worklist` and `pneumoscreen instances`: reading the results."""
+"""`pneumoscreen worklist` and `pneumoscreen instances`: reading the results.
+
+Every query is written to the audit log (actor ``cli:<os user>``), like the HTTP API's.
+"""
 
 from __future__ import annotations
 
+import getpass
 import json
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import click
 
 from worker.cli import _load_settings, _require_current_schema, _sessions, cli
 
+_DATE = click.DateTime(["%Y-%m-%d"])
+
+
+def day_bounds(since: datetime | None, until: datetime | None, timezone: str) -> tuple[datetime | None, datetime | None]:
+    """Calendar days in ``timezone`` -> [start of ``since``, end of ``until``) as aware datetimes."""
+    zone = ZoneInfo(timezone)
+    start = since.replace(tzinfo=zone) if since else None
+    end = (until + timedelta(days=1)).replace(tzinfo=zone) if until else None
+    if start and end and end <= start:
+        raise click.BadParameter("--until is before --since")
+    return start, end
+
+
+def audit(action: str, params: dict, result_count: int | None) -> None:
+    """One audit row for a command-line query."""
+    from db.audit import record_audit
+
+    with _sessions().begin() as session:
+        record_audit(session, actor=f"cli:{getpass.getuser()}", client=None, action=action,
+                     params={k: v for k, v in params.items() if v not in (None, False)}, status=0,
+                     result_count=result_count)
+
 
 @cli.command()
 @click.option("--flagged-only", is_flag=True, help="only studies the model flagged")
-@click.option("--limit", type=int, help="at most N studies")
+@click.option("--since", type=_DATE, help="received on or after this day (YYYY-MM-DD)")
+@click.option("--until", type=_DATE, help="received on or before this day (YYYY-MM-DD)")
+@click.option("--state", type=click.Choice(["IN_PROGRESS", "SCREENED", "FAILED", "NOT_SCREENED"]),
+              help="only studies in this state")
+@click.option("--order", type=click.Choice(["probability", "received"]),
+              help="within a priority [PNEUMOSCREEN_WORKLIST_ORDER, probability]")
+@click.option("--limit", type=click.IntRange(min=1), help="at most N studies")
 @click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
-def worklist(flagged_only: bool, limit: int | None, as_json: bool) -> None:
-    """Studies in reading order: flagged first."""
+def worklist(flagged_only: bool, since: datetime | None, until: datetime | None, state: str | None,
+             order: str | None, limit: int | None, as_json: bool) -> None:
+    """Studies in reading order: flagged first (highest probability first), then
+    studies in progress or with failed images, then the rest."""
     settings = _load_settings()
     _require_current_schema(settings)
-    from db.queries import worklist as worklist_rows
+    from db.results import worklist as worklist_rows
 
+    received_since, received_until = day_bounds(since, until, settings.timezone)
     with _sessions().begin() as session:
-        rows = worklist_rows(session, flagged_only=flagged_only, limit=limit)
+        rows = worklist_rows(session, flagged_only=flagged_only, limit=limit, received_since=received_since,
+                             received_until=received_until, state=state, order=order or settings.worklist_order)
+    audit("worklist", {"flagged_only": flagged_only, "since": since and since.date().isoformat(),
+                       "until": until and until.date().isoformat(), "state": state, "limit": limit}, len(rows))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -31,17 +71,20 @@ def worklist(flagged_only: bool, limit: int | None, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--state", type=click.Choice(["RECEIVED", "QUEUED", "PREPROCESSED", "PREDICTED", "SKIPPED", "FAILED"]))
-@click.option("--limit", type=int)
+@click.option("--study", "study_uid", help="only this StudyInstanceUID")
+@click.option("--limit", type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
-def instances(state: str | None, limit: int | None, as_json: bool) -> None:
+def instances(state: str | None, study_uid: str | None, limit: int | None, as_json: bool) -> None:
     """Every received instance with its state and reason."""
     settings = _load_settings()
     _require_current_schema(settings)
     from db.models import InstanceState
-    from db.queries import list_instances
+    from db.results import list_instances
 
     with _sessions().begin() as session:
-        rows = list_instances(session, state=InstanceState(state) if state else None, limit=limit)
+        rows = list_instances(session, state=InstanceState(state) if state else None, limit=limit,
+                              study_instance_uid=study_uid)
+    audit("instances", {"state": state, "study": study_uid, "limit": limit}, len(rows))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

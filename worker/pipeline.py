@@ -9,7 +9,9 @@ FAILED with a reason.
 from __future__ import annotations
 
 import base64
+import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -19,7 +21,8 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import InstanceState
-from db.queries import get_instance, record_prediction, set_state
+from db.deliveries import completed_studies
+from db.queries import get_instance, record_prediction, register_model, set_state
 from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.pixels import PixelDecodeError, display_image
 from dicom_io.spool import Spool
@@ -97,19 +100,33 @@ def preprocess_instance(sessions: sessionmaker[Session], instance_id: int, *,
 
 
 def record_predictions(sessions: sessionmaker[Session], card: ModelCard,
-                       results: list[tuple[int, float]]) -> None:
-    """Store each (instance id, probability) under ``card``'s model, in one transaction."""
+                       results: list[tuple[int, float]]) -> list[int]:
+    """Store each (instance id, probability) under ``card``'s model, in one transaction.
+
+    Returns the ids of the studies that now have no image left in flight (their report can go out).
+    """
     with sessions.begin() as session:
+        if card.version not in _registered:
+            register_model(session, name=card.name, version=card.version, weights_sha256=card.sha256,
+                           threshold=card.threshold, preprocessing_version=card.preprocessing_version,
+                           card_json=json.dumps(asdict(card), sort_keys=True))
         created = [record_prediction(session, instance_id=instance_id, model_name=card.name,
                                      model_version=card.version, weights_sha256=card.sha256,
                                      probability=probability, threshold=card.threshold)
                    for instance_id, probability in results]
+        completed = completed_studies(session, instance_ids=[instance_id for instance_id, _ in results])
+    _registered.add(card.version)
     for (instance_id, probability), new in zip(results, created):
         if new:
             log.info("instance %d PREDICTED p=%.4f (%s %s)", instance_id, probability, card.name, card.version)
         else:
             log.info("instance %d: %s %s had already answered; kept the first answer", instance_id,
                      card.name, card.version)
+    return completed
+
+
+#: model versions this process has recorded in the model_version table
+_registered: set[str] = set()
 
 
 def infer(sessions: sessionmaker[Session], model: LoadedModel, items: list[tuple[int, np.ndarray]]) -> list[float]:

@@ -17,6 +17,14 @@ def _console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=200)
 
 
+def progress_bar(description: str):
+    """A progress bar on stderr (stdout stays clean for ``--json``), gone when done."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), transient=True)
+
+
 def _probability(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -74,3 +82,30 @@ def predictions_table(rows: list[dict[str, Any]]) -> None:
         flag = "-" if r["flagged"] is None else ("[bold red]FLAGGED[/]" if r["flagged"] else "normal")
         table.add_row(r["path"], _probability(r["probability"]), flag, r["error"] or r.get("heatmap", ""))
     _console().print(table)
+
+
+def summary_table(title: str, summary: dict[str, Any]) -> None:
+    """A command's outcome: its counts, then any list in it as a table of its own."""
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("", justify="right")
+    lists = {}
+    for key, value in summary.items():
+        if isinstance(value, list):
+            lists[key] = value
+        elif value is not None:
+            table.add_row(key.replace("_", " "), str(value))
+    console = _console()
+    console.print(table)
+    for key, rows in lists.items():
+        if not rows:
+            continue
+        if key == "studies":
+            worklist_table(rows)
+            continue
+        sub = Table(title=key.replace("_", " "))
+        for column in rows[0]:
+            sub.add_column(column.replace("_", " "), overflow="fold")
+        for row in rows:
+            sub.add_row(*(str(v) for v in row.values()))
+        console.print(sub)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 _lock = threading.RLock()
 _settings: Settings | None = None
 _sessions: tuple[int, sessionmaker[Session]] | None = None
-_batcher: tuple[int, "BatchPredictor"] | None = None
+_batchers: dict[tuple[int, str], "BatchPredictor"] = {}
 
 
 def configure(settings: Settings) -> None:
@@ -60,25 +60,26 @@ def eligibility_policy() -> EligibilityPolicy:
                              min_side=current.min_image_side)
 
 
-def batch_predictor() -> "BatchPredictor":
-    """This process's micro-batcher around its model (made on first use)."""
-    global _batcher
+def batch_predictor(model_dir: str | None = None) -> "BatchPredictor":
+    """This process's micro-batcher around the model in ``model_dir`` (default: the configured one)."""
     from model.serving import BatchPredictor
 
     current = settings()
+    key = (os.getpid(), str(model_dir or current.model_dir or ""))
     with _lock:
-        if _batcher is None or _batcher[0] != os.getpid():
-            model = load_model()
-            _batcher = (os.getpid(), BatchPredictor(model.predict, max_batch=current.inference_batch_size,
-                                                    max_wait_ms=current.inference_batch_ms))
-        return _batcher[1]
+        if key not in _batchers:
+            model = load_model(model_dir)
+            _batchers[key] = BatchPredictor(model.predict, max_batch=current.inference_batch_size,
+                                            max_wait_ms=current.inference_batch_ms)
+        return _batchers[key]
 
 
 _tf_configured: int | None = None
 
 
-def load_model():
-    """This process's model, loaded once, after TensorFlow is configured from the settings."""
+def load_model(model_dir: str | None = None):
+    """The model in ``model_dir`` (default: the configured one), loaded once per process,
+    after TensorFlow is configured from the settings."""
     global _tf_configured
     from model.artifact import configure_tensorflow, get_model
 
@@ -86,4 +87,4 @@ def load_model():
     if _tf_configured != os.getpid():
         configure_tensorflow(intra_op_threads=current.tf_threads, inter_op_threads=current.tf_threads)
         _tf_configured = os.getpid()
-    return get_model(current.model_dir)
+    return get_model(model_dir or current.model_dir)

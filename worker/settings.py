@@ -8,8 +8,10 @@ import ipaddress
 import re
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
@@ -43,8 +45,19 @@ class Settings(BaseSettings):
     allowed_aes: str = Field("", description="comma-separated calling AE titles; empty = any (loopback only)")
     study_quiet_seconds: float = Field(10.0, ge=0.0, le=86400.0)
     model_dir: Path | None = Field(None, description="model artifact folder; default: the shipped model")
-    results_destination: str | None = None
-    api_token: str | None = None
+    results_destination: str | None = Field(None, description="AET@host:port that receives our DICOM SR; unset = none")
+    results_heatmaps: Literal["none", "flagged", "all"] = Field(
+        "none", description="also send a Grad-CAM Secondary Capture for these images (loads the model for it)")
+    results_max_retries: int = Field(8, ge=0, le=100, description="re-tries of a report the PACS did not take")
+    api_host: str = Field("127.0.0.1", description="address of the HTTP API")
+    api_port: int = Field(8080, ge=1, le=65535)
+    api_token: SecretStr | None = Field(None, description="bearer token the HTTP API requires")
+    worklist_order: Literal["probability", "received"] = Field(
+        "probability", description="within a priority: highest probability first, or oldest first")
+    rescreen_schedule: str = Field("01:00", description="HH:MM when beat rescreens the archive; empty = never")
+    rescreen_window_days: int = Field(0, ge=0, description="nightly rescreen: studies received in the last N days "
+                                                         "(0 = the whole archive)")
+    timezone: str = Field("UTC", description="time zone of the schedules (IANA name, e.g. Europe/Berlin)")
     reconcile_after_seconds: float = Field(300.0, ge=1.0, description="re-send work left in flight this long")
     reconcile_interval_seconds: float = Field(60.0, ge=1.0, description="how often beat runs the reconciler")
     broker_visibility_timeout: float = Field(3600.0, ge=10.0,
@@ -89,6 +102,32 @@ class Settings(BaseSettings):
         if value and not re.match(r"^[^@]{1,16}@[^:]+:\d{1,5}$", value):
             raise ValueError(f"{value!r} must look like AET@host:port")
         return value or None
+
+    @field_validator("rescreen_schedule")
+    @classmethod
+    def _valid_schedule(cls, value: str) -> str:
+        value = value.strip()
+        if value and not re.match(r"^([01]?\d|2[0-3]):[0-5]\d$", value):
+            raise ValueError(f"{value!r} must be a time of day as HH:MM (24 h), or empty to turn it off")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not a time zone name (e.g. UTC, Europe/Berlin)") from None
+        return value
+
+    @field_validator("api_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value():
+            return None
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("PNEUMOSCREEN_API_TOKEN must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return value
 
     @model_validator(mode="after")
     def _tls_files(self) -> "Settings":

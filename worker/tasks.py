@@ -1,4 +1,5 @@
-"""Celery tasks: thin wrappers that deserialize, call ``worker.pipeline`` and retry.
+"""Celery tasks: thin wrappers that deserialize, call ``worker.pipeline`` (or
+``worker.results``, ``worker.rescreen``) and retry.
 
 Transient errors (database or broker unreachable) are retried with backoff;
 when the retries are spent, or on any other error, the instance is marked
@@ -16,7 +17,8 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from db.models import InstanceState
 from db.queries import set_state
-from worker import dispatcher, pipeline, runtime
+from dicom_io.scu import DeliveryError
+from worker import dispatcher, pipeline, rescreen, results, runtime
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -42,21 +44,58 @@ class InstanceTask(Task):
 
 
 @app.task(name="pneumoscreen.preprocess", base=InstanceTask, **_RETRY)
-def preprocess(instance_id: int) -> None:
+def preprocess(instance_id: int, model_dir: str | None = None) -> None:
+    """Decode and prepare; ``model_dir`` (a rescreen with another model) travels on to ``infer``."""
     prepared = pipeline.preprocess_instance(runtime.sessions(), instance_id, policy=runtime.eligibility_policy(),
                                             spool=runtime.spool())
     if prepared is not None:
         infer.apply_async(args=[instance_id, pipeline.encode_prepared(prepared)],
+                          kwargs={"model_dir": model_dir} if model_dir else {},
                           argsrepr=f"({instance_id}, <prepared image>)")
 
 
 @app.task(name="pneumoscreen.infer", base=InstanceTask, **_RETRY)
-def infer(instance_id: int, prepared: str) -> None:
-    model = runtime.load_model()
-    probability = runtime.batch_predictor().predict_one(pipeline.decode_prepared(prepared))
-    pipeline.record_predictions(runtime.sessions(), model.card, [(instance_id, probability)])
+def infer(instance_id: int, prepared: str, model_dir: str | None = None) -> None:
+    model = runtime.load_model(model_dir)
+    probability = runtime.batch_predictor(model_dir).predict_one(pipeline.decode_prepared(prepared))
+    completed = pipeline.record_predictions(runtime.sessions(), model.card, [(instance_id, probability)])
+    destination = runtime.settings().results_destination
+    if destination and completed:
+        for delivery_id in results.request_reports(runtime.sessions(), study_ids=completed,
+                                                   model_version=model.card.version, destination=destination):
+            deliver_results.delay(delivery_id)
+
+
+@app.task(name="pneumoscreen.deliver_results", bind=True, acks_late=True, autoretry_for=_TRANSIENT,
+          retry_backoff=True, retry_backoff_max=600, max_retries=None)
+def deliver_results(self, delivery_id: int) -> str:
+    """Send one study's report to the PACS; retried with backoff up to PNEUMOSCREEN_RESULTS_MAX_RETRIES."""
+    settings = runtime.settings()
+    try:
+        return results.deliver(runtime.sessions(), delivery_id, calling_ae=settings.ae_title,
+                               heatmaps=settings.results_heatmaps,
+                               keras_model=lambda: runtime.load_model().keras_model)
+    except DeliveryError as exc:
+        if self.request.retries >= settings.results_max_retries:
+            results.give_up(runtime.sessions(), delivery_id, f"gave up after {self.request.retries} retries: {exc}")
+            return "failed"
+        log.warning("delivery %d: %s; retry %d of %d", delivery_id, exc, self.request.retries + 1,
+                    settings.results_max_retries)
+        raise self.retry(exc=exc, countdown=min(600, 5 * 2 ** self.request.retries))
 
 
 @app.task(name="pneumoscreen.reconcile", acks_late=True, autoretry_for=_TRANSIENT, retry_backoff=True)
 def reconcile() -> int:
-    return dispatcher.reconcile(runtime.sessions(), older_than_seconds=runtime.settings().reconcile_after_seconds)
+    after = runtime.settings().reconcile_after_seconds
+    resent = dispatcher.reconcile(runtime.sessions(), older_than_seconds=after)
+    for delivery_id in results.stale_reports(runtime.sessions(), older_than_seconds=after):
+        deliver_results.delay(delivery_id)
+    return resent
+
+
+@app.task(name="pneumoscreen.rescreen_archive", acks_late=True, autoretry_for=_TRANSIENT, retry_backoff=True)
+def rescreen_archive() -> int:
+    """The nightly job: re-queue what the configured model has not answered yet (a new model version)."""
+    settings = runtime.settings()
+    return rescreen.requeue(runtime.sessions(), model_dir=None, model_card=rescreen.card_of(settings.model_dir),
+                            window_days=settings.rescreen_window_days or None).count

@@ -1,0 +1,148 @@
+"""Result reports on their way to the PACS: one row per (study, model version,
+destination), claimed by one sender at a time, retried until SENT or FAILED.
+
+Session in, caller commits, like every data function here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.models import TERMINAL_STATES, DeliveryState, Instance, Prediction, ResultDelivery, Series, Study, utcnow
+from db.queries import _upsert
+
+
+def completed_studies(session: Session, *, instance_ids: list[int]) -> list[int]:
+    """Ids of the studies of ``instance_ids`` that have no image left in flight."""
+    if not instance_ids:
+        return []
+    studies = (select(Series.study_id).join(Instance, Instance.series_id == Series.id)
+               .where(Instance.id.in_(instance_ids)).distinct())
+    open_studies = (select(Series.study_id).join(Instance, Instance.series_id == Series.id)
+                    .where(Series.study_id.in_(studies), Instance.state.not_in(TERMINAL_STATES)).distinct())
+    return list(session.scalars(select(Study.id).where(Study.id.in_(studies), Study.id.not_in(open_studies))
+                                .order_by(Study.id)))
+
+
+def request_delivery(session: Session, *, study_id: int, model_version: str, destination: str) -> int:
+    """Ask for the study's report to be (re)sent; returns the delivery id.
+
+    A report already SENT or FAILED goes back to PENDING: the study has new
+    results (a late image), or an operator asked again.
+    """
+    now = utcnow()
+    return _upsert(
+        session, ResultDelivery.__table__,
+        {"study_id": study_id, "model_version": model_version, "destination": destination,
+         "state": DeliveryState.PENDING, "attempts": 0, "instance_count": 0, "updated_at": now},
+        key=["study_id", "model_version", "destination"],
+        update={"state": DeliveryState.PENDING, "reason": None, "attempts": 0, "updated_at": now},
+    )
+
+
+def claim_delivery(session: Session, *, delivery_id: int, stale_before: datetime) -> bool:
+    """PENDING (or SENDING since before ``stale_before``: its sender died) -> SENDING; True if claimed."""
+    table = ResultDelivery.__table__
+    result = session.execute(
+        update(table)
+        .where(table.c.id == delivery_id,
+               or_(table.c.state == DeliveryState.PENDING,
+                   and_(table.c.state == DeliveryState.SENDING, table.c.updated_at < stale_before)))
+        .values(state=DeliveryState.SENDING, attempts=table.c.attempts + 1, updated_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
+@dataclass(frozen=True)
+class ScreenedImage:
+    """One screened image of a study, as its report needs it."""
+
+    SOPInstanceUID: str
+    path: str
+    probability: float
+    flagged: bool
+    threshold: float
+    model_name: str
+    weights_sha256: str
+
+
+@dataclass(frozen=True)
+class DeliveryJob:
+    """A claimed delivery: where it goes and what it reports."""
+
+    id: int
+    StudyInstanceUID: str
+    model_version: str
+    destination: str
+    attempts: int
+    images: tuple[ScreenedImage, ...]
+
+
+def delivery_job(session: Session, *, delivery_id: int) -> DeliveryJob | None:
+    """The delivery and the study's images that its model version screened."""
+    row = session.execute(
+        select(ResultDelivery, Study.StudyInstanceUID).join(Study, ResultDelivery.study_id == Study.id)
+        .where(ResultDelivery.id == delivery_id)
+    ).one_or_none()
+    if row is None:
+        return None
+    delivery, study_uid = row
+    images = session.execute(
+        select(Instance.SOPInstanceUID, Instance.path, Prediction.probability, Prediction.flagged,
+               Prediction.threshold, Prediction.model_name, Prediction.weights_sha256)
+        .join(Series, Instance.series_id == Series.id)
+        .join(Prediction, Prediction.instance_id == Instance.id)
+        .where(Series.study_id == delivery.study_id, Prediction.model_version == delivery.model_version)
+        .order_by(Instance.id)
+    ).all()
+    return DeliveryJob(delivery.id, study_uid, delivery.model_version, delivery.destination, delivery.attempts,
+                       tuple(ScreenedImage(*image) for image in images))
+
+
+def finish_delivery(session: Session, *, delivery_id: int, sr_sop_instance_uid: str, instance_count: int) -> bool:
+    """SENDING -> SENT. False if the row moved meanwhile (a newer request made it PENDING again)."""
+    result = session.execute(
+        update(ResultDelivery)
+        .where(ResultDelivery.id == delivery_id, ResultDelivery.state == DeliveryState.SENDING)
+        .values(state=DeliveryState.SENT, reason=None, sr_sop_instance_uid=sr_sop_instance_uid,
+                instance_count=instance_count, updated_at=utcnow())
+    )
+    return result.rowcount == 1
+
+
+def release_delivery(session: Session, *, delivery_id: int, reason: str, final: bool) -> None:
+    """A failed attempt: back to PENDING for the next retry, or FAILED when ``final``."""
+    session.execute(
+        update(ResultDelivery)
+        .where(ResultDelivery.id == delivery_id, ResultDelivery.state == DeliveryState.SENDING)
+        .values(state=DeliveryState.FAILED if final else DeliveryState.PENDING, reason=reason, updated_at=utcnow())
+    )
+
+
+def fail_delivery(session: Session, *, delivery_id: int, reason: str) -> None:
+    """Retries spent: FAILED with ``reason`` (unless it was sent meanwhile)."""
+    session.execute(
+        update(ResultDelivery)
+        .where(ResultDelivery.id == delivery_id, ResultDelivery.state != DeliveryState.SENT)
+        .values(state=DeliveryState.FAILED, reason=reason, updated_at=utcnow())
+    )
+
+
+def stale_deliveries(session: Session, *, older_than: datetime, limit: int = 500) -> list[int]:
+    """Deliveries PENDING or SENDING since before ``older_than`` (a lost message, a dead sender)."""
+    return list(session.scalars(
+        select(ResultDelivery.id)
+        .where(ResultDelivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING]),
+               ResultDelivery.updated_at < older_than)
+        .order_by(ResultDelivery.id).limit(limit)
+    ))
+
+
+def delivery_counts(session: Session) -> dict[str, int]:
+    """How many deliveries are in each state."""
+    rows = session.execute(select(ResultDelivery.state, func.count()).group_by(ResultDelivery.state)).all()
+    return {state.value: count for state, count in rows}

@@ -1,0 +1,254 @@
+"""Reading the results: the radiologists' worklist, the instances, one study in
+detail. Each function takes a session and keyword-only arguments; none writes.
+
+An instance's current answer is its latest prediction (after a rescreen, the
+newest model's); older answers stay in the database and in ``study_detail``.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import Select, case, func, select
+from sqlalchemy.orm import Session
+
+from db.models import TERMINAL_STATES, Instance, InstanceState, Prediction, Series, Study
+
+#: Worklist priority: 1 = flagged (read first), 2 = not yet screened or some
+#: image could not be screened (a person must look), 3 = screened, nothing flagged.
+PRIORITY_FLAGGED, PRIORITY_PENDING, PRIORITY_ROUTINE = 1, 2, 3
+
+
+class StudyState(str, enum.Enum):
+    """A study's place in screening, as the worklist shows it."""
+
+    IN_PROGRESS = "IN_PROGRESS"
+    """Some image is still being received or screened."""
+    SCREENED = "SCREENED"
+    """Every image has ended and at least one was screened."""
+    FAILED = "FAILED"
+    """Every image has ended, none was screened, at least one failed."""
+    NOT_SCREENED = "NOT_SCREENED"
+    """Every image was skipped (not an eligible chest radiograph)."""
+
+
+class WorklistOrder(str, enum.Enum):
+    """How studies are ordered within a priority."""
+
+    PROBABILITY = "probability"
+    """Highest probability first, then oldest first (the default)."""
+    RECEIVED = "received"
+    """Oldest first, whatever the probability."""
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.isoformat()
+
+
+def _latest_prediction_ids():
+    """instance_id -> the id of its latest prediction."""
+    return (select(Prediction.instance_id, func.max(Prediction.id).label("prediction_id"))
+            .group_by(Prediction.instance_id).subquery())
+
+
+def _study_state(open_count: int, predicted_count: int, failed_count: int) -> StudyState:
+    if open_count:
+        return StudyState.IN_PROGRESS
+    if predicted_count:
+        return StudyState.SCREENED
+    if failed_count:
+        return StudyState.FAILED
+    return StudyState.NOT_SCREENED
+
+
+def worklist(
+    session: Session, *, flagged_only: bool = False, limit: int | None = None, offset: int = 0,
+    received_since: datetime | None = None, received_until: datetime | None = None,
+    state: StudyState | str | None = None, order: WorklistOrder | str = WorklistOrder.PROBABILITY,
+) -> list[dict[str, Any]]:
+    """Studies in reading order: flagged first, then studies in progress or with
+    failed images, then the rest; within a priority by ``order``.
+
+    ``received_since``/``received_until`` bound the study's first arrival
+    ([since, until)); ``state`` keeps only studies in that ``StudyState``.
+    """
+    order = WorklistOrder(order)
+    state = StudyState(state) if state is not None else None
+    latest = _latest_prediction_ids()
+    flagged = func.max(case((Prediction.flagged, 1), else_=0))
+    open_count = func.sum(case((Instance.state.not_in(TERMINAL_STATES), 1), else_=0))
+    failed_count = func.sum(case((Instance.state == InstanceState.FAILED, 1), else_=0))
+    predicted_count = func.count(Prediction.id)
+    max_probability = func.max(Prediction.probability)
+    priority = case(
+        (flagged == 1, PRIORITY_FLAGGED),
+        ((open_count > 0) | (failed_count > 0), PRIORITY_PENDING),
+        else_=PRIORITY_ROUTINE,
+    )
+    within = ([max_probability.desc().nulls_last(), Study.received_at] if order is WorklistOrder.PROBABILITY
+              else [Study.received_at])
+    stmt: Select = (
+        select(
+            Study.StudyInstanceUID, Study.AccessionNumber, Study.StudyDate, Study.received_at,
+            priority.label("priority"), flagged.label("flagged"), max_probability.label("max_probability"),
+            open_count.label("open_count"), failed_count.label("failed_count"),
+            predicted_count.label("predicted_count"), func.count(Instance.id).label("images"),
+            func.max(Prediction.model_version).label("model_version"),
+        )
+        .join(Series, Series.study_id == Study.id)
+        .join(Instance, Instance.series_id == Series.id)
+        .outerjoin(latest, latest.c.instance_id == Instance.id)
+        .outerjoin(Prediction, Prediction.id == latest.c.prediction_id)
+        .group_by(Study.id)
+        .order_by(priority, *within, Study.id)
+    )
+    if received_since is not None:
+        stmt = stmt.where(Study.received_at >= received_since)
+    if received_until is not None:
+        stmt = stmt.where(Study.received_at < received_until)
+    if flagged_only:
+        stmt = stmt.having(flagged == 1)
+    if state is StudyState.IN_PROGRESS:
+        stmt = stmt.having(open_count > 0)
+    elif state is StudyState.SCREENED:
+        stmt = stmt.having((open_count == 0) & (predicted_count > 0))
+    elif state is StudyState.FAILED:
+        stmt = stmt.having((open_count == 0) & (predicted_count == 0) & (failed_count > 0))
+    elif state is StudyState.NOT_SCREENED:
+        stmt = stmt.having((open_count == 0) & (predicted_count == 0) & (failed_count == 0))
+    if offset:
+        stmt = stmt.offset(offset)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return [
+        {
+            "study_instance_uid": r.StudyInstanceUID, "accession_number": r.AccessionNumber,
+            "priority": int(r.priority), "flagged": bool(r.flagged),
+            "max_probability": None if r.max_probability is None else round(float(r.max_probability), 6),
+            "state": _study_state(r.open_count, r.predicted_count, r.failed_count).value,
+            "received_at": _iso(r.received_at), "model_version": r.model_version,
+            "study_date": r.StudyDate, "images": int(r.images),
+        }
+        for r in session.execute(stmt)
+    ]
+
+
+def list_instances(session: Session, *, state: InstanceState | None = None, limit: int | None = None,
+                   offset: int = 0, study_instance_uid: str | None = None) -> list[dict[str, Any]]:
+    """Every received instance with its state, reason and latest probability."""
+    latest = _latest_prediction_ids()
+    stmt = (
+        select(Instance, Series.SeriesInstanceUID, Study.StudyInstanceUID, Prediction.probability,
+               Prediction.model_version)
+        .outerjoin(Series, Instance.series_id == Series.id)
+        .outerjoin(Study, Series.study_id == Study.id)
+        .outerjoin(latest, latest.c.instance_id == Instance.id)
+        .outerjoin(Prediction, Prediction.id == latest.c.prediction_id)
+        .order_by(Instance.id)
+    )
+    if state is not None:
+        stmt = stmt.where(Instance.state == state)
+    if study_instance_uid is not None:
+        stmt = stmt.where(Study.StudyInstanceUID == study_instance_uid)
+    if offset:
+        stmt = stmt.offset(offset)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return [
+        {
+            "sop_instance_uid": inst.SOPInstanceUID, "study_instance_uid": study_uid,
+            "series_instance_uid": series_uid, "state": inst.state.value, "reason": inst.reason,
+            "probability": None if probability is None else round(float(probability), 6),
+            "model_version": model_version,
+        }
+        for inst, series_uid, study_uid, probability, model_version in session.execute(stmt)
+    ]
+
+
+def study_detail(session: Session, *, study_instance_uid: str) -> dict[str, Any] | None:
+    """One study: its worklist row, and each instance with every model's answer (None if unknown)."""
+    study = session.scalars(select(Study).where(Study.StudyInstanceUID == study_instance_uid)).one_or_none()
+    if study is None:
+        return None
+    summary = next((row for row in worklist(session) if row["study_instance_uid"] == study_instance_uid), None)
+    rows = session.execute(
+        select(Instance, Series.SeriesInstanceUID, Series.Modality)
+        .join(Series, Instance.series_id == Series.id)
+        .where(Series.study_id == study.id)
+        .order_by(Series.id, Instance.id)
+    ).all()
+    predictions: dict[int, list[Prediction]] = {}
+    for p in session.scalars(select(Prediction).where(Prediction.instance_id.in_([i.id for i, _, _ in rows]))
+                             .order_by(Prediction.id)):
+        predictions.setdefault(p.instance_id, []).append(p)
+    instances = []
+    for inst, series_uid, modality in rows:
+        answers = predictions.get(inst.id, [])
+        instances.append({
+            "sop_instance_uid": inst.SOPInstanceUID, "series_instance_uid": series_uid, "modality": modality,
+            "sop_class_uid": inst.SOPClassUID, "state": inst.state.value, "reason": inst.reason,
+            "received_at": _iso(inst.received_at),
+            "probability": round(float(answers[-1].probability), 6) if answers else None,
+            "model_version": answers[-1].model_version if answers else None,
+            "predictions": [
+                {"model_name": p.model_name, "model_version": p.model_version, "weights_sha256": p.weights_sha256,
+                 "probability": round(float(p.probability), 6), "threshold": p.threshold, "flagged": p.flagged,
+                 "created_at": _iso(p.created_at)}
+                for p in answers
+            ],
+        })
+    return {**(summary or {}), "study_instance_uid": study.StudyInstanceUID,
+            "accession_number": study.AccessionNumber, "study_date": study.StudyDate,
+            "received_at": _iso(study.received_at), "instances": instances}
+
+
+def rescreen_changes(session: Session, *, instance_ids: list[int], model_version: str) -> dict[str, Any]:
+    """What ``model_version`` changed for ``instance_ids``, compared with each one's previous answer.
+
+    Returns counts (``rescreened``, ``pending``, ``newly_flagged``, ``unflagged``,
+    ``unchanged``) and the studies whose flag changed (``changed_studies``:
+    study UID, before, after).
+    """
+    result = {"rescreened": 0, "pending": 0, "newly_flagged": 0, "unflagged": 0, "unchanged": 0}
+    if not instance_ids:
+        return {**result, "changed_studies": []}
+    answers: dict[int, list[Prediction]] = {}
+    study_of: dict[int, str] = {}
+    for chunk in range(0, len(instance_ids), 500):
+        ids = instance_ids[chunk:chunk + 500]
+        for p in session.scalars(select(Prediction).where(Prediction.instance_id.in_(ids)).order_by(Prediction.id)):
+            answers.setdefault(p.instance_id, []).append(p)
+        study_of.update(session.execute(
+            select(Instance.id, Study.StudyInstanceUID).join(Series, Instance.series_id == Series.id)
+            .join(Study, Series.study_id == Study.id).where(Instance.id.in_(ids))
+        ).all())
+    before_by_study: dict[str, bool] = {}
+    after_by_study: dict[str, bool] = {}
+    for instance_id in instance_ids:
+        history = answers.get(instance_id, [])
+        new = next((p for p in history if p.model_version == model_version), None)
+        old = next((p for p in reversed(history) if p.model_version != model_version), None)
+        if new is None:
+            result["pending"] += 1
+            continue
+        result["rescreened"] += 1
+        was = bool(old.flagged) if old is not None else False
+        if new.flagged and not was:
+            result["newly_flagged"] += 1
+        elif was and not new.flagged:
+            result["unflagged"] += 1
+        else:
+            result["unchanged"] += 1
+        study = study_of.get(instance_id)
+        if study is not None:
+            before_by_study[study] = before_by_study.get(study, False) or was
+            after_by_study[study] = after_by_study.get(study, False) or bool(new.flagged)
+    changed = [{"study_instance_uid": uid, "flagged_before": before_by_study[uid], "flagged_after": after}
+               for uid, after in sorted(after_by_study.items()) if after != before_by_study[uid]]
+    return {**result, "changed_studies": changed}

@@ -1,0 +1,159 @@
+"""Rescreening the archive: instances a model version has not answered yet go
+through the pipeline again (the spool keeps every received file).
+
+- ``requeue``: mark them QUEUED (committed) and send them to the workers; the
+  nightly beat job and ``pneumoscreen rescreen`` with a shared broker.
+- ``screen_here``: the same pipeline functions run in this process, batched;
+  ``pneumoscreen rescreen`` when there is no shared broker (the embedded default).
+- ``wait``: poll the database until the requeued instances have ended.
+
+Each prediction is stored once per (instance, model version), so running a
+rescreen twice, or after an interruption, only does what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import TERMINAL_STATES, Instance, utcnow
+from db.queries import requeue_for_model
+from dicom_io.eligibility import EligibilityPolicy
+from dicom_io.spool import Spool
+from model.artifact import ModelCard, read_card
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Requeued:
+    """What a rescreen put back into the pipeline."""
+
+    model_version: str
+    ids: list[int] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+
+def card_of(model_dir: str | Path | None) -> ModelCard:
+    """The card of the model in ``model_dir`` (default: the shipped one), verified against its weights."""
+    return read_card(model_dir)
+
+
+def requeue(sessions: sessionmaker[Session], *, model_card: ModelCard, model_dir: str | None,
+            since: datetime | None = None, until: datetime | None = None, window_days: int | None = None,
+            send: bool = True, batch: int = 500, progress: Progress | None = None) -> Requeued:
+    """Queue again what ``model_card``'s version has not answered (received in [since, until)).
+
+    With ``send``, each instance goes to the ``preprocess`` queue (with
+    ``model_dir`` when it is not the workers' configured model).
+    """
+    from worker.celery_app import app
+
+    if window_days is not None:
+        since = max(since, utcnow() - timedelta(days=window_days)) if since else utcnow() - timedelta(days=window_days)
+    done = Requeued(model_card.version)
+    while True:
+        with sessions.begin() as session:
+            ids = requeue_for_model(session, model_version=model_card.version, received_since=since,
+                                    received_until=until, limit=batch)
+        if not ids:
+            break
+        done.ids += ids
+        if send:
+            for instance_id in ids:
+                app.send_task("pneumoscreen.preprocess", args=[instance_id],
+                              kwargs={"model_dir": model_dir} if model_dir else {})
+        if progress is not None:
+            progress(len(ids))
+    if done.count:
+        log.info("rescreen: %d instance(s) queued for model %s", done.count, model_card.version)
+    return done
+
+
+def screen_here(sessions: sessionmaker[Session], ids: list[int], *, model, policy: EligibilityPolicy,
+                spool: Spool, batch_size: int = 32, progress: Progress | None = None) -> list[int]:
+    """Run the pipeline on ``ids`` in this process, ``batch_size`` images per forward pass.
+
+    Returns the ids of the studies that ended (their reports can be requested).
+    """
+    from worker import pipeline
+
+    completed: set[int] = set()
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        items = []
+        for instance_id in chunk:
+            prepared = pipeline.preprocess_instance(sessions, instance_id, policy=policy, spool=spool)
+            if prepared is not None:
+                items.append((instance_id, prepared))
+        if items:
+            probabilities = model.predict(np.stack([image for _, image in items]))
+            completed.update(pipeline.record_predictions(
+                sessions, model.card, [(i, p) for (i, _), p in zip(items, probabilities)]))
+        if progress is not None:
+            progress(len(chunk))
+    return sorted(completed)
+
+
+def open_count(sessions: sessionmaker[Session], ids: list[int]) -> int:
+    """How many of ``ids`` have not ended yet."""
+    left = 0
+    with sessions() as session:
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            left += session.scalar(select(func.count()).select_from(Instance)
+                                   .where(Instance.id.in_(chunk), Instance.state.not_in(TERMINAL_STATES)))
+    return left
+
+
+def wait(sessions: sessionmaker[Session], ids: list[int], *, timeout: float,
+         progress: Progress | None = None, interval: float = 1.0) -> int:
+    """Wait until every one of ``ids`` has ended, or ``timeout`` seconds; returns how many are still open."""
+    deadline = time.monotonic() + timeout
+    reported = 0
+    while True:
+        left = open_count(sessions, ids)
+        if progress is not None and len(ids) - left > reported:
+            progress(len(ids) - left - reported)
+            reported = len(ids) - left
+        if left == 0 or time.monotonic() >= deadline:
+            return left
+        time.sleep(interval)
+
+
+def wait_for_studies(sessions: sessionmaker[Session], study_uids: list[str], *, expected: int, timeout: float,
+                     progress: Progress | None = None, interval: float = 1.0) -> int:
+    """Wait until ``expected`` instances of these studies have arrived and every one has ended;
+    returns how many are still missing or open when the wait stops."""
+    from db.models import Series, Study
+
+    deadline = time.monotonic() + timeout
+    reported = 0
+    while True:
+        with sessions() as session:
+            arrived, ended = session.execute(
+                select(func.count(Instance.id),
+                       func.coalesce(func.sum(case((Instance.state.in_(TERMINAL_STATES), 1), else_=0)), 0))
+                .join(Series, Instance.series_id == Series.id).join(Study, Series.study_id == Study.id)
+                .where(Study.StudyInstanceUID.in_(study_uids))
+            ).one()
+        if progress is not None and ended > reported:
+            progress(ended - reported)
+            reported = ended
+        left = max(expected, arrived) - ended
+        if left <= 0 or time.monotonic() >= deadline:
+            return max(left, 0)
+        time.sleep(interval)

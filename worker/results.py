@@ -1,0 +1,146 @@
+"""Results back to the PACS: when every image of a study has ended, its DICOM
+Structured Report (and, optionally, Grad-CAM Secondary Captures) is sent by
+C-STORE to ``PNEUMOSCREEN_RESULTS_DESTINATION``.
+
+The database row (``result_delivery``) is the source of truth: a report is
+requested in the same place the last prediction is recorded, claimed by one
+sender, and ends SENT or FAILED with the reason. The report's SOP Instance UID
+is derived from its content, so a retry sends the same object again (the PACS
+keeps one copy) and a study that gained images gets a new report.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import cv2
+from pydicom import Dataset, dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.deliveries import (
+    DeliveryJob,
+    claim_delivery,
+    delivery_job,
+    fail_delivery,
+    finish_delivery,
+    release_delivery,
+    request_delivery,
+    stale_deliveries,
+)
+from db.models import utcnow
+from dicom_io.pixels import display_image
+from dicom_io.scu import DeliveryError, Peer, send_datasets
+from dicom_io.sr import AlgorithmInfo, build_heatmap_capture, build_screening_report
+from model.preprocessing import prepare
+
+log = logging.getLogger(__name__)
+
+#: a SENDING claim older than this belongs to a sender that died
+CLAIM_TIMEOUT = timedelta(minutes=15)
+
+
+def request_reports(sessions: sessionmaker[Session], *, study_ids: list[int], model_version: str,
+                    destination: str) -> list[int]:
+    """Ask for the reports of ``study_ids``; returns the delivery ids to send."""
+    if not study_ids:
+        return []
+    with sessions.begin() as session:
+        return [request_delivery(session, study_id=study_id, model_version=model_version, destination=destination)
+                for study_id in study_ids]
+
+
+def stale_reports(sessions: sessionmaker[Session], *, older_than_seconds: float) -> list[int]:
+    with sessions.begin() as session:
+        return stale_deliveries(session, older_than=utcnow() - timedelta(seconds=older_than_seconds))
+
+
+def _algorithm(job: DeliveryJob) -> AlgorithmInfo:
+    first = job.images[0]
+    return AlgorithmInfo(name=first.model_name, version=job.model_version, weights_sha256=first.weights_sha256,
+                         threshold=first.threshold)
+
+
+def build_report(job: DeliveryJob) -> Dataset:
+    """The study's SR from the spool files' headers and the recorded predictions."""
+    sources = [dcmread(image.path, stop_before_pixels=True) for image in job.images]
+    sop_uids = sorted(image.SOPInstanceUID for image in job.images)
+    return build_screening_report(
+        sources, [image.probability for image in job.images], algorithm=_algorithm(job),
+        sop_instance_uid=generate_uid(entropy_srcs=[job.StudyInstanceUID, job.model_version, *sop_uids]),
+        series_instance_uid=generate_uid(entropy_srcs=[job.StudyInstanceUID, job.model_version, "SR"]),
+    )
+
+
+def build_heatmaps(job: DeliveryJob, keras_model, *, which: str) -> list[Dataset]:
+    """Grad-CAM Secondary Captures for the flagged images (``which="flagged"``) or all of them."""
+    from model.gradcam import gradcam, overlay
+
+    captures = []
+    series_uid = generate_uid(entropy_srcs=[job.StudyInstanceUID, job.model_version, "GRADCAM"])
+    for number, image in enumerate(job.images, start=1):
+        if which == "flagged" and not image.flagged:
+            continue
+        source = dcmread(image.path)
+        prepared = prepare(display_image(source))
+        rgb = cv2.cvtColor(overlay(prepared, gradcam(keras_model, prepared)), cv2.COLOR_BGR2RGB)
+        captures.append(build_heatmap_capture(
+            source, rgb, algorithm=_algorithm(job), probability=image.probability,
+            sop_instance_uid=generate_uid(entropy_srcs=[image.SOPInstanceUID, job.model_version, "GRADCAM"]),
+            series_instance_uid=series_uid, instance_number=number,
+        ))
+    return captures
+
+
+def deliver(sessions: sessionmaker[Session], delivery_id: int, *, calling_ae: str, heatmaps: str = "none",
+            keras_model: Callable[[], object] | None = None, timeout: float = 30.0) -> str:
+    """Claim, build and send one study's report; returns what happened.
+
+    Raises ``DeliveryError`` when the destination did not take it (the caller
+    retries and finally calls ``give_up``); the claim is released first.
+    """
+    with sessions.begin() as session:
+        if not claim_delivery(session, delivery_id=delivery_id, stale_before=utcnow() - CLAIM_TIMEOUT):
+            return "not claimed: already sent, being sent, or unknown"
+        job = delivery_job(session, delivery_id=delivery_id)
+    if job is None or not job.images:
+        with sessions.begin() as session:
+            release_delivery(session, delivery_id=delivery_id, reason="no screened image to report", final=True)
+        return "nothing to report"
+    try:
+        report = build_report(job)
+        datasets = [report]
+        if heatmaps != "none" and keras_model is not None:
+            datasets += build_heatmaps(job, keras_model(), which=heatmaps)
+        missing = [image.path for image in job.images if not Path(image.path).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} source file(s) no longer in the spool")
+    except (OSError, ValueError) as exc:
+        reason = f"report could not be built: {type(exc).__name__}: {exc}"
+        with sessions.begin() as session:
+            release_delivery(session, delivery_id=delivery_id, reason=reason, final=True)
+        log.error("delivery %d (study %s): %s", delivery_id, job.StudyInstanceUID, reason)
+        return reason
+    peer = Peer.parse(job.destination)
+    try:
+        send_datasets(peer, datasets, calling_ae=calling_ae, timeout=timeout)
+    except DeliveryError as exc:
+        with sessions.begin() as session:
+            release_delivery(session, delivery_id=delivery_id, reason=str(exc), final=False)
+        raise
+    with sessions.begin() as session:
+        finish_delivery(session, delivery_id=delivery_id, sr_sop_instance_uid=report.SOPInstanceUID,
+                        instance_count=len(job.images))
+    log.info("study %s: report %s (%d image(s), %d heatmap(s)) sent to %s", job.StudyInstanceUID,
+             report.SOPInstanceUID, len(job.images), len(datasets) - 1, peer.ae_title)
+    return "sent"
+
+
+def give_up(sessions: sessionmaker[Session], delivery_id: int, reason: str) -> None:
+    """The retries are spent: the delivery is FAILED with ``reason`` (visible, and re-sent on request)."""
+    with sessions.begin() as session:
+        fail_delivery(session, delivery_id=delivery_id, reason=reason)
+    log.error("delivery %d FAILED: %s", delivery_id, reason)
