@@ -14,7 +14,11 @@ from conftest import free_port
 
 
 class Orthanc:
-    def __init__(self, workdir: Path, *, modalities: dict[str, tuple[str, str, int]], aet: str = "ORTHANC") -> None:
+    def __init__(self, workdir: Path, *, modalities: dict[str, tuple[str, str, int]], aet: str = "ORTHANC",
+                 extra_config: dict | None = None) -> None:
+        """``modalities``: name -> (AE title, host, port), the peers Orthanc knows (C-MOVE
+        destinations; Orthanc answers C-FIND/C-MOVE only from these calling AE titles);
+        ``extra_config``: further Orthanc configuration keys."""
         exe = shutil.which("Orthanc") or shutil.which("orthanc") or "/usr/sbin/Orthanc"
         if not Path(exe).exists():
             raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
@@ -27,6 +31,7 @@ class Orthanc:
             "DicomAet": aet, "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
             "DicomModalities": {name: list(v) for name, v in modalities.items()},
             "DicomScuTimeout": 30, "StableAge": 1,
+            **(extra_config or {}),
         }
         (workdir / "orthanc.json").write_text(json.dumps(config))
         self._log = open(workdir / "orthanc.log", "wb")
@@ -43,11 +48,14 @@ class Orthanc:
                 time.sleep(0.2)
         raise TimeoutError("Orthanc did not start")
 
-    def _request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
+    def _raw(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json") -> bytes:
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method,
                                      headers={"Content-Type": content_type})
         with urllib.request.urlopen(req, timeout=120) as resp:
-            data = resp.read()
+            return resp.read()
+
+    def _request(self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
+        data = self._raw(method, path, body, content_type)
         return json.loads(data) if data else None
 
     def get(self, path: str):
@@ -58,6 +66,17 @@ class Orthanc:
 
     def upload(self, path: Path) -> str:
         return self._request("POST", "/instances", path.read_bytes(), "application/dicom")["ID"]
+
+    def instance_id(self, sop_instance_uid: str) -> str:
+        """Orthanc's ID of the stored instance with this SOPInstanceUID."""
+        found = self.post("/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": sop_instance_uid}})
+        if len(found) != 1:
+            raise LookupError(f"Orthanc holds {len(found)} instances with SOPInstanceUID {sop_instance_uid}")
+        return found[0]
+
+    def download(self, instance_id: str) -> bytes:
+        """The stored DICOM file, as Orthanc received it."""
+        return self._raw("GET", f"/instances/{instance_id}/file")
 
     def stop(self) -> None:
         self.proc.terminate()

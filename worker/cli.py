@@ -236,7 +236,7 @@ def db_upgrade() -> None:
 
 
 # the other commands register themselves on `cli`
-from worker import cli_archive, cli_model, cli_results  # noqa: E402,F401
+from worker import cli_api, cli_archive, cli_model, cli_results  # noqa: E402,F401
 
 
 def main() -> None:

@@ -91,7 +91,9 @@ def rescreen(since: datetime | None, until: datetime | None, model_dir: Path | N
     """Screen stored studies again with a (new) model version, or pull studies from a PACS.
 
     Without --from-pacs: every stored instance received in the date range that
-    the model version has not answered goes through the pipeline again; the
+    the model version has not answered goes through the pipeline again (through
+    the workers when there is a shared broker and database, otherwise in this
+    process); the
     report says which studies became flagged or unflagged. With --from-pacs:
     the PACS's CR/DX studies of that study-date range are moved to our listener
     (the PACS must know our AE title as a modality) and screened as they arrive.
@@ -116,7 +118,8 @@ def _rescreen_stored(settings, since, until, model_dir, wait, timeout, as_json) 
     except (ModelArtifactError, ValueError, OSError) as exc:
         raise click.ClickException(f"model artifact: {exc}") from None
     received_since, received_until = day_bounds(since, until, settings.timezone)
-    here = settings.broker_url.startswith("memory")
+    # the embedded default (SQLite in the data dir, `run`'s in-process broker) has no workers to share
+    here = settings.broker_url.startswith("memory") or settings.database_url is None
     if not here:
         from worker.celery_app import configure_app
 

@@ -33,7 +33,7 @@ def audit(action: str, params: dict, result_count: int | None) -> None:
 
     with _sessions().begin() as session:
         record_audit(session, actor=f"cli:{getpass.getuser()}", client=None, action=action,
-                     params={k: v for k, v in params.items() if v not in (None, False)}, status=0,
+                     params={k: v for k, v in params.items() if v not in (None, False)}, status=200,
                      result_count=result_count)
 
 
