@@ -213,23 +213,24 @@ def rescreen_changes(session: Session, *, instance_ids: list[int], model_version
 
     Returns counts (``rescreened``, ``pending``, ``newly_flagged``, ``unflagged``,
     ``unchanged``) and the studies whose flag changed (``changed_studies``:
-    study UID, before, after).
+    study UID, accession number, before, after).
     """
     result = {"rescreened": 0, "pending": 0, "newly_flagged": 0, "unflagged": 0, "unchanged": 0}
     if not instance_ids:
         return {**result, "changed_studies": []}
     answers: dict[int, list[Prediction]] = {}
-    study_of: dict[int, str] = {}
+    study_of: dict[int, tuple[str, str | None]] = {}
     for chunk in range(0, len(instance_ids), 500):
         ids = instance_ids[chunk:chunk + 500]
         for p in session.scalars(select(Prediction).where(Prediction.instance_id.in_(ids)).order_by(Prediction.id)):
             answers.setdefault(p.instance_id, []).append(p)
-        study_of.update(session.execute(
-            select(Instance.id, Study.StudyInstanceUID).join(Series, Instance.series_id == Series.id)
+        study_of.update((row.id, (row.StudyInstanceUID, row.AccessionNumber)) for row in session.execute(
+            select(Instance.id, Study.StudyInstanceUID, Study.AccessionNumber)
+            .join(Series, Instance.series_id == Series.id)
             .join(Study, Series.study_id == Study.id).where(Instance.id.in_(ids))
-        ).all())
-    before_by_study: dict[str, bool] = {}
-    after_by_study: dict[str, bool] = {}
+        ))
+    before_by_study: dict[tuple[str, str | None], bool] = {}
+    after_by_study: dict[tuple[str, str | None], bool] = {}
     for instance_id in instance_ids:
         history = answers.get(instance_id, [])
         new = next((p for p in history if p.model_version == model_version), None)
@@ -249,6 +250,7 @@ def rescreen_changes(session: Session, *, instance_ids: list[int], model_version
         if study is not None:
             before_by_study[study] = before_by_study.get(study, False) or was
             after_by_study[study] = after_by_study.get(study, False) or bool(new.flagged)
-    changed = [{"study_instance_uid": uid, "flagged_before": before_by_study[uid], "flagged_after": after}
-               for uid, after in sorted(after_by_study.items()) if after != before_by_study[uid]]
+    changed = [{"study_instance_uid": study[0], "accession_number": study[1],
+                "flagged_before": before_by_study[study], "flagged_after": after}
+               for study, after in sorted(after_by_study.items()) if after != before_by_study[study]]
     return {**result, "changed_studies": changed}

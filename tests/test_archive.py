@@ -93,6 +93,7 @@ def test_ingest_then_rescreen_with_a_new_model_on_the_embedded_default(tmp_path,
     assert (report["queued"], report["rescreened"], report["pending"], report["still_open"]) == (2, 2, 0, 0)
     assert (report["newly_flagged"], report["unflagged"], report["unchanged"]) == (1, 0, 1)
     assert report["changed_studies"] == [{"study_instance_uid": normal.StudyInstanceUID,
+                                          "accession_number": normal.AccessionNumber,
                                           "flagged_before": False, "flagged_after": True}]
     worklist = cli_json("worklist", env=env)
     screened = [r for r in worklist if r["state"] == "SCREENED"]
@@ -131,6 +132,7 @@ def test_rescreen_and_nightly_job_through_celery_workers_on_redis_and_postgresql
     assert (report["queued"], report["rescreened"], report["still_open"]) == (2, 2, 0)
     assert report["unflagged"] == 1 and report["newly_flagged"] == 0
     assert report["changed_studies"] == [{"study_instance_uid": pneumonia.StudyInstanceUID,
+                                          "accession_number": pneumonia.AccessionNumber,
                                           "flagged_before": True, "flagged_after": False}]
     assert "9.1.0-strict" in worker.log()
 

@@ -29,12 +29,12 @@ def _resolve(args: list[str]) -> click.Command:
 
 
 def test_expected_services_are_present():
-    assert {"redis", "postgres", "listener", "preprocess-worker", "inference-worker", "beat"} <= set(_services())
+    assert {"redis", "postgres", "listener", "preprocess-worker", "inference-worker", "beat", "api"} <= set(_services())
 
 
 def test_every_pneumoscreen_service_runs_a_real_command():
     commands = {name: s["command"] for name, s in _services().items() if s.get("command", [""])[0] == "pneumoscreen"}
-    assert {"listener", "preprocess-worker", "inference-worker", "beat", "migrate"} <= set(commands)
+    assert {"listener", "preprocess-worker", "inference-worker", "beat", "migrate", "api"} <= set(commands)
     for name, command in commands.items():
         assert callable(_resolve(command[1:]).callback), name
 
@@ -60,3 +60,12 @@ def test_listener_open_to_the_network_requires_an_allow_list():
     env = _services()["listener"]["environment"]
     assert env["PNEUMOSCREEN_HOST"] == "0.0.0.0"
     assert "PNEUMOSCREEN_ALLOWED_AES" in env and ":?" in env["PNEUMOSCREEN_ALLOWED_AES"]
+
+
+def test_api_token_and_report_destination_come_from_the_environment():
+    services = _services()
+    assert ":?" in services["api"]["environment"]["PNEUMOSCREEN_API_TOKEN"]
+    assert services["api"]["ports"] == ["127.0.0.1:8080:8080"]
+    # the preprocess workers (maintenance queue) send the reports, from the spool beside them
+    assert "maintenance" in services["preprocess-worker"]["command"][3].split(",")
+    assert "PNEUMOSCREEN_RESULTS_DESTINATION" in services["preprocess-worker"]["environment"]

@@ -196,8 +196,8 @@ def test_rescreen_requeues_what_the_new_model_has_not_answered_and_reports_chang
         assert study_detail(s, study_instance_uid="9.9") is None
     assert changes["rescreened"] == 2 and changes["newly_flagged"] == 1 and changes["unflagged"] == 1
     assert changes["changed_studies"] == [
-        {"study_instance_uid": "1.1", "flagged_before": False, "flagged_after": True},
-        {"study_instance_uid": "1.2", "flagged_before": True, "flagged_after": False},
+        {"study_instance_uid": "1.1", "accession_number": "A", "flagged_before": False, "flagged_after": True},
+        {"study_instance_uid": "1.2", "accession_number": "B", "flagged_before": True, "flagged_after": False},
     ]
     assert rows["A"]["flagged"] and rows["A"]["model_version"] == "2.0"
     assert not rows["B"]["flagged"] and rows["B"]["max_probability"] == pytest.approx(0.3)

@@ -75,3 +75,24 @@ def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path):
         result = run_cli("run", "--data-dir", str(tmp_path / "data"), "--port", str(port), env=cli_env(), check=False)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_beat_rescreens_the_archive_nightly_at_the_configured_time_and_zone():
+    from worker.celery_app import configure_app
+
+    schedule = configure_app(Settings()).conf.beat_schedule
+    nightly = schedule["rescreen-archive"]
+    assert nightly["task"] == "pneumoscreen.rescreen_archive"
+    assert (nightly["schedule"].hour, nightly["schedule"].minute) == ({1}, {0})
+    assert schedule["reconcile"]["task"] == "pneumoscreen.reconcile"
+
+    app = configure_app(Settings(rescreen_schedule="23:45", timezone="Europe/Berlin"))
+    nightly = app.conf.beat_schedule["rescreen-archive"]
+    assert (nightly["schedule"].hour, nightly["schedule"].minute) == ({23}, {45})
+    assert app.conf.timezone == "Europe/Berlin"
+
+    assert "rescreen-archive" not in configure_app(Settings(rescreen_schedule="")).conf.beat_schedule
+    for bad in ({"rescreen_schedule": "1 am"}, {"rescreen_schedule": "24:00"}, {"timezone": "Mars/Olympus"}):
+        with pytest.raises(ValidationError):
+            Settings(**bad)
+    configure_app(Settings())

@@ -9,329 +9,36 @@ it, so any number of API processes give the same answers.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import date, datetime, time, timedelta, timezone
 from importlib.metadata import version as package_version
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
-import redis
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.security.utils import get_authorization_scheme_param
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
-from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers, QueryParams
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from sqlalchemy.orm import Session
 
-from db.audit import record_audit
-from db.metrics import pipeline_snapshot
 from db.migrate import alembic_config
 from db.models import InstanceState
 from db.results import StudyState, list_instances, study_detail, worklist
 from worker import runtime
-from worker.celery_app import ALL_QUEUES
+from worker.api_auth import AuditMiddleware, BearerAuth
+from worker.api_metrics import PipelineCollector, _broker_client
+from worker.api_schemas import ErrorDetail, Health, InstanceRow, StudyDetail, WorklistRow
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: upper bounds (seconds) of the screening latency histogram
-LATENCY_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
-#: instance states still in flight, one gauge each
-IN_FLIGHT_STATES = (InstanceState.RECEIVED, InstanceState.QUEUED, InstanceState.PREPROCESSED)
 _UID = r"^[0-9]+(\.[0-9]+)*$"
-_DATE_TIME = {"format": "date-time"}
 
-
-# --- response bodies -------------------------------------------------------------------------------------------
-
-class WorklistRow(BaseModel):
-    """One study on the radiologists' worklist (a row of ``pneumoscreen worklist --json``)."""
-
-    study_instance_uid: str
-    accession_number: str | None
-    priority: int = Field(description="1 flagged, 2 in progress or with images that failed, 3 routine")
-    flagged: bool = Field(description="some image's latest prediction is at or above its model's threshold")
-    max_probability: float | None = Field(description="highest latest probability of pneumonia among its images")
-    state: StudyState
-    received_at: str | None = Field(description="first image received (UTC, ISO 8601)", json_schema_extra=_DATE_TIME)
-    model_version: str | None
-    study_date: str | None = Field(description="DICOM StudyDate as sent (YYYYMMDD)")
-    images: int = Field(description="images received for the study")
-
-
-class InstanceRow(BaseModel):
-    """One received image (a row of ``pneumoscreen instances --json``)."""
-
-    sop_instance_uid: str
-    study_instance_uid: str | None = Field(description="None for a dataset that could not be parsed")
-    series_instance_uid: str | None
-    state: InstanceState
-    reason: str | None = Field(description="why it was skipped or failed")
-    probability: float | None = Field(description="latest probability of pneumonia")
-    model_version: str | None
-
-
-class PredictionOut(BaseModel):
-    """One model's answer for one image."""
-
-    model_name: str
-    model_version: str
-    weights_sha256: str
-    probability: float
-    threshold: float
-    flagged: bool
-    created_at: str | None = Field(json_schema_extra=_DATE_TIME)
-
-
-class StudyInstance(BaseModel):
-    """An image of a study, with every model's answer, oldest first."""
-
-    sop_instance_uid: str
-    series_instance_uid: str
-    modality: str | None
-    sop_class_uid: str
-    state: InstanceState
-    reason: str | None
-    received_at: str | None = Field(json_schema_extra=_DATE_TIME)
-    probability: float | None = Field(description="latest probability of pneumonia")
-    model_version: str | None
-    predictions: list[PredictionOut]
-
-
-class StudyDetail(BaseModel):
-    """A study: its worklist row and its images."""
-
-    study_instance_uid: str
-    accession_number: str | None
-    study_date: str | None
-    received_at: str | None = Field(json_schema_extra=_DATE_TIME)
-    priority: int | None = None
-    flagged: bool | None = None
-    max_probability: float | None = None
-    state: StudyState | None = None
-    model_version: str | None = None
-    images: int | None = None
-    instances: list[StudyInstance]
-
-
-class Health(BaseModel):
-    """Whether this API can answer: its database is reachable and its schema current."""
-
-    model_config = ConfigDict(populate_by_name=True)
-
-    status: Literal["ok", "unavailable"]
-    database: Literal["ok", "unreachable"]
-    schema_state: Literal["current", "not current", "unknown"] = Field(alias="schema")
-    model_version: str | None = Field(description="version of the configured model artifact")
-    detail: str | None = None
-
-
-class ErrorDetail(BaseModel):
-    detail: Any
-
-
-# --- authentication and audit ----------------------------------------------------------------------------------
-
-_bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
-                     description="the API token (PNEUMOSCREEN_API_TOKEN) as `Authorization: Bearer <token>`")
-
-
-def token_fingerprint(token: str) -> str:
-    """A name for a token that does not reveal it: the first 12 hex digits of its SHA-256."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
-
-
-class BearerAuth:
-    """The dependency of every endpoint that needs the token: 401 without it or with another."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token.encode("utf-8")
-
-    def __call__(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> None:
-        if credentials is None or not secrets.compare_digest(credentials.credentials.encode("utf-8"), self._token):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-
-def _actor(scope: Scope) -> str:
-    scheme, token = get_authorization_scheme_param(Headers(scope=scope).get("authorization"))
-    if scheme.lower() == "bearer" and token:
-        return f"api:{token_fingerprint(token)}"
-    return "api:anonymous"
-
-
-def _params(scope: Scope, route: APIRoute) -> dict[str, Any]:
-    """The route's own query parameters as sent (nothing else: a stray secret stays out) and its path parameters."""
-    query = QueryParams(scope.get("query_string", b""))
-    params: dict[str, Any] = {}
-    for field in route.dependant.query_params:
-        values = query.getlist(field.alias)
-        if values:
-            params[field.alias] = values[0] if len(values) == 1 else values
-    params.update(scope.get("path_params") or {})
-    return params
-
-
-class AuditMiddleware:
-    """Writes one audit entry for each request to an endpoint that needs the token,
-    refused and failed ones included, before the answer goes out. An answer whose
-    entry cannot be written is not sent: the client gets 503 instead."""
-
-    def __init__(self, app: ASGIApp, *, is_audited: Callable[[Any], bool]) -> None:
-        self.app = app
-        self.is_audited = is_audited
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        held: list[Message] = []
-        audited: bool | None = None
-
-        async def hold_until_audited(message: Message) -> None:
-            nonlocal audited
-            if audited is None:  # the first message: routing is done by now
-                audited = self.is_audited(scope.get("route"))
-            if not audited:
-                await send(message)
-                return
-            held.append(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                await self._send_audited(scope, held, send)
-
-        try:
-            await self.app(scope, receive, hold_until_audited)
-        except Exception:
-            if audited is None and self.is_audited(scope.get("route")):
-                await run_in_threadpool(self._write, scope, 500)
-            raise
-
-    async def _send_audited(self, scope: Scope, held: list[Message], send: Send) -> None:
-        status = held[0]["status"]
-        if not await run_in_threadpool(self._write, scope, status) and status < 400:
-            refusal = JSONResponse({"detail": "the request could not be recorded in the audit log"}, status_code=503)
-            await refusal(scope, _no_receive, send)
-            return
-        for message in held:
-            await send(message)
-
-    @staticmethod
-    def _write(scope: Scope, status: int) -> bool:
-        route: APIRoute = scope["route"]
-        action = f"{scope['method']} {route.path}"
-        actor = _actor(scope)
-        client = scope["client"][0] if scope.get("client") else None
-        result_count = (scope.get("state") or {}).get("result_count") if status < 400 else None
-        try:
-            with runtime.sessions().begin() as session:
-                record_audit(session, actor=actor, client=client, action=action, params=_params(scope, route),
-                             status=status, result_count=result_count)
-        except SQLAlchemyError as exc:
-            log.error("could not write the audit entry of %s by %s (status %d): %s", action, actor, status, exc)
-            return False
-        log.info("%s %d%s by %s from %s", action, status,
-                 "" if result_count is None else f" rows={result_count}", actor, client)
-        return True
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
-
-
-# --- metrics ---------------------------------------------------------------------------------------------------
-
-def _broker_client(broker_url: str) -> redis.Redis | None:
-    """A client for the broker's queue lengths when the broker is Redis (none for memory:// and others)."""
-    if not broker_url.startswith(("redis://", "rediss://")):
-        return None
-    return redis.Redis.from_url(broker_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-
-
-#: kombu's Redis transport keeps a queue's prioritised messages in "<queue>\x06\x16<priority>" lists
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
-
-
-class PipelineCollector(Collector):
-    """Prometheus metrics read at each scrape: counts from the database, queue lengths from Redis."""
-
-    def __init__(self, sessions: Callable[[], sessionmaker[Session]], broker: redis.Redis | None) -> None:
-        self._sessions = sessions
-        self._broker = broker
-
-    def collect(self) -> list[Metric]:
-        with self._sessions()() as session:
-            if session.get_bind().dialect.name == "postgresql":
-                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})  # one consistent view
-            snapshot = pipeline_snapshot(session, latency_buckets=LATENCY_BUCKETS)
-        metrics: list[Metric] = [
-            CounterMetricFamily("pneumoscreen_instances_received_total", "Instances received, whatever their state",
-                                value=snapshot.received),
-            CounterMetricFamily("pneumoscreen_instances_screened_total", "Instances screened (PREDICTED)",
-                                value=snapshot.screened),
-            CounterMetricFamily("pneumoscreen_instances_flagged_total",
-                                "Instances whose latest prediction is flagged", value=snapshot.flagged),
-            CounterMetricFamily("pneumoscreen_instances_failed_total", "Instances that could not be screened",
-                                value=snapshot.failed),
-            CounterMetricFamily("pneumoscreen_instances_skipped_total", "Instances not eligible for screening",
-                                value=snapshot.skipped),
-        ]
-        predictions = CounterMetricFamily("pneumoscreen_predictions_total", "Predictions stored, by model version",
-                                          labels=["model_version"])
-        for model_version, count in snapshot.predictions_by_model_version.items():
-            predictions.add_metric([model_version], count)
-        in_flight = GaugeMetricFamily("pneumoscreen_instances", "Instances in flight, by state", labels=["state"])
-        for state in IN_FLIGHT_STATES:
-            in_flight.add_metric([state.value], snapshot.instances_by_state[state.value])
-        deliveries = GaugeMetricFamily("pneumoscreen_result_deliveries", "Result reports to the PACS, by state",
-                                       labels=["state"])
-        for state, count in snapshot.deliveries_by_state.items():
-            deliveries.add_metric([state], count)
-        latency = snapshot.latency
-        histogram = HistogramMetricFamily(
-            "pneumoscreen_screening_latency_seconds", "Seconds from an instance being queued to its prediction",
-            buckets=[*((floatToGoString(bound), count) for bound, count in latency.buckets), ("+Inf", latency.count)],
-            sum_value=latency.sum,
-        )
-        metrics += [predictions, in_flight, deliveries, histogram]
-        depth = self._queue_depth()
-        if depth is not None:
-            metrics.append(depth)
-        return metrics
-
-    def _queue_depth(self) -> GaugeMetricFamily | None:
-        if self._broker is None:
-            return None
-        try:
-            with self._broker.pipeline(transaction=False) as pipe:
-                for queue in ALL_QUEUES:
-                    for suffix in _PRIORITY_SUFFIXES:
-                        pipe.llen(queue + suffix)
-                lengths = pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("queue depth left out of the metrics: the broker did not answer (%s)", exc)
-            return None
-        depth = GaugeMetricFamily("pneumoscreen_queue_depth", "Messages waiting in the broker, by queue",
-                                  labels=["queue"])
-        for i, queue in enumerate(ALL_QUEUES):
-            depth.add_metric([queue], sum(lengths[i * len(_PRIORITY_SUFFIXES):(i + 1) * len(_PRIORITY_SUFFIXES)]))
-        return depth
-
-
-# --- the application -------------------------------------------------------------------------------------------
 
 def _session() -> Iterator[Session]:
     """A session per request from the process's one session factory."""
@@ -416,7 +123,8 @@ def _operations_router(settings: Settings, auth: BearerAuth) -> APIRouter:
     heads = set(ScriptDirectory.from_config(alembic_config(settings.effective_database_url)).get_heads())
     model_version = _configured_model_version(settings)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PipelineCollector(runtime.sessions, _broker_client(settings.broker_url)))
+    broker = _broker_client(settings.broker_url) if settings.shares_broker else None
+    registry.register(PipelineCollector(runtime.sessions, broker))
 
     @router.get("/healthz", response_model=Health, summary="Can this API answer?",
                 responses={503: {"model": Health, "description": "the database is unreachable or not current"}})

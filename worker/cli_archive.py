@@ -46,6 +46,7 @@ def ingest(folder: Path, as_json: bool) -> None:
     from dicom_io.status import StoreStatus
     from worker import runtime
 
+    logging.getLogger("dicom_io.handlers").setLevel(logging.WARNING)  # one line per file: the summary says it
     files = list(candidate_files(folder))
     context = StoreContext.for_database(runtime.spool(), _sessions())
     counts: Counter[str] = Counter()
@@ -118,8 +119,7 @@ def _rescreen_stored(settings, since, until, model_dir, wait, timeout, as_json) 
     except (ModelArtifactError, ValueError, OSError) as exc:
         raise click.ClickException(f"model artifact: {exc}") from None
     received_since, received_until = day_bounds(since, until, settings.timezone)
-    # the embedded default (SQLite in the data dir, `run`'s in-process broker) has no workers to share
-    here = settings.broker_url.startswith("memory") or settings.database_url is None
+    here = not settings.shares_broker  # the embedded default: no workers to hand the work to
     if not here:
         from worker.celery_app import configure_app
 

@@ -175,6 +175,12 @@ class Settings(BaseSettings):
         return self._words(self.chest_body_parts)
 
     @property
+    def shares_broker(self) -> bool:
+        """True when listener and workers are separate processes joined by a broker and a shared
+        database; False on the embedded default (SQLite in the data dir, `run`'s in-process broker)."""
+        return self.database_url is not None and not self.broker_url.startswith("memory")
+
+    @property
     def effective_database_url(self) -> str:
         if self.database_url:
             return self.database_url
