@@ -153,7 +153,9 @@ class ResultDelivery(Base):
     """The DICOM SR (and optional heatmaps) of one study and model version, sent to one destination."""
 
     __tablename__ = "result_delivery"
-    __table_args__ = (UniqueConstraint("study_id", "model_version", "destination", name="uq_delivery_study_model_dest"),)
+    __table_args__ = (
+        UniqueConstraint("study_id", "model_version", "destination", name="uq_delivery_study_model_dest"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)

@@ -150,3 +150,20 @@ def storescu(port: int, *files: Path, jpeg_as_is: bool = False, aet: str = "STOR
         args.append("-xy")
     args += ["127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(args, capture_output=True, text=True, timeout=60, env={**os.environ, "TCP_NODELAY": "1"})
+
+
+def start_production(tmp_path: Path, processes: list[Process], *, pg_url: str, redis_url: str,
+                     **settings) -> tuple[dict[str, str], int, Process, Process]:
+    """The production topology on PostgreSQL and Redis: schema, `listen`, one worker on every queue.
+
+    Returns the environment, the DICOM port, the listener and the worker.
+    """
+    port = free_port()
+    env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", port=port, **settings)
+    run_cli("db", "upgrade", env=env)
+    listener = Process(["listen"], env, tmp_path / "listen.log")
+    processes.append(listener)
+    worker = Process(["worker", "--queues", "preprocess,inference,maintenance"], env, tmp_path / "worker.log")
+    processes.append(worker)
+    wait_for_port(port, listener.proc)
+    return env, port, listener, worker

@@ -16,7 +16,17 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from conftest import Process, cli_env, cli_json, free_port, run_cli, storescu, wait_for_port, wait_until
+from conftest import (
+    Process,
+    cli_env,
+    cli_json,
+    free_port,
+    run_cli,
+    start_production,
+    storescu,
+    wait_for_port,
+    wait_until,
+)
 from dicom_factory import NORMAL_JPEG, PLANTED_PATIENT_ID, PNEUMONIA_JPEG, write_chest_dicom
 from model.artifact import CARD_FILE, DEFAULT_MODEL_DIR, read_card
 
@@ -111,15 +121,8 @@ def test_ingest_then_rescreen_with_a_new_model_on_the_embedded_default(tmp_path,
 
 def test_rescreen_and_nightly_job_through_celery_workers_on_redis_and_postgresql(tmp_path, pg_url, redis_url,
                                                                                  processes):
-    port = free_port()
-    env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", port=port,
-                  study_quiet_seconds=0.5)
-    run_cli("db", "upgrade", env=env)
-    listener = Process(["listen"], env, tmp_path / "listen.log")
-    processes.append(listener)
-    worker = Process(["worker", "--queues", "preprocess,inference,maintenance"], env, tmp_path / "worker.log")
-    processes.append(worker)
-    wait_for_port(port, listener.proc)
+    env, port, _, worker = start_production(tmp_path, processes, pg_url=pg_url, redis_url=redis_url,
+                                            study_quiet_seconds=0.5)
     files = [tmp_path / "p.dcm", tmp_path / "n.dcm"]
     pneumonia = write_chest_dicom(files[0], PNEUMONIA_JPEG, transfer_syntax=ExplicitVRLittleEndian)
     normal = write_chest_dicom(files[1], NORMAL_JPEG, transfer_syntax=ExplicitVRLittleEndian)

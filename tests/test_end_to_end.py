@@ -12,7 +12,16 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
 
-from conftest import Process, cli_env, cli_json, free_port, run_cli, storescu, wait_for_port, wait_until
+from conftest import (
+    Process,
+    cli_env,
+    cli_json,
+    free_port,
+    start_production,
+    storescu,
+    wait_for_port,
+    wait_until,
+)
 from dicom_factory import NORMAL_JPEG, PLANTED_PATIENT_ID, PLANTED_PATIENT_NAME, PNEUMONIA_JPEG, write_chest_dicom
 from model.artifact import read_card
 
@@ -67,15 +76,8 @@ def _send_with_pynetdicom(port: int, path: Path) -> int:
 def test_study_from_storescu_and_pynetdicom_is_predicted_with_redis_postgres_and_worker_process(
     tmp_path, pg_url, redis_url, processes
 ):
-    port = free_port()
-    env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", port=port,
-                  study_quiet_seconds=1)
-    run_cli("db", "upgrade", env=env)
-    listener = Process(["listen"], env, tmp_path / "listen.log")
-    processes.append(listener)
-    worker = Process(["worker", "--queues", "preprocess,inference,maintenance"], env, tmp_path / "worker.log")
-    processes.append(worker)
-    wait_for_port(port, listener.proc)
+    env, port, _, _ = start_production(tmp_path, processes, pg_url=pg_url, redis_url=redis_url,
+                                       study_quiet_seconds=1)
 
     pneumonia = write_chest_dicom(tmp_path / "pneumonia.dcm", PNEUMONIA_JPEG, transfer_syntax=ExplicitVRLittleEndian)
     normal = write_chest_dicom(tmp_path / "normal_jpeg.dcm", NORMAL_JPEG, transfer_syntax=JPEGBaseline8Bit)

@@ -17,7 +17,17 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
-from conftest import Process, cli_env, cli_json, free_port, run_cli, storescu, wait_for_port, wait_until
+from conftest import (
+    Process,
+    cli_env,
+    cli_json,
+    free_port,
+    run_cli,
+    start_production,
+    storescu,
+    wait_for_port,
+    wait_until,
+)
 from db.models import DeliveryState, ResultDelivery
 from db.session import make_engine, make_sessionmaker
 from dicom_factory import NORMAL_JPEG, PLANTED_PATIENT_ID, PLANTED_PATIENT_NAME, PNEUMONIA_JPEG, chest_dataset
@@ -64,16 +74,9 @@ def test_screened_studies_go_back_to_the_pacs_as_sr_and_heatmaps_even_when_it_is
     tmp_path, pg_url, redis_url, processes
 ):
     pacs_port = free_port()
-    port = free_port()
-    env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", port=port,
-                  study_quiet_seconds=0.5, results_destination=f"ORTHANC@127.0.0.1:{pacs_port}",
-                  results_heatmaps="flagged")
-    run_cli("db", "upgrade", env=env)
-    listener = Process(["listen"], env, tmp_path / "listen.log")
-    processes.append(listener)
-    worker = Process(["worker", "--queues", "preprocess,inference,maintenance"], env, tmp_path / "worker.log")
-    processes.append(worker)
-    wait_for_port(port, listener.proc)
+    env, port, _, _ = start_production(tmp_path, processes, pg_url=pg_url, redis_url=redis_url,
+                                       study_quiet_seconds=0.5, results_destination=f"ORTHANC@127.0.0.1:{pacs_port}",
+                                       results_heatmaps="flagged")
 
     study = generate_uid()
     files = [_write(tmp_path / "send", PNEUMONIA_JPEG, study_uid=study, sop_class="CR"),

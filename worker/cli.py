@@ -133,7 +133,8 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
     server = _start_listener(settings)
     dispatcher = Dispatcher(_sessions(), quiet_seconds=settings.study_quiet_seconds)
     dispatcher.start()
-    # beat (reconciler, nightly rescreen) in a thread of this process: the in-process broker is not shared with another one
+    # beat (reconciler, nightly rescreen) in a thread of this process: the in-process broker
+    # is not shared with another one
     from celery.beat import EmbeddedService
 
     scheduler = EmbeddedService(app, thread=True, schedule_filename=str(settings.data_dir / "celerybeat-schedule"))

@@ -17,7 +17,8 @@ from worker.cli import _load_settings, _require_current_schema, _sessions, cli
 _DATE = click.DateTime(["%Y-%m-%d"])
 
 
-def day_bounds(since: datetime | None, until: datetime | None, timezone: str) -> tuple[datetime | None, datetime | None]:
+def day_bounds(since: datetime | None, until: datetime | None,
+               timezone: str) -> tuple[datetime | None, datetime | None]:
     """Calendar days in ``timezone`` -> [start of ``since``, end of ``until``) as aware datetimes."""
     zone = ZoneInfo(timezone)
     start = since.replace(tzinfo=zone) if since else None
