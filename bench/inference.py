@@ -160,7 +160,7 @@ def main() -> None:
     from model.artifact import configure_tensorflow, get_model
     from model.serving import BatchPredictor
 
-    console = Console(width=max(Console().width, 112))
+    console = Console(width=max(Console().width, 120))
     configure_tensorflow(intra_op_threads=args.tf_threads, inter_op_threads=args.tf_threads)
     import keras
     import tensorflow as tf

@@ -1,13 +1,21 @@
-"""Micro-batching: concurrent requests share one forward pass; errors reach every caller."""
+"""Micro-batching: concurrent requests share one forward pass; errors reach every caller;
+the production serving path gives the shipped model's own probabilities."""
 
 from __future__ import annotations
 
 import threading
 
+import cv2
 import numpy as np
 import pytest
 
+from dicom_factory import FIXTURES
+from model.artifact import get_model
+from model.preprocessing import prepare, read_image_file, to_model_input
 from model.serving import BatchPredictor
+
+#: Largest absolute difference in probability allowed between a serving path and keras predict.
+PARITY_TOLERANCE = 1e-4
 
 
 class CountingModel:
@@ -70,3 +78,54 @@ def test_a_failing_forward_pass_reaches_every_caller_and_the_batcher_goes_on():
 def test_bad_batch_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         BatchPredictor(CountingModel(), **kwargs)
+
+
+def _fixture_batch(count: int = 32) -> np.ndarray:
+    """``count`` distinct prepared images: the four fixture films, then seeded variations of them."""
+    films = [read_image_file(p) for p in sorted(FIXTURES.glob("*/*.jpeg"))]
+    rng = np.random.default_rng(7)
+    out = [prepare(film) for film in films]
+    while len(out) < count:
+        film = films[len(out) % len(films)]
+        rows, cols = film.shape
+        matrix = cv2.getRotationMatrix2D((cols / 2, rows / 2), rng.uniform(-7, 7), rng.uniform(0.92, 1.08))
+        image = cv2.warpAffine(film, matrix, (cols, rows), borderMode=cv2.BORDER_REFLECT)
+        image = (255.0 * (image / 255.0) ** rng.uniform(0.8, 1.25)).astype(np.uint8)
+        out.append(prepare(image[:, ::-1] if rng.random() < 0.5 else image))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def films_and_keras_scores():
+    model = get_model()
+    films = _fixture_batch(32)
+    reference = model.keras_model.predict(to_model_input(films), batch_size=32, verbose=0).reshape(-1)
+    # Both classes among the films, so a path that mixed images up or mis-scaled them would show.
+    assert reference.min() < model.card.threshold < reference.max()
+    return model, films, reference
+
+
+def test_production_forward_pass_on_32_films_matches_keras_predict(films_and_keras_scores):
+    model, films, reference = films_and_keras_scores
+    scores = np.asarray(model.predict(films))
+    assert scores.shape == reference.shape
+    assert np.abs(scores - reference).max() <= PARITY_TOLERANCE
+
+
+def test_concurrent_films_through_the_batcher_match_keras_predict_each_for_its_caller(films_and_keras_scores):
+    model, films, reference = films_and_keras_scores
+    predictor = BatchPredictor(model.predict, max_batch=32, max_wait_ms=500)
+    scores = np.full(len(films), np.nan)
+    barrier = threading.Barrier(len(films))
+
+    def call(i: int) -> None:
+        barrier.wait()
+        scores[i] = predictor.predict_one(films[i], timeout=120)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(films))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert predictor.batches < len(films)  # the callers shared forward passes
+    assert np.abs(scores - reference).max() <= PARITY_TOLERANCE
