@@ -215,3 +215,45 @@ def test_requeue_for_model_honours_the_received_window(sessions):
     with sessions.begin() as s:
         assert requeue_for_model(s, model_version="2.0", received_since=now) == []
         assert requeue_for_model(s, model_version="2.0", received_until=now) == [a]
+
+
+def test_a_study_report_is_claimed_by_one_sender_and_requested_again_when_the_study_grows(sessions):
+    from db.deliveries import (
+        claim_delivery,
+        completed_studies,
+        delivery_counts,
+        delivery_job,
+        fail_delivery,
+        finish_delivery,
+        release_delivery,
+        request_delivery,
+        stale_deliveries,
+    )
+
+    with sessions.begin() as s:
+        first, _ = _receive(s, "1.1", "1.1.1.1", "A")
+        second, _ = _receive(s, "1.1", "1.1.1.2", "A")
+        _predict(s, first, 0.9)
+        assert completed_studies(s, instance_ids=[first]) == [], "an image of the study is still open"
+        _predict(s, second, 0.1)
+        [study_id] = completed_studies(s, instance_ids=[first, second])
+        delivery = request_delivery(s, study_id=study_id, model_version="1.0", destination="PACS@pacs:104")
+    past, future = utcnow().replace(year=2000), utcnow().replace(year=2999)
+    with sessions.begin() as s:
+        assert claim_delivery(s, delivery_id=delivery, stale_before=past)
+        assert not claim_delivery(s, delivery_id=delivery, stale_before=past), "one sender at a time"
+        job = delivery_job(s, delivery_id=delivery)
+        assert job.StudyInstanceUID == "1.1" and [i.SOPInstanceUID for i in job.images] == ["1.1.1.1", "1.1.1.2"]
+        assert [i.flagged for i in job.images] == [True, False] and job.attempts == 1
+        release_delivery(s, delivery_id=delivery, reason="PACS down", final=False)
+        assert stale_deliveries(s, older_than=future) == [delivery]
+        assert claim_delivery(s, delivery_id=delivery, stale_before=past)
+        assert finish_delivery(s, delivery_id=delivery, sr_sop_instance_uid="1.2.3.4", instance_count=2)
+        assert delivery_counts(s) == {"SENT": 1}
+        assert stale_deliveries(s, older_than=future) == []
+    with sessions.begin() as s:  # a late image: the same row asks for a new report
+        assert request_delivery(s, study_id=study_id, model_version="1.0", destination="PACS@pacs:104") == delivery
+        assert delivery_counts(s) == {"PENDING": 1}
+        assert claim_delivery(s, delivery_id=delivery, stale_before=past)
+        fail_delivery(s, delivery_id=delivery, reason="gave up")
+        assert delivery_counts(s) == {"FAILED": 1}
