@@ -31,14 +31,16 @@ def _probability(value: float | None) -> str:
 
 def worklist_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title=f"Worklist ({len(rows)} studies)")
-    for column in ("#", "priority", "p(pneumonia)", "state", "accession"):
+    for column in ("#", "priority", "p(pneumonia)", "state", "accession", "study date", "images"):
         table.add_column(column, no_wrap=True, min_width=len(column))
     table.add_column("study", overflow="fold", min_width=20)
     table.add_column("received", no_wrap=True)
     table.add_column("model", no_wrap=True)
     for i, r in enumerate(rows, 1):
+        date = r.get("study_date") or ""
         table.add_row(str(i), _PRIORITY.get(r["priority"], str(r["priority"])), _probability(r["max_probability"]),
-                      r["state"], r["accession_number"] or "", r["study_instance_uid"],
+                      r["state"], r["accession_number"] or "", f"{date[:4]}-{date[4:6]}-{date[6:]}" if date else "",
+                      str(r.get("images", "")), r["study_instance_uid"],
                       (r["received_at"] or "")[:19].replace("T", " "), r["model_version"] or "")
     _console().print(table)
 
