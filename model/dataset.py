@@ -73,12 +73,10 @@ def load_folder(folder: str | Path, *, size: int = INPUT_SIZE, cache: str | Path
                 log.info("using cached arrays %s", cache)
                 return LabelledImages(z["images"], z["labels"], z["patients"], [p for p, _ in entries])
     images = np.empty((len(entries), size, size), dtype=np.uint8)
-    iterator = entries
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(entries, desc=f"reading {Path(folder).name}", unit="img")
-    for i, (path, _) in enumerate(iterator):
+    for i, (path, _) in enumerate(entries):
         images[i] = prepare_file(path, size)
+        if progress and (i + 1) % 500 == 0:
+            log.info("read %d/%d images of %s", i + 1, len(entries), folder)
     labels = np.array([label for _, label in entries], dtype=np.int64)
     patients = np.array([patient_id(p.name) for p, _ in entries])
     if cache is not None:

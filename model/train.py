@@ -5,6 +5,10 @@ arrays; the validation set is carved from ``train/`` by patient (the
 official ``val/`` split has 16 images, too few to choose a threshold on, so
 it is only reported). The threshold is set on validation for the target
 sensitivity and written into the model card with the validation figures.
+
+With ``folds`` set, the same recipe first goes through the k-fold check of
+:mod:`model.validation` (clean and acquisition-shifted figures, with their
+spread over folds), which is written into the card beside them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from model.artifact import ModelCard, save_artifact
+from model.augment import AUGMENTATIONS
 from model.dataset import LabelledImages, load_folder, patient_split
 from model.metrics import binary_report, threshold_for_sensitivity
 from model.preprocessing import INPUT_SIZE, to_model_input
@@ -37,10 +42,19 @@ class TrainingConfig:
     input_size: int = INPUT_SIZE
     name: str = "pneumoscreen-cnn"
     version: str = "0.1.0"
+    augmentation: str = "standard"
+    label_smoothing: float = 0.0
+    folds: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError("epochs must be at least 1")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError("label_smoothing must lie in [0, 0.5)")
+        if self.folds == 1 or self.folds < 0:
+            raise ValueError("folds must be 0 (no k-fold check) or at least 2")
         if not 0.05 <= self.val_fraction <= 0.5:
             raise ValueError("val_fraction must lie in [0.05, 0.5]")
         if not 0.5 <= self.target_sensitivity < 1.0:
@@ -54,15 +68,23 @@ def _manifest_hash(data: LabelledImages) -> str:
     return digest.hexdigest()
 
 
-def _dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuffle: bool, seed: int):
+def _dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuffle: bool, seed: int,
+             augmentation: str = "standard"):
     import tensorflow as tf
+
+    from model.augment import acquisition_augment
+
+    def to_input(x, y):
+        x = tf.cast(x, tf.float32)[..., None] / 255.0
+        if augmentation == "acquisition":
+            x = acquisition_augment(x)
+        return tf.repeat(x, 3, axis=-1), y
 
     ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
     if shuffle:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    ds = ds.map(lambda x, y: (tf.repeat(tf.cast(x, tf.float32)[..., None] / 255.0, 3, axis=-1), y),
-                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(to_input, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -83,47 +105,99 @@ def serving_copy(model, input_size: int):
     return serving
 
 
-def train(data_dir: str | Path, out_dir: str | Path, config: TrainingConfig = TrainingConfig(),
-          *, cache_dir: str | Path | None = None) -> ModelCard:
+def fit_network(tr: LabelledImages, va: LabelledImages, config: TrainingConfig):
+    """Train the network on ``tr``, stopping early on (and restoring the best
+    epoch for) validation AUC on ``va``. Returns (model, facts about the run)."""
     import keras
 
     from model.network import build_network
 
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
     keras.utils.set_random_seed(config.seed)
-    cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
-    full = load_folder(data_dir / "train", size=config.input_size, cache=cache_dir / f"train_{config.input_size}.npz")
-    official_val = None
-    if (data_dir / "val").is_dir():
-        official_val = load_folder(data_dir / "val", size=config.input_size, cache=cache_dir / f"val_{config.input_size}.npz")
-    train_idx, val_idx = patient_split(full, val_fraction=config.val_fraction, seed=config.seed)
-    tr, va = full.subset(train_idx), full.subset(val_idx)
-    log.info("train %d images (%d patients), validation %d images (%d patients)",
-             len(tr), len(set(tr.patients)), len(va), len(set(va.patients)))
-
     counts = np.bincount(tr.labels, minlength=2)
     class_weight = {c: float(len(tr) / (2 * counts[c])) for c in (0, 1)}
     steps = int(np.ceil(len(tr) / config.batch_size)) * config.epochs
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=steps, alpha=0.05)
     model = build_network(config.input_size)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
-                  loss="binary_crossentropy", metrics=[keras.metrics.AUC(name="auc")])
+                  loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
+                  metrics=[keras.metrics.AUC(name="auc")])
     callbacks = [keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience,
                                                restore_best_weights=True, verbose=1)]
     started = time.monotonic()
     history = model.fit(
-        _dataset(tr.images, tr.labels, batch_size=config.batch_size, shuffle=True, seed=config.seed),
+        _dataset(tr.images, tr.labels, batch_size=config.batch_size, shuffle=True, seed=config.seed,
+                 augmentation=config.augmentation),
         validation_data=_dataset(va.images, va.labels, batch_size=64, shuffle=False, seed=config.seed),
         epochs=config.epochs, class_weight=class_weight, callbacks=callbacks, verbose=2,
     )
     seconds = time.monotonic() - started
+    epochs_run = len(history.history["loss"])
+    facts = {"epochs_run": epochs_run, "best_epoch": int(np.argmax(history.history["val_auc"])) + 1,
+             "seconds": round(seconds, 1), "images_per_second": round(len(tr) * epochs_run / seconds, 1),
+             "class_weight": class_weight}
+    return model, facts
+
+
+def kfold_check(full: LabelledImages, config: TrainingConfig, *, k: int) -> dict:
+    """The k-fold check of :mod:`model.validation` for this recipe: each fold
+    trained as the final model is, the held-out fold serving as its validation."""
+    from model.validation import cross_validate, shifted_images
+
+    started = time.monotonic()
+    shifted = shifted_images(full.paths, size=config.input_size)
+
+    def fit(train_idx: np.ndarray, held_out_idx: np.ndarray, fold: int):
+        model, facts = fit_network(full.subset(train_idx), full.subset(held_out_idx), config)
+        return (lambda images: predict_prepared(model, images)), facts
+
+    result = cross_validate(full.images, full.labels, full.patients, shifted, fit, k=k, seed=config.seed,
+                            target_sensitivity=config.target_sensitivity)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    return result
+
+
+def card_sections(check: dict) -> dict:
+    """The check's figures for the model card's ``validation``: ``cross_validation``
+    (clean, per fold and spread) and ``shifted`` (per perturbation, mean, worst)."""
+    summary = check["summary"]
+    return {
+        "cross_validation": {
+            "method": f"{check['k']}-fold by patient, stratified, seed {check['seed']}; threshold for "
+                      f"sensitivity {check['target_sensitivity']} chosen on each clean held-out fold",
+            "folds": check["k"], "threshold": summary["threshold"], **summary["clean"],
+            "training_seconds": check["seconds"],
+        },
+        "shifted": {
+            "method": "held-out folds through deterministic acquisition perturbations before prepare(), "
+                      "scored at the clean fold's threshold",
+            "perturbations": summary["shifted"], "mean": summary["shifted_mean"], "worst": summary["shifted_worst"],
+        },
+    }
+
+
+def train(data_dir: str | Path, out_dir: str | Path, config: TrainingConfig = TrainingConfig(),
+          *, cache_dir: str | Path | None = None) -> ModelCard:
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
+    full = load_folder(data_dir / "train", size=config.input_size, cache=cache_dir / f"train_{config.input_size}.npz")
+    official_val = None
+    if (data_dir / "val").is_dir():
+        official_val = load_folder(data_dir / "val", size=config.input_size, cache=cache_dir / f"val_{config.input_size}.npz")
+    validation: dict = {}
+    if config.folds:
+        check = kfold_check(full, config, k=config.folds)
+        validation.update(card_sections(check))
+    train_idx, val_idx = patient_split(full, val_fraction=config.val_fraction, seed=config.seed)
+    tr, va = full.subset(train_idx), full.subset(val_idx)
+    log.info("train %d images (%d patients), validation %d images (%d patients)",
+             len(tr), len(set(tr.patients)), len(va), len(set(va.patients)))
+    model, facts = fit_network(tr, va, config)
 
     val_scores = predict_prepared(model, va.images)
     threshold = threshold_for_sensitivity(va.labels, val_scores, config.target_sensitivity)
-    validation = {"patient_split": binary_report(va.labels, val_scores, threshold)}
+    validation = {"patient_split": binary_report(va.labels, val_scores, threshold), **validation}
     if official_val is not None:
         validation["official_val"] = binary_report(official_val.labels, predict_prepared(model, official_val.images), threshold)
-    epochs_run = len(history.history["loss"])
     card = save_artifact(
         serving_copy(model, config.input_size), out_dir,
         name=config.name, version=config.version, threshold=threshold, input_size=config.input_size,
@@ -134,10 +208,9 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainingConfig = Tr
             "validation_split": f"patient-level, stratified, {config.val_fraction:.0%} of train/, seed {config.seed}",
         },
         validation=validation,
-        training={"epochs_run": epochs_run, "best_epoch": int(np.argmax(history.history["val_auc"])) + 1,
-                  "seconds": round(seconds, 1), "images_per_second": round(len(tr) * epochs_run / seconds, 1),
-                  "seed": config.seed, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-                  "class_weight": class_weight, "target_sensitivity": config.target_sensitivity},
+        training={**facts, "seed": config.seed, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+                  "epochs": config.epochs, "augmentation": config.augmentation,
+                  "label_smoothing": config.label_smoothing, "target_sensitivity": config.target_sensitivity},
     )
     log.info("wrote %s (threshold %.4f, validation AUC %.4f)", out_dir, threshold,
              validation["patient_split"]["auc"])

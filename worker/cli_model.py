@@ -22,14 +22,33 @@ log = logging.getLogger("pneumoscreen")
 @click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--seed", type=int, default=1234, show_default=True)
 @click.option("--version", "model_version", default="0.1.0", show_default=True)
-def train(data_dir: Path, out_dir: Path, epochs: int, seed: int, model_version: str) -> None:
+@click.option("--folds", type=click.IntRange(min=0), default=3, show_default=True,
+              help="first run the K-fold patient check (clean and acquisition-shifted figures with their "
+                   "spread, written into the card); 0 skips it")
+@click.option("--augmentation", type=click.Choice(["standard", "acquisition"]), default="standard",
+              show_default=True, help="standard: geometry, brightness, contrast; acquisition: also gamma, "
+                                      "contrast window, blur, noise and crop-zoom")
+@click.option("--label-smoothing", type=click.FloatRange(0.0, 0.5, max_open=True), default=0.0, show_default=True)
+def train(data_dir: Path, out_dir: Path, epochs: int, seed: int, model_version: str, folds: int,
+          augmentation: str, label_smoothing: float) -> None:
     """Train the screening CNN and write a model artifact."""
     from model.train import TrainingConfig, train as run_training
 
-    card = run_training(data_dir, out_dir, TrainingConfig(epochs=epochs, seed=seed, version=model_version))
+    if folds == 1:
+        raise click.BadParameter("use 0 (no check) or at least 2", param_hint="--folds")
+    config = TrainingConfig(epochs=epochs, seed=seed, version=model_version, folds=folds,
+                            augmentation=augmentation, label_smoothing=label_smoothing)
+    card = run_training(data_dir, out_dir, config)
     val = card.validation["patient_split"]
     click.echo(f"wrote {out_dir}: threshold {card.threshold:.4f}, validation AUC {val['auc']:.4f}, "
                f"sensitivity {val['sensitivity']:.3f}, specificity {val['specificity']:.3f}")
+    if "shifted" in card.validation:
+        cv, shifted = card.validation["cross_validation"], card.validation["shifted"]
+        click.echo(f"{folds}-fold check: AUC {cv['auc']['mean']:.4f} ± {cv['auc']['sd']:.4f}, "
+                   f"specificity {cv['specificity']['mean']:.3f} ± {cv['specificity']['sd']:.3f}; shifted: "
+                   f"AUC {shifted['mean']['auc']['mean']:.4f} ± {shifted['mean']['auc']['sd']:.4f}, "
+                   f"specificity {shifted['mean']['specificity']['mean']:.3f} ± "
+                   f"{shifted['mean']['specificity']['sd']:.3f} (worst {shifted['worst']['specificity']['mean']:.3f})")
 
 
 def _score_files(files: list[Path], model, *, batch_size: int = 32):

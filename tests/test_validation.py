@@ -1,0 +1,169 @@
+"""The k-fold check: deterministic perturbations, patient folds, the figures
+and their spread, and the card written by training with folds."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG
+from model.preprocessing import INPUT_SIZE, prepare, read_image_file
+from model.validation import (
+    PERTURBATIONS, aggregate, fold_report, patient_folds, perturb, shifted_images,
+)
+
+
+@pytest.mark.parametrize("name", sorted(PERTURBATIONS))
+def test_each_perturbation_is_deterministic_and_changes_the_prepared_image(name):
+    image = read_image_file(PNEUMONIA_JPEG)
+    first, second = perturb(image, name), perturb(image.copy(), name)
+    assert first.dtype == np.uint8 and first.ndim == 2
+    assert np.array_equal(first, second)
+    clean, shifted = prepare(image), prepare(first)
+    assert np.abs(clean.astype(int) - shifted.astype(int)).mean() > 1.0
+
+
+def test_unknown_perturbation_is_refused():
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        perturb(np.zeros((32, 32), dtype=np.uint8), "solarize")
+
+
+def test_shifted_images_are_prepared_per_perturbation_in_path_order():
+    shifted = shifted_images([NORMAL_JPEG, PNEUMONIA_JPEG])
+    assert set(shifted) == set(PERTURBATIONS)
+    for name, batch in shifted.items():
+        assert batch.shape == (2, INPUT_SIZE, INPUT_SIZE) and batch.dtype == np.uint8
+        assert np.array_equal(batch[1], prepare(perturb(read_image_file(PNEUMONIA_JPEG), name)))
+
+
+def test_patient_folds_keep_each_patient_on_one_side_and_stratify():
+    rng = np.random.default_rng(0)
+    patients = np.array([f"p{i}" for i in range(300) for _ in range(rng.integers(1, 4))])
+    label_of = {f"p{i}": int(i % 3 != 0) for i in range(300)}  # about 2/3 positive patients
+    labels = np.array([label_of[p] for p in patients])
+    folds = patient_folds(labels, patients, k=3, seed=7)
+    assert len(folds) == 3
+    held_out = np.concatenate([te for _, te in folds])
+    assert np.array_equal(np.sort(held_out), np.arange(len(labels)))  # each image held out once
+    for train_idx, test_idx in folds:
+        assert not set(patients[train_idx]) & set(patients[test_idx])
+        assert len(np.intersect1d(train_idx, test_idx)) == 0
+        assert abs(labels[test_idx].mean() - labels.mean()) < 0.05
+    assert [te.tolist() for _, te in folds] == [te.tolist() for _, te in patient_folds(labels, patients, k=3, seed=7)]
+
+
+def test_patient_folds_refuse_fewer_patients_than_folds():
+    with pytest.raises(ValueError, match="fewer than the 3 folds"):
+        patient_folds(np.array([0, 0, 1, 1, 1]), np.array(["a", "a", "b", "c", "d"]), k=3)
+
+
+def _known_fold():
+    """100 positives scored 0.01..1.00 and 100 negatives scored 0.0..0.495 step 0.005."""
+    labels = np.array([1] * 100 + [0] * 100)
+    scores = np.concatenate([np.arange(1, 101) / 100, np.arange(100) * 0.005])
+    return labels, scores
+
+
+def test_fold_report_sets_the_threshold_on_the_clean_fold_and_keeps_it_for_the_shifts():
+    labels, scores = _known_fold()
+    # the threshold keeps 97 of 100 positives: the 4th lowest positive score, 0.04
+    shifted = {"same": scores.copy(), "negatives_up": np.where(labels == 0, scores + 0.5, scores)}
+    report = fold_report(labels, scores, shifted, target_sensitivity=0.97)
+    assert report["threshold"] == pytest.approx(0.04)
+    assert report["clean"]["sensitivity"] == pytest.approx(0.97)
+    assert report["clean"]["specificity"] == pytest.approx(0.08)  # negatives 0.0 .. 0.035 stay below 0.04
+    assert report["shifted"]["same"] == report["clean"]
+    assert report["shifted"]["negatives_up"]["specificity"] == 0.0
+    assert report["shifted_mean"]["specificity"] == pytest.approx(0.04)
+    assert report["shifted_worst"]["specificity"] == 0.0
+    assert report["shifted_worst"]["perturbation"] == "negatives_up"
+
+
+def test_aggregate_reports_mean_and_sample_sd_over_folds():
+    def report(auc: float, spec: float) -> dict:
+        figures = {"auc": auc, "sensitivity": 0.97, "specificity": spec}
+        return {"threshold": 0.5, "clean": figures, "shifted": {"a": figures},
+                "shifted_mean": figures, "shifted_worst": {**figures, "perturbation": "a"}}
+
+    summary = aggregate([report(0.90, 0.6), report(0.94, 0.8), report(0.98, 1.0)])
+    assert summary["clean"]["auc"]["mean"] == pytest.approx(0.94)
+    assert summary["clean"]["auc"]["sd"] == pytest.approx(0.04)
+    assert summary["clean"]["specificity"]["sd"] == pytest.approx(0.2)
+    assert summary["shifted_mean"]["specificity"]["min"] == pytest.approx(0.6)
+    assert summary["shifted"]["a"]["specificity"]["values"] == pytest.approx([0.6, 0.8, 1.0])
+    assert aggregate([report(0.9, 0.5)])["clean"]["auc"]["sd"] == 0.0
+
+
+def _tiny_dataset(root, patients_per_class: int = 6):
+    """Films with patient-style names: PNEUMONIA ones carry a bright patch."""
+    rng = np.random.default_rng(3)
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / "train" / cls).mkdir(parents=True)
+        for p in range(patients_per_class):
+            for j in range(2):
+                image = cv2.GaussianBlur(rng.integers(0, 255, (80, 96), dtype=np.uint8), (0, 0), 3)
+                if cls == "PNEUMONIA":
+                    image[20:60, 30:70] = np.clip(image[20:60, 30:70].astype(int) + 90, 0, 255)
+                    name = f"person{100 + p}_bacteria_{p * 10 + j}.jpeg"
+                else:
+                    name = f"IM-{100 + p:04d}-{j + 1:04d}.jpeg"
+                cv2.imwrite(str(root / "train" / cls / name), image)
+    return root
+
+
+def test_training_with_folds_writes_the_spread_into_the_card(tmp_path):
+    from model.train import TrainingConfig, train
+
+    data = _tiny_dataset(tmp_path / "data")
+    config = TrainingConfig(epochs=1, batch_size=8, input_size=64, folds=2, version="0.0.1")
+    card = train(data, tmp_path / "model", config)
+    written = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    assert written["validation"] == json.loads(json.dumps(card.validation))
+    cv, shifted = written["validation"]["cross_validation"], written["validation"]["shifted"]
+    assert cv["folds"] == 2
+    for metric in ("auc", "sensitivity", "specificity"):
+        assert len(cv[metric]["values"]) == 2 and cv[metric]["sd"] >= 0.0
+        assert len(shifted["mean"][metric]["values"]) == 2
+    assert set(shifted["perturbations"]) == set(PERTURBATIONS)
+    assert all(s >= 0.97 for s in cv["sensitivity"]["values"])
+    assert "patient_split" in written["validation"]
+    assert written["training"]["augmentation"] == "standard"
+
+
+def test_acquisition_augmentation_keeps_shape_and_range():
+    import tensorflow as tf
+
+    from model.augment import acquisition_augment
+
+    tf.random.set_seed(0)
+    x = tf.random.uniform((4, 64, 64, 1))
+    y = acquisition_augment(x).numpy()
+    assert y.shape == (4, 64, 64, 1) and 0.0 <= y.min() and y.max() <= 1.0
+    assert np.abs(y - x.numpy()).mean() > 0.01
+
+
+def test_train_command_runs_the_fold_check_and_prints_its_spread(tmp_path):
+    from click.testing import CliRunner
+
+    from worker.cli import cli
+
+    data = _tiny_dataset(tmp_path / "data", patients_per_class=5)
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "model"),
+                                      "--epochs", "1", "--folds", "2", "--version", "0.0.1"])
+    assert result.exit_code == 0, result.output
+    assert "2-fold check: AUC" in result.output and "shifted" in result.output
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    assert len(card["validation"]["cross_validation"]["specificity"]["values"]) == 2
+    assert card["validation"]["shifted"]["worst"]["specificity"]["sd"] >= 0.0
+
+
+def test_train_command_refuses_a_single_fold(tmp_path):
+    from click.testing import CliRunner
+
+    from worker.cli import cli
+
+    result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--folds", "1"])
+    assert result.exit_code != 0 and "--folds" in result.output
