@@ -13,7 +13,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import TERMINAL_STATES, DeliveryState, Instance, Prediction, ResultDelivery, Series, Study, utcnow
-from db.queries import _upsert
+from db.queries import upsert
 
 
 def completed_studies(session: Session, *, instance_ids: list[int]) -> list[int]:
@@ -35,7 +35,7 @@ def request_delivery(session: Session, *, study_id: int, model_version: str, des
     results (a late image), or an operator asked again.
     """
     now = utcnow()
-    return _upsert(
+    return upsert(
         session, ResultDelivery.__table__,
         {"study_id": study_id, "model_version": model_version, "destination": destination,
          "state": DeliveryState.PENDING, "attempts": 0, "instance_count": 0, "updated_at": now},

@@ -22,17 +22,27 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
-def is_current(url: str) -> bool:
-    """True if the database at ``url`` is at the newest migration."""
-    from alembic.runtime.migration import MigrationContext
+def head_revisions(url: str) -> set[str]:
+    """The newest migration(s) this installation has."""
     from alembic.script import ScriptDirectory
 
+    return set(ScriptDirectory.from_config(alembic_config(url)).get_heads())
+
+
+def applied_revisions(connection) -> set[str]:
+    """The migration(s) the database on ``connection`` is at."""
+    from alembic.runtime.migration import MigrationContext
+
+    return set(MigrationContext.configure(connection).get_current_heads())
+
+
+def is_current(url: str) -> bool:
+    """True if the database at ``url`` is at the newest migration."""
     from db.session import make_engine
 
-    heads = set(ScriptDirectory.from_config(alembic_config(url)).get_heads())
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
-            return set(MigrationContext.configure(connection).get_current_heads()) == heads
+            return applied_revisions(connection) == head_revisions(url)
     finally:
         engine.dispose()

@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session
 from db.models import TERMINAL_STATES, Instance, InstanceState, ModelVersion, Prediction, Series, Study, utcnow
 
 
-def _upsert(session: Session, table, values: dict[str, Any], *, key: str | list[str],
-            update: dict[str, Any] | None = None):
+def upsert(session: Session, table, values: dict[str, Any], *, key: str | list[str],
+           update: dict[str, Any] | None = None):
     """INSERT ... ON CONFLICT (key) DO UPDATE/NOTHING ... RETURNING id, on SQLite and PostgreSQL alike."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
@@ -50,13 +50,13 @@ def record_received(
     Either way the study's quiet period restarts.
     """
     now = utcnow()
-    study_id = _upsert(
+    study_id = upsert(
         session, Study.__table__,
         {"study_instance_uid": StudyInstanceUID, "accession_number": AccessionNumber,
          "study_date": _dicom_date(StudyDate), "received_at": now, "last_received_at": now},
         key="study_instance_uid", update={"last_received_at": now},
     )
-    series_id = _upsert(
+    series_id = upsert(
         session, Series.__table__,
         {"series_instance_uid": SeriesInstanceUID, "study_id": study_id, "modality": Modality},
         key="series_instance_uid", update={"series_instance_uid": SeriesInstanceUID},
@@ -64,7 +64,7 @@ def record_received(
     values = {"series_id": series_id, "sop_class_uid": SOPClassUID, "transfer_syntax_uid": TransferSyntaxUID,
               "path": path, "size_bytes": size_bytes, "calling_ae": calling_ae,
               "state": InstanceState.RECEIVED, "reason": None, "received_at": now, "updated_at": now}
-    instance_id = _upsert(session, Instance.__table__, {"sop_instance_uid": SOPInstanceUID, **values},
+    instance_id = upsert(session, Instance.__table__, {"sop_instance_uid": SOPInstanceUID, **values},
                           key="sop_instance_uid")
     if instance_id is not None:
         return instance_id, True
@@ -167,7 +167,7 @@ def record_prediction(
     Returns False when this model version had already answered: a redelivered message
     changes nothing (the first answer stands).
     """
-    created = _upsert(
+    created = upsert(
         session, Prediction.__table__,
         {"instance_id": instance_id, "model_version": model_version, "model_name": model_name,
          "weights_sha256": weights_sha256, "probability": probability, "threshold": threshold,
@@ -184,7 +184,7 @@ def record_prediction(
 def register_model(session: Session, *, name: str, version: str, weights_sha256: str, threshold: float,
                    preprocessing_version: str | None, card_json: str) -> None:
     """Remember a model version the first time it answers (later calls change nothing)."""
-    _upsert(session, ModelVersion.__table__,
+    upsert(session, ModelVersion.__table__,
             {"name": name, "version": version, "weights_sha256": weights_sha256, "threshold": threshold,
              "preprocessing_version": preprocessing_version, "card": card_json, "first_used_at": utcnow()},
             key="version")

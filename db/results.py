@@ -8,8 +8,10 @@ newest model's); older answers stay in the database and in ``study_detail``.
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
+from collections.abc import Collection
+from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session
@@ -51,6 +53,19 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat()
 
 
+def received_window(since: date | None, until: date | None, zone: str) -> tuple[datetime | None, datetime | None]:
+    """Calendar days in time zone ``zone`` -> [start of ``since``, start of the day after ``until``)
+    in UTC, the bounds ``worklist`` takes. ValueError if ``until`` is before ``since``."""
+    if since is not None and until is not None and until < since:
+        raise ValueError(f"until ({until}) is before since ({since})")
+    tz = ZoneInfo(zone)
+
+    def start(day: date) -> datetime:
+        return datetime.combine(day, time.min, tzinfo=tz).astimezone(timezone.utc)
+
+    return (None if since is None else start(since)), (None if until is None else start(until + timedelta(days=1)))
+
+
 def _latest_prediction_ids():
     """instance_id -> the id of its latest prediction."""
     return (select(Prediction.instance_id, func.max(Prediction.id).label("prediction_id"))
@@ -71,12 +86,14 @@ def worklist(
     session: Session, *, flagged_only: bool = False, limit: int | None = None, offset: int = 0,
     received_since: datetime | None = None, received_until: datetime | None = None,
     state: StudyState | str | None = None, order: WorklistOrder | str = WorklistOrder.PROBABILITY,
+    study_instance_uids: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Studies in reading order: flagged first, then studies in progress or with
     failed images, then the rest; within a priority by ``order``.
 
     ``received_since``/``received_until`` bound the study's first arrival
-    ([since, until)); ``state`` keeps only studies in that ``StudyState``.
+    ([since, until)); ``state`` keeps only studies in that ``StudyState``;
+    ``study_instance_uids`` only those studies.
     """
     order = WorklistOrder(order)
     state = StudyState(state) if state is not None else None
@@ -108,6 +125,8 @@ def worklist(
         .group_by(Study.id)
         .order_by(priority, *within, Study.id)
     )
+    if study_instance_uids is not None:
+        stmt = stmt.where(Study.StudyInstanceUID.in_(list(study_instance_uids)))
     if received_since is not None:
         stmt = stmt.where(Study.received_at >= received_since)
     if received_until is not None:
@@ -176,7 +195,7 @@ def study_detail(session: Session, *, study_instance_uid: str) -> dict[str, Any]
     study = session.scalars(select(Study).where(Study.StudyInstanceUID == study_instance_uid)).one_or_none()
     if study is None:
         return None
-    summary = next((row for row in worklist(session) if row["study_instance_uid"] == study_instance_uid), None)
+    summary = next(iter(worklist(session, study_instance_uids=[study_instance_uid])), None)
     rows = session.execute(
         select(Instance, Series.SeriesInstanceUID, Series.Modality)
         .join(Series, Instance.series_id == Series.id)

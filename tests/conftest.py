@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,15 +66,22 @@ def pg_url() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    client = redis.Redis.from_url(REDIS_URL)
+@contextmanager
+def flushed_redis(url: str) -> Iterator[str]:
+    """The Redis database at ``url``, emptied before and after use."""
+    client = redis.Redis.from_url(url)
     client.flushdb()
     try:
-        yield REDIS_URL
+        yield url
     finally:
         client.flushdb()
         client.close()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    with flushed_redis(REDIS_URL) as url:
+        yield url
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, select, text, update
 
-from conftest import Process, cli_env, free_port, run_cli, wait_for_port
+from conftest import Process, cli_env, flushed_redis, free_port, run_cli, wait_for_port
 from db.audit import record_audit, recent_audit
 from db.deliveries import claim_delivery, finish_delivery, release_delivery, request_delivery
 from db.metrics import pipeline_snapshot
@@ -200,14 +200,8 @@ def _samples(text_: str) -> dict[tuple[str, tuple], float]:
 @pytest.fixture
 def broker_url(redis_url) -> Iterator[str]:
     """A Redis database of its own (not the one worker tests consume from) for the queue lengths."""
-    url = redis_url.rsplit("/", 1)[0] + "/14"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    try:
+    with flushed_redis(redis_url.rsplit("/", 1)[0] + "/14") as url:
         yield url
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @pytest.mark.parametrize("backend, order, zone", [("postgresql", "probability", "UTC"),

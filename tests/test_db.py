@@ -257,3 +257,16 @@ def test_a_study_report_is_claimed_by_one_sender_and_requested_again_when_the_st
         assert claim_delivery(s, delivery_id=delivery, stale_before=past)
         fail_delivery(s, delivery_id=delivery, reason="gave up")
         assert delivery_counts(s) == {"FAILED": 1}
+
+
+def test_received_window_turns_local_days_into_utc_bounds():
+    from datetime import date, datetime, timezone
+
+    from db.results import received_window
+
+    since, until = received_window(date(2026, 11, 1), date(2026, 11, 30), "Europe/Berlin")
+    assert since == datetime(2026, 10, 31, 23, 0, tzinfo=timezone.utc)
+    assert until == datetime(2026, 11, 30, 23, 0, tzinfo=timezone.utc)  # the end of the 30th, Berlin time
+    assert received_window(None, None, "UTC") == (None, None)
+    with pytest.raises(ValueError, match="before"):
+        received_window(date(2026, 11, 2), date(2026, 11, 1), "UTC")

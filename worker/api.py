@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date
 from importlib.metadata import version as package_version
 from typing import Annotated, Any
-from zoneinfo import ZoneInfo
 
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -26,9 +23,9 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from db.migrate import alembic_config
+from db.migrate import applied_revisions, head_revisions
 from db.models import InstanceState
-from db.results import StudyState, list_instances, study_detail, worklist
+from db.results import StudyState, list_instances, received_window, study_detail, worklist
 from worker import runtime
 from worker.api_auth import AuditMiddleware, BearerAuth
 from worker.api_metrics import PipelineCollector, _broker_client
@@ -63,14 +60,9 @@ def _configured_model_version(settings: Settings) -> str | None:
         return None
 
 
-def _day_start(day: date, zone: ZoneInfo) -> datetime:
-    return datetime.combine(day, time.min, tzinfo=zone).astimezone(timezone.utc)
-
-
 def _results_router(settings: Settings, auth: BearerAuth) -> APIRouter:
     router = APIRouter(dependencies=[Depends(auth)], tags=["results"],
                        responses={401: {"model": ErrorDetail, "description": "missing or wrong bearer token"}})
-    zone = ZoneInfo(settings.timezone)
 
     @router.get("/worklist", response_model=list[WorklistRow], summary="Studies in reading order")
     def get_worklist(
@@ -82,11 +74,12 @@ def _results_router(settings: Settings, auth: BearerAuth) -> APIRouter:
     ) -> list[dict[str, Any]]:
         """Flagged studies first, then studies in progress or with images that failed, then the rest;
         within a priority by PNEUMOSCREEN_WORKLIST_ORDER (probability or received)."""
-        if since is not None and until is not None and since > until:
-            raise HTTPException(422, f"since ({since}) is after until ({until})")
+        try:
+            received_since, received_until = received_window(since, until, settings.timezone)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
         rows = worklist(session, flagged_only=flagged_only, limit=limit, offset=offset, state=state,
-                        received_since=None if since is None else _day_start(since, zone),
-                        received_until=None if until is None else _day_start(until + timedelta(days=1), zone),
+                        received_since=received_since, received_until=received_until,
                         order=settings.worklist_order)
         request.state.result_count = len(rows)
         return rows
@@ -120,7 +113,7 @@ def _results_router(settings: Settings, auth: BearerAuth) -> APIRouter:
 
 def _operations_router(settings: Settings, auth: BearerAuth) -> APIRouter:
     router = APIRouter(tags=["operations"])
-    heads = set(ScriptDirectory.from_config(alembic_config(settings.effective_database_url)).get_heads())
+    heads = head_revisions(settings.effective_database_url)
     model_version = _configured_model_version(settings)
     registry = CollectorRegistry(auto_describe=False)
     broker = _broker_client(settings.broker_url) if settings.shares_broker else None
@@ -133,7 +126,7 @@ def _operations_router(settings: Settings, auth: BearerAuth) -> APIRouter:
         health = Health(status="ok", database="ok", schema="current", model_version=model_version)
         try:
             with runtime.sessions()() as session:
-                current = set(MigrationContext.configure(session.connection()).get_current_heads())
+                current = applied_revisions(session.connection())
         except SQLAlchemyError as exc:
             log.warning("health: the database is unreachable: %s", exc)
             health = health.model_copy(update={"status": "unavailable", "database": "unreachable",

@@ -111,11 +111,11 @@ def rescreen(since: datetime | None, until: datetime | None, model_dir: Path | N
 
 def _rescreen_stored(settings, since, until, model_dir, wait, timeout, as_json) -> None:
     from db.results import rescreen_changes
-    from model.artifact import ModelArtifactError
+    from model.artifact import ModelArtifactError, read_card
     from worker import rescreen, runtime
 
     try:
-        card = rescreen.card_of(model_dir or settings.model_dir)
+        card = read_card(model_dir or settings.model_dir)
     except (ModelArtifactError, ValueError, OSError) as exc:
         raise click.ClickException(f"model artifact: {exc}") from None
     received_since, received_until = day_bounds(since, until, settings.timezone)
@@ -136,12 +136,12 @@ def _rescreen_stored(settings, since, until, model_dir, wait, timeout, as_json) 
         model = runtime.load_model(model_arg)
         with progress_bar(f"screening with {card.version}") as progress:
             task = progress.add_task("screen", total=queued.count)
-            completed = rescreen.screen_here(_sessions(), queued.ids, model=model,
+            rescreen.screen_here(_sessions(), queued.ids, model=model,
                                              policy=runtime.eligibility_policy(), spool=runtime.spool(),
                                              batch_size=settings.inference_batch_size,
                                              progress=lambda n: progress.advance(task, n))
         left = rescreen.open_count(_sessions(), queued.ids)
-        _send_reports_here(settings, completed, card.version)
+        _send_reports_here(settings, queued.ids, card.version)
     elif queued.count and wait:
         with progress_bar(f"workers screening with {card.version}") as progress:
             task = progress.add_task("screen", total=queued.count)
@@ -155,14 +155,14 @@ def _rescreen_stored(settings, since, until, model_dir, wait, timeout, as_json) 
         raise SystemExit(1)
 
 
-def _send_reports_here(settings, study_ids: list[int], model_version: str) -> None:
+def _send_reports_here(settings, instance_ids: list[int], model_version: str) -> None:
     """Reports for studies screened in this process; a report the PACS refuses stays PENDING for the service."""
-    if not settings.results_destination or not study_ids:
+    if not settings.results_destination or not instance_ids:
         return
     from dicom_io.scu import DeliveryError
     from worker import results, runtime
 
-    for delivery_id in results.request_reports(_sessions(), study_ids=study_ids, model_version=model_version,
+    for delivery_id in results.request_reports(_sessions(), instance_ids=instance_ids, model_version=model_version,
                                                destination=settings.results_destination):
         try:
             results.deliver(_sessions(), delivery_id, calling_ae=settings.ae_title,
@@ -222,7 +222,7 @@ def _rescreen_from_pacs(settings, pacs, since, until, include_known, wait, timeo
             still_open = rescreen.wait_for_studies(_sessions(), uids, expected=moved["instances"], timeout=timeout,
                                                    progress=lambda n: progress.advance(task, n))
     with _sessions().begin() as session:
-        rows = [r for r in worklist(session) if r["study_instance_uid"] in set(uids)]
+        rows = worklist(session, study_instance_uids=uids) if uids else []
     summary = {"found": len(matches), "already_received": len(matches) - len(todo), "moved_studies": moved["studies"],
                "moved_instances": moved["instances"], "failed_instances": moved["failed"],
                "failed_studies": failures, "still_open": still_open,

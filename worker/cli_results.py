@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import getpass
 import json
-from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo
+from datetime import datetime
 
 import click
 
@@ -19,13 +18,13 @@ _DATE = click.DateTime(["%Y-%m-%d"])
 
 def day_bounds(since: datetime | None, until: datetime | None,
                timezone: str) -> tuple[datetime | None, datetime | None]:
-    """Calendar days in ``timezone`` -> [start of ``since``, end of ``until``) as aware datetimes."""
-    zone = ZoneInfo(timezone)
-    start = since.replace(tzinfo=zone) if since else None
-    end = (until + timedelta(days=1)).replace(tzinfo=zone) if until else None
-    if start and end and end <= start:
-        raise click.BadParameter("--until is before --since")
-    return start, end
+    """``--since``/``--until`` days (in ``timezone``) -> the worklist's UTC bounds."""
+    from db.results import received_window
+
+    try:
+        return received_window(since and since.date(), until and until.date(), timezone)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--until") from None
 
 
 def audit(action: str, params: dict, result_count: int | None) -> None:

@@ -21,7 +21,6 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import InstanceState
-from db.deliveries import completed_studies
 from db.queries import get_instance, record_prediction, register_model, set_state
 from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.pixels import PixelDecodeError, display_image
@@ -100,11 +99,8 @@ def preprocess_instance(sessions: sessionmaker[Session], instance_id: int, *,
 
 
 def record_predictions(sessions: sessionmaker[Session], card: ModelCard,
-                       results: list[tuple[int, float]]) -> list[int]:
-    """Store each (instance id, probability) under ``card``'s model, in one transaction.
-
-    Returns the ids of the studies that now have no image left in flight (their report can go out).
-    """
+                       results: list[tuple[int, float]]) -> None:
+    """Store each (instance id, probability) under ``card``'s model, in one transaction."""
     with sessions.begin() as session:
         if card.version not in _registered:
             register_model(session, name=card.name, version=card.version, weights_sha256=card.sha256,
@@ -114,7 +110,6 @@ def record_predictions(sessions: sessionmaker[Session], card: ModelCard,
                                      model_version=card.version, weights_sha256=card.sha256,
                                      probability=probability, threshold=card.threshold)
                    for instance_id, probability in results]
-        completed = completed_studies(session, instance_ids=[instance_id for instance_id, _ in results])
     _registered.add(card.version)
     for (instance_id, probability), new in zip(results, created):
         if new:
@@ -122,7 +117,6 @@ def record_predictions(sessions: sessionmaker[Session], card: ModelCard,
         else:
             log.info("instance %d: %s %s had already answered; kept the first answer", instance_id,
                      card.name, card.version)
-    return completed
 
 
 #: model versions this process has recorded in the model_version table

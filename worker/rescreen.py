@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 from sqlalchemy import case, func, select
@@ -28,7 +27,7 @@ from db.models import TERMINAL_STATES, Instance, utcnow
 from db.queries import requeue_for_model
 from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.spool import Spool
-from model.artifact import ModelCard, read_card
+from model.artifact import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +46,11 @@ class Requeued:
         return len(self.ids)
 
 
-def card_of(model_dir: str | Path | None) -> ModelCard:
-    """The card of the model in ``model_dir`` (default: the shipped one), verified against its weights."""
-    return read_card(model_dir)
-
-
 def requeue(sessions: sessionmaker[Session], *, model_card: ModelCard, model_dir: str | None,
             since: datetime | None = None, until: datetime | None = None, window_days: int | None = None,
             send: bool = True, batch: int = 500, progress: Progress | None = None) -> Requeued:
-    """Queue again what ``model_card``'s version has not answered (received in [since, until)).
+    """Queue again what ``model_card``'s version has not answered (received in [since, until), or
+    in the last ``window_days`` days).
 
     With ``send``, each instance goes to the ``preprocess`` queue (with
     ``model_dir`` when it is not the workers' configured model).
@@ -63,7 +58,7 @@ def requeue(sessions: sessionmaker[Session], *, model_card: ModelCard, model_dir
     from worker.celery_app import app
 
     if window_days is not None:
-        since = max(since, utcnow() - timedelta(days=window_days)) if since else utcnow() - timedelta(days=window_days)
+        since = utcnow() - timedelta(days=window_days)
     done = Requeued(model_card.version)
     while True:
         with sessions.begin() as session:
@@ -84,14 +79,10 @@ def requeue(sessions: sessionmaker[Session], *, model_card: ModelCard, model_dir
 
 
 def screen_here(sessions: sessionmaker[Session], ids: list[int], *, model, policy: EligibilityPolicy,
-                spool: Spool, batch_size: int = 32, progress: Progress | None = None) -> list[int]:
-    """Run the pipeline on ``ids`` in this process, ``batch_size`` images per forward pass.
-
-    Returns the ids of the studies that ended (their reports can be requested).
-    """
+                spool: Spool, batch_size: int = 32, progress: Progress | None = None) -> None:
+    """Run the pipeline on ``ids`` in this process, ``batch_size`` images per forward pass."""
     from worker import pipeline
 
-    completed: set[int] = set()
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
         items = []
@@ -101,11 +92,9 @@ def screen_here(sessions: sessionmaker[Session], ids: list[int], *, model, polic
                 items.append((instance_id, prepared))
         if items:
             probabilities = model.predict(np.stack([image for _, image in items]))
-            completed.update(pipeline.record_predictions(
-                sessions, model.card, [(i, p) for (i, _), p in zip(items, probabilities)]))
+            pipeline.record_predictions(sessions, model.card, [(i, p) for (i, _), p in zip(items, probabilities)])
         if progress is not None:
             progress(len(chunk))
-    return sorted(completed)
 
 
 def open_count(sessions: sessionmaker[Session], ids: list[int]) -> int:

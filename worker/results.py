@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 
 import cv2
 from pydicom import Dataset, dcmread
@@ -24,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.deliveries import (
     DeliveryJob,
     claim_delivery,
+    completed_studies,
     delivery_job,
     fail_delivery,
     finish_delivery,
@@ -43,14 +43,15 @@ log = logging.getLogger(__name__)
 CLAIM_TIMEOUT = timedelta(minutes=15)
 
 
-def request_reports(sessions: sessionmaker[Session], *, study_ids: list[int], model_version: str,
+def request_reports(sessions: sessionmaker[Session], *, instance_ids: list[int], model_version: str,
                     destination: str) -> list[int]:
-    """Ask for the reports of ``study_ids``; returns the delivery ids to send."""
-    if not study_ids:
-        return []
+    """Ask for the reports of the studies that ``instance_ids`` (just answered) left with no image
+    in flight; returns the delivery ids to send."""
     with sessions.begin() as session:
+        studies = {study_id for start in range(0, len(instance_ids), 500)
+                   for study_id in completed_studies(session, instance_ids=instance_ids[start:start + 500])}
         return [request_delivery(session, study_id=study_id, model_version=model_version, destination=destination)
-                for study_id in study_ids]
+                for study_id in sorted(studies)]
 
 
 def stale_reports(sessions: sessionmaker[Session], *, older_than_seconds: float) -> list[int]:
@@ -115,9 +116,6 @@ def deliver(sessions: sessionmaker[Session], delivery_id: int, *, calling_ae: st
         datasets = [report]
         if heatmaps != "none" and keras_model is not None:
             datasets += build_heatmaps(job, keras_model(), which=heatmaps)
-        missing = [image.path for image in job.images if not Path(image.path).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} source file(s) no longer in the spool")
     except (OSError, ValueError) as exc:
         reason = f"report could not be built: {type(exc).__name__}: {exc}"
         with sessions.begin() as session:

@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from db.models import InstanceState
 from db.queries import set_state
 from dicom_io.scu import DeliveryError
+from model.artifact import read_card
 from worker import dispatcher, pipeline, rescreen, results, runtime
 from worker.celery_app import app
 
@@ -58,10 +59,10 @@ def preprocess(instance_id: int, model_dir: str | None = None) -> None:
 def infer(instance_id: int, prepared: str, model_dir: str | None = None) -> None:
     model = runtime.load_model(model_dir)
     probability = runtime.batch_predictor(model_dir).predict_one(pipeline.decode_prepared(prepared))
-    completed = pipeline.record_predictions(runtime.sessions(), model.card, [(instance_id, probability)])
+    pipeline.record_predictions(runtime.sessions(), model.card, [(instance_id, probability)])
     destination = runtime.settings().results_destination
-    if destination and completed:
-        for delivery_id in results.request_reports(runtime.sessions(), study_ids=completed,
+    if destination:
+        for delivery_id in results.request_reports(runtime.sessions(), instance_ids=[instance_id],
                                                    model_version=model.card.version, destination=destination):
             deliver_results.delay(delivery_id)
 
@@ -97,5 +98,5 @@ def reconcile() -> int:
 def rescreen_archive() -> int:
     """The nightly job: re-queue what the configured model has not answered yet (a new model version)."""
     settings = runtime.settings()
-    return rescreen.requeue(runtime.sessions(), model_dir=None, model_card=rescreen.card_of(settings.model_dir),
+    return rescreen.requeue(runtime.sessions(), model_dir=None, model_card=read_card(settings.model_dir),
                             window_days=settings.rescreen_window_days or None).count
