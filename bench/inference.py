@@ -6,8 +6,10 @@ through model.preprocessing.prepare, so every variant sees the same real,
 prepared ``uint8`` batch and does its own ``to_model_input``. For batch sizes
 1, 8, 32 and 64, in the same run and interleaved repeat by repeat, it times:
 
-- ``loaded-model``: ``LoadedModel.predict``, the production path (one
-  ``keras_model(x, training=False)`` call per batch);
+- ``loaded-model``: ``LoadedModel.predict``, the production path (the
+  model traced once into a graph, one call per batch);
+- ``keras-eager``: ``keras_model(x, training=False)`` called eagerly, the
+  production path before it was traced;
 - ``keras-predict``: ``keras_model.predict(x, batch_size=...)``;
 - ``batcher``: the production ``BatchPredictor`` around ``LoadedModel.predict``
   (``max_batch`` = the batch size, ``max_wait_ms`` = 20), fed by 32 threads;
@@ -172,6 +174,7 @@ def main() -> None:
 
     variants: dict[str, Predict] = {
         "loaded-model": lambda batch: np.asarray(loaded.predict(batch), dtype=np.float32),
+        "keras-eager": lambda batch: np.asarray(keras_model(to_model_input(batch), training=False)).reshape(-1),
         "keras-predict": lambda batch: keras_model.predict(to_model_input(batch), batch_size=len(batch),
                                                            verbose=0).reshape(-1),
         "tf-function": tf_function_variant(keras_model, jit_compile=False),

@@ -89,7 +89,9 @@ def _windowed_by_table(arr: np.ndarray, ds: Dataset, has_rescale: bool) -> np.nd
     domain = np.arange(lo, hi + 1, dtype=np.int64).astype(arr.dtype)
     values = apply_modality_lut(domain, ds) if has_rescale else domain
     table = _apply_voi(values, ds)
-    return table[(arr.astype(np.int64) - lo)]
+    # offsets into the table: in the pixels' own type when unsigned (no copy to int64)
+    offsets = arr - arr.dtype.type(lo) if arr.dtype.kind == "u" else arr.astype(np.int32) - lo
+    return np.take(table, offsets)
 
 
 def display_image(ds: Dataset) -> np.ndarray:

@@ -74,6 +74,43 @@ def test_a_failing_forward_pass_reaches_every_caller_and_the_batcher_goes_on():
     assert predictor.predict_one(np.zeros((4, 4), dtype=np.uint8), timeout=5) == 0.5
 
 
+def test_each_batch_is_recorded_once_under_its_callers_keys_before_any_caller_is_answered():
+    recorded: list[list[tuple[int, float]]] = []
+    answered_before_record: list[int] = []
+    results: dict[int, float] = {}
+
+    def record(batch_results):
+        answered_before_record.extend(k for k, _ in batch_results if k in results)
+        recorded.append(list(batch_results))
+
+    predictor = BatchPredictor(CountingModel(), max_batch=8, max_wait_ms=500, record=record)
+    barrier = threading.Barrier(20)
+
+    def call(v: int) -> None:
+        barrier.wait()
+        results[v] = predictor.predict_one(np.full((4, 4), v, dtype=np.uint8), key=v)
+
+    threads = [threading.Thread(target=call, args=(v,)) for v in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(k for batch in recorded for k, _ in batch) == list(range(20))
+    assert all(p == pytest.approx(k / 255) for batch in recorded for k, p in batch)
+    assert len(recorded) <= 5 and answered_before_record == []
+    assert results == {v: pytest.approx(v / 255) for v in range(20)}
+
+
+def test_a_failing_record_reaches_the_caller_who_is_not_answered():
+    def record(_):
+        raise ConnectionError("database gone")
+
+    predictor = BatchPredictor(CountingModel(), max_batch=4, max_wait_ms=5, record=record)
+    with pytest.raises(ConnectionError, match="database gone"):
+        predictor.predict_one(np.zeros((4, 4), dtype=np.uint8), key=1, timeout=5)
+    assert predictor.batches == 0
+
+
 @pytest.mark.parametrize("kwargs", [{"max_batch": 0}, {"max_wait_ms": -1}])
 def test_bad_batch_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
@@ -109,6 +146,13 @@ def test_production_forward_pass_on_32_films_matches_keras_predict(films_and_ker
     model, films, reference = films_and_keras_scores
     scores = np.asarray(model.predict(films))
     assert scores.shape == reference.shape
+    assert np.abs(scores - reference).max() <= PARITY_TOLERANCE
+
+
+@pytest.mark.parametrize("n", [1, 3, 17])
+def test_the_traced_forward_pass_matches_keras_predict_at_any_batch_size(films_and_keras_scores, n):
+    model, films, reference = films_and_keras_scores
+    scores = np.concatenate([model.predict(films[i:i + n]) for i in range(0, len(films), n)])
     assert np.abs(scores - reference).max() <= PARITY_TOLERANCE
 
 

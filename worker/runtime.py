@@ -61,16 +61,20 @@ def eligibility_policy() -> EligibilityPolicy:
 
 
 def batch_predictor(model_dir: str | None = None) -> "BatchPredictor":
-    """This process's micro-batcher around the model in ``model_dir`` (default: the configured one)."""
+    """This process's micro-batcher around the model in ``model_dir`` (default: the configured one);
+    each batch's predictions are stored in one transaction, keyed by instance id."""
     from model.serving import BatchPredictor
 
     current = settings()
     key = (os.getpid(), str(model_dir or current.model_dir or ""))
     with _lock:
         if key not in _batchers:
+            from worker.pipeline import record_predictions
+
             model = load_model(model_dir)
-            _batchers[key] = BatchPredictor(model.predict, max_batch=current.inference_batch_size,
-                                            max_wait_ms=current.inference_batch_ms)
+            _batchers[key] = BatchPredictor(
+                model.predict, max_batch=current.inference_batch_size, max_wait_ms=current.inference_batch_ms,
+                record=lambda results: record_predictions(sessions(), model.card, results))
         return _batchers[key]
 
 

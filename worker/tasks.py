@@ -58,8 +58,8 @@ def preprocess(instance_id: int, model_dir: str | None = None) -> None:
 @app.task(name="pneumoscreen.infer", base=InstanceTask, **_RETRY)
 def infer(instance_id: int, prepared: str, model_dir: str | None = None) -> None:
     model = runtime.load_model(model_dir)
-    probability = runtime.batch_predictor(model_dir).predict_one(pipeline.decode_prepared(prepared))
-    pipeline.record_predictions(runtime.sessions(), model.card, [(instance_id, probability)])
+    # stored with the rest of its batch before it returns
+    runtime.batch_predictor(model_dir).predict_one(pipeline.decode_prepared(prepared), key=instance_id)
     destination = runtime.settings().results_destination
     if destination:
         for delivery_id in results.request_reports(runtime.sessions(), instance_ids=[instance_id],
