@@ -8,12 +8,20 @@ database row per instance, before each success status) and into `storescp`
 configuration repeated. Prints instances/s, MB/s and the ratio, and writes
 JSON.
 
-    .venv/bin/python bench/receive.py [--count 300] [--repeats 3] [--database-url URL]
+With ``--listener-processes N`` (default 2; 1 leaves it out), pneumoscreen is
+also run with N listener processes sharing the port
+(PNEUMOSCREEN_LISTENER_PROCESSES), on a scratch PostgreSQL database
+(PNEUMOSCREEN_BENCH_POSTGRES, default
+postgresql+psycopg://postgres@127.0.0.1:5432/postgres; created and dropped),
+since SQLite serializes writers across processes.
+
+    .venv/bin/python bench/receive.py [--count 300] [--repeats 3] [--database-url URL] [--listener-processes 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import cv2
@@ -49,6 +58,12 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
                 return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listening on {port}")
+
+
+def listening_sockets(port: int) -> int:
+    """Sockets in LISTEN state on ``port`` (one per listener process sharing it), from /proc/net/tcp."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A")
 
 
 def make_images(folder: Path, count: int) -> list[Path]:
@@ -94,12 +109,18 @@ def send(port: int, aec: str, files: list[Path], associations: int) -> float:
 
 
 def serve_and_send(command: list[str], env: dict[str, str], port: int, aec: str, files: list[Path],
-                   associations: int, log_path: Path) -> float:
-    """Start the receiver ``command``, time sending ``files`` to it, stop it."""
+                   associations: int, log_path: Path, ready=None) -> float:
+    """Start the receiver ``command``, time sending ``files`` to it, stop it.
+    ``ready``: a further condition to wait for (all listener processes up)."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
         try:
             wait_for_port(port)
+            deadline = time.monotonic() + 60
+            while ready is not None and not ready():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the listener processes did not all start")
+                time.sleep(0.2)
             return send(port, aec, files, associations)
         finally:
             proc.terminate()
@@ -119,19 +140,42 @@ def run_storescp(workdir: Path, files: list[Path], associations: int) -> float:
     return seconds
 
 
-def run_pneumoscreen(workdir: Path, files: list[Path], associations: int, database_url: str | None) -> float:
+@contextlib.contextmanager
+def scratch_postgres():
+    """A new PostgreSQL database for one run, dropped afterwards; yields its URL."""
+    from sqlalchemy import create_engine, text
+
+    admin_url = os.environ.get("PNEUMOSCREEN_BENCH_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    name = f"pneumoscreen_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{admin_url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def run_pneumoscreen(workdir: Path, files: list[Path], associations: int, database_url: str | None,
+                     processes: int = 1) -> float:
+    if processes > 1 and database_url is None:
+        with scratch_postgres() as url:
+            return run_pneumoscreen(workdir, files, associations, url, processes)
     port = free_port()
     data_dir = workdir / "pneumoscreen"
     env = {k: v for k, v in ENV.items() if not k.startswith("PNEUMOSCREEN_")}
     env.update({"PNEUMOSCREEN_DATA_DIR": str(data_dir), "PNEUMOSCREEN_PORT": str(port),
                 "PNEUMOSCREEN_STUDY_QUIET_SECONDS": "86400", "PNEUMOSCREEN_LOG_LEVEL": "WARNING",
-                "PNEUMOSCREEN_MIN_FREE_MB": "64"})
+                "PNEUMOSCREEN_MIN_FREE_MB": "64", "PNEUMOSCREEN_LISTENER_PROCESSES": str(processes)})
     if database_url:
         env["PNEUMOSCREEN_DATABASE_URL"] = database_url
     cli = [sys.executable, "-m", "worker.cli"]
     subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True, cwd=ROOT)
+    ready = (lambda: listening_sockets(port) >= processes) if processes > 1 else None
     seconds = serve_and_send([*cli, "listen"], env, port, "PNEUMOSCREEN", files, associations,
-                             workdir / "pneumoscreen.log")
+                             workdir / "pneumoscreen.log", ready=ready)
     out = subprocess.run([*cli, "instances", "--json"], env=env, check=True, capture_output=True, cwd=ROOT)
     received = len(json.loads(out.stdout))
     if received != len(files):
@@ -146,6 +190,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--database-url", help="PostgreSQL for pneumoscreen (default: SQLite in a temp dir); "
                         "its schema must be new or current, and it is not cleaned")
+    parser.add_argument("--listener-processes", type=int, default=2,
+                        help="also run pneumoscreen with this many listener processes (1: not)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "receive.json")
     args = parser.parse_args()
     for tool in ("storescu", "storescp"):
@@ -159,23 +205,35 @@ def main() -> None:
         megabytes = sum(p.stat().st_size for p in files) / 1e6
         print(f"{len(files)} files, {megabytes:.0f} MB ({megabytes / len(files):.2f} MB each)")
         results = {}
+        shared = f"pneumoscreen_{args.listener_processes}_processes"
         for associations in (1, 4):
-            times: dict[str, list[float]] = {"storescp": [], "pneumoscreen": []}
+            receivers = {"storescp": lambda: run_storescp(workdir, files, associations),
+                         "pneumoscreen": lambda: run_pneumoscreen(workdir, files, associations, args.database_url)}
+            if associations > 1 and args.listener_processes > 1:
+                receivers[shared] = lambda: run_pneumoscreen(workdir, files, associations, None,
+                                                             args.listener_processes)
+            times: dict[str, list[float]] = {name: [] for name in receivers}
             for _ in range(args.repeats):
-                times["storescp"].append(run_storescp(workdir, files, associations))
-                times["pneumoscreen"].append(run_pneumoscreen(workdir, files, associations, args.database_url))
+                for name, run in receivers.items():
+                    times[name].append(run())
             row = {}
             for name, seconds in times.items():
                 median = statistics.median(seconds)
                 row[name] = {"seconds": seconds, "median_seconds": median,
                              "instances_per_second": len(files) / median, "mb_per_second": megabytes / median}
-            row["ratio"] = row["pneumoscreen"]["instances_per_second"] / row["storescp"]["instances_per_second"]
+            reference = row["storescp"]["instances_per_second"]
+            row["ratio"] = row["pneumoscreen"]["instances_per_second"] / reference
+            line = (f"{associations} association(s): storescp {reference:.1f} inst/s "
+                    f"({row['storescp']['mb_per_second']:.0f} MB/s), pneumoscreen "
+                    f"{row['pneumoscreen']['instances_per_second']:.1f} inst/s "
+                    f"({row['pneumoscreen']['mb_per_second']:.0f} MB/s), ratio {row['ratio']:.2f}")
+            if shared in row:
+                row[f"ratio_{args.listener_processes}_processes"] = row[shared]["instances_per_second"] / reference
+                line += (f"; {args.listener_processes} listener processes (PostgreSQL) "
+                         f"{row[shared]['instances_per_second']:.1f} inst/s, ratio "
+                         f"{row[f'ratio_{args.listener_processes}_processes']:.2f}")
             results[f"{associations}_association{'s' if associations > 1 else ''}"] = row
-            print(f"{associations} association(s): storescp {row['storescp']['instances_per_second']:.1f} inst/s "
-                  f"({row['storescp']['mb_per_second']:.0f} MB/s), pneumoscreen "
-                  f"{row['pneumoscreen']['instances_per_second']:.1f} inst/s "
-                  f"({row['pneumoscreen']['mb_per_second']:.0f} MB/s), ratio {row['ratio']:.2f} "
-                  f"(medians of {args.repeats})")
+            print(f"{line} (medians of {args.repeats})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"count": len(files), "megabytes": megabytes, "repeats": args.repeats,
               "database": "postgresql" if args.database_url else "sqlite", "results": results}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_io.handlers import StoreContext, handle_echo, handle_store
@@ -78,6 +80,9 @@ class ListenerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    reuse_port: bool = False
+    """Bind with SO_REUSEPORT, so that several listener processes share the port
+    and the kernel spreads associations across them."""
 
     def ssl_context(self) -> ssl.SSLContext | None:
         if self.tls_cert is None:
@@ -109,6 +114,14 @@ def make_ae(config: ListenerConfig) -> AE:
     return ae
 
 
+class SharedPortAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, bound with SO_REUSEPORT."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def start_listener(config: ListenerConfig, *, spool: Spool, sessions: sessionmaker[Session]):
     """Start the SCP in the background; returns the server (call ``.shutdown()`` to stop)."""
     context = StoreContext.for_database(spool, sessions)
@@ -117,8 +130,15 @@ def start_listener(config: ListenerConfig, *, spool: Spool, sessions: sessionmak
         (evt.EVT_C_STORE, handle_store, [context]),
     ]
     ae = make_ae(config)
-    server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers,
-                             ssl_context=config.ssl_context())
+    if config.reuse_port:
+        # what AE.start_server(block=False) does, with our server class
+        server = ae.make_server((config.host, config.port), evt_handlers=handlers, ssl_context=config.ssl_context(),
+                                server_class=SharedPortAssociationServer)
+        threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{config.port}", daemon=True).start()
+        ae._servers.append(server)  # server.shutdown() removes it from there
+    else:
+        server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers,
+                                 ssl_context=config.ssl_context())
     log.info("listening as %s on %s:%d%s%s", config.ae_title, config.host, config.port,
              " (TLS)" if config.tls_cert else "",
              f", calling AEs {', '.join(sorted(config.allowed_aes))}" if config.allowed_aes else ", any calling AE")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -22,7 +23,7 @@ log = logging.getLogger("pneumoscreen")
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
         stream=sys.stderr,
     )
     for noisy in ("pynetdicom", "absl", "alembic"):
@@ -71,7 +72,7 @@ def _load_model(settings: Settings, *, load: bool = True) -> None:
     log.info("model %s %s (sha256 %s..., threshold %.4f)", card.name, card.version, card.sha256[:12], card.threshold)
 
 
-def _start_listener(settings: Settings):
+def _start_listener(settings: Settings, *, reuse_port: bool = False):
     from dicom_io.server import ListenerConfig, start_listener
     from worker import runtime
 
@@ -80,6 +81,7 @@ def _start_listener(settings: Settings):
         allowed_aes=settings.allowed_ae_titles, max_associations=settings.max_associations,
         max_pdu_size=settings.max_pdu_size, network_timeout=settings.network_timeout,
         tls_cert=settings.tls_cert, tls_key=settings.tls_key, tls_client_ca=settings.tls_client_ca,
+        reuse_port=reuse_port,
     )
     try:
         return start_listener(config, spool=runtime.spool(), sessions=_sessions())
@@ -156,29 +158,59 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
 
 @cli.command()
 @with_options(listener_options)
-def listen(data_dir, host, port, ae_title) -> None:
-    """The DICOM listener and study dispatcher (production: one process)."""
+@click.option("--receiver", is_flag=True, hidden=True,
+              help="an extra listener process started by `listen` (PNEUMOSCREEN_LISTENER_PROCESSES > 1)")
+def listen(data_dir, host, port, ae_title, receiver) -> None:
+    """The DICOM listener and study dispatcher (production: one, with PNEUMOSCREEN_LISTENER_PROCESSES processes)."""
     settings = _load_settings(data_dir=data_dir, host=host, port=port, ae_title=ae_title)
+    from worker.receivers import ListenerLockedError, Receivers, listener_lock, serve_until_orphaned_or_stopped
+
+    _require_current_schema(settings)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    if receiver:
+        parent = os.getppid()
+        server = _start_listener(settings, reuse_port=True)
+        try:
+            serve_until_orphaned_or_stopped(stopping, parent)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.shutdown()
+        return
+
     from worker.celery_app import configure_app
     from worker.dispatcher import Dispatcher, reconcile
 
-    _require_current_schema(settings)
-    configure_app(settings)
-    reconcile(_sessions(), older_than_seconds=settings.reconcile_after_seconds)
-    server = _start_listener(settings)
-    dispatcher = Dispatcher(_sessions(), quiet_seconds=settings.study_quiet_seconds)
-    dispatcher.start()
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    try:
-        while dispatcher.is_alive() and not stopping.wait(0.5):
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(listener_lock(settings.data_dir))
+        except ListenerLockedError as exc:
+            raise click.ClickException(str(exc)) from None
+        configure_app(settings)
+        reconcile(_sessions(), older_than_seconds=settings.reconcile_after_seconds)
+        shared = settings.listener_processes > 1
+        if shared and settings.effective_database_url.startswith("sqlite"):
+            log.warning("%d listener processes on SQLite: its writers take turns across processes; "
+                        "use PostgreSQL (PNEUMOSCREEN_DATABASE_URL) for the speed", settings.listener_processes)
+        server = _start_listener(settings, reuse_port=shared)
+        stack.callback(server.shutdown)
+        receivers = Receivers.for_listen(settings.listener_processes - 1, data_dir=settings.data_dir,
+                                         host=settings.host, port=settings.port, ae_title=settings.ae_title)
+        receivers.start()
+        stack.callback(receivers.stop)
+        if shared:
+            log.info("%d listener processes share port %d (receivers: pids %s)", settings.listener_processes,
+                     settings.port, ", ".join(map(str, receivers.pids)))
+        dispatcher = Dispatcher(_sessions(), quiet_seconds=settings.study_quiet_seconds)
+        dispatcher.start()
+        stack.callback(dispatcher.stop)
+        try:
+            while dispatcher.is_alive() and not stopping.wait(0.5):
+                receivers.check()
+        except KeyboardInterrupt:
             pass
-    except KeyboardInterrupt:
-        pass
-    finally:
         log.info("stopping the listener")
-        dispatcher.stop()
-        server.shutdown()
 
 
 @cli.command()

@@ -63,7 +63,9 @@ class Settings(BaseSettings):
     broker_visibility_timeout: float = Field(3600.0, ge=10.0,
                                              description="Redis: an unacknowledged message is delivered again after this")
     min_free_mb: int = Field(512, ge=0, description="refuse C-STORE (0xA700) below this much free spool space")
-    max_associations: int = Field(16, ge=1, le=1000)
+    max_associations: int = Field(16, ge=1, le=1000, description="concurrent associations per listener process")
+    listener_processes: int = Field(1, ge=1, le=64,
+                                    description="processes accepting associations on the one DICOM port (Linux)")
     max_pdu_size: int = Field(262144, ge=0, description="largest PDU we accept (0 = unlimited)")
     network_timeout: float = Field(60.0, gt=0)
     tls_cert: Path | None = Field(None, description="server certificate (PEM); enables DICOM TLS")

@@ -1,0 +1,116 @@
+"""Several listener processes on one DICOM port (PNEUMOSCREEN_LISTENER_PROCESSES).
+
+Real `pneumoscreen listen` processes on PostgreSQL, dcmtk storescu as the
+sender: associations spread over the processes and every instance is
+recorded once; a receiver that dies is started again; receivers die with a
+listener killed with SIGKILL, so it can start again on the same port; a
+second listener on the same data directory is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import Process, cli_env, cli_json, free_port, run_cli, storescu, wait_for_port, wait_until
+from dicom_factory import write_chest_dicom
+
+
+def receivers_of(pid: int) -> list[int]:
+    """The listener's child processes (its receivers)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(c) for c in children]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.fixture
+def shared_listener(tmp_path, pg_url, redis_url, processes):
+    port = free_port()
+    env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", port=port,
+                  listener_processes=3, study_quiet_seconds=86400)
+    run_cli("db", "upgrade", env=env)
+    listener = Process(["listen"], env, tmp_path / "listen.log")
+    processes.append(listener)
+    wait_for_port(port, listener.proc)
+    wait_until(lambda: len(listening(listener)) == 3, timeout=60, what="three processes listening")
+    return env, port, listener
+
+
+def listening(listener: Process) -> set[str]:
+    """Process ids that logged that they listen."""
+    return set(re.findall(r"\[(\d+)\] dicom_io\.server: listening as ", listener.log()))
+
+
+def test_associations_spread_over_the_processes_and_each_instance_is_recorded_once(shared_listener, tmp_path):
+    env, port, listener = shared_listener
+    files = [tmp_path / f"cr{i:02d}.dcm" for i in range(24)]
+    for path in files:
+        write_chest_dicom(path)
+    results: list[subprocess.CompletedProcess] = []
+    # 12 associations of two files each, 4 at a time: each new connection is hashed to one process
+    for start in range(0, 24, 8):
+        batch = [files[i:i + 2] for i in range(start, start + 8, 2)]
+        threads = [threading.Thread(target=lambda pair=pair: results.append(storescu(port, *pair))) for pair in batch]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert [r.returncode for r in results] == [0] * 12, [r.stderr for r in results if r.returncode]
+
+    rows = cli_json("instances", env=env)
+    assert len(rows) == 24 and {r["state"] for r in rows} == {"RECEIVED"}
+    stored_by = re.findall(r"\[(\d+)\] dicom_io\.handlers: stored ", listener.log())
+    assert len(stored_by) == 24
+    assert len(set(stored_by)) >= 2, "every association went to one process"
+    assert set(map(int, stored_by)) <= {listener.proc.pid, *receivers_of(listener.proc.pid)}
+
+
+def test_a_dead_receiver_is_started_again(shared_listener):
+    _, _, listener = shared_listener
+    first = receivers_of(listener.proc.pid)
+    os.kill(first[0], signal.SIGKILL)
+    wait_until(lambda: len(receivers_of(listener.proc.pid)) == 2 and first[0] not in receivers_of(listener.proc.pid),
+               timeout=30, what="a new receiver")
+    wait_until(lambda: len(listening(listener)) == 4, timeout=60, what="the new receiver listening")
+    assert "exited with status -9; starting it again" in listener.log()
+
+
+def test_receivers_die_with_a_killed_listener_which_then_starts_again_on_its_port(shared_listener, tmp_path,
+                                                                                processes):
+    env, port, listener = shared_listener
+    receivers = receivers_of(listener.proc.pid)
+    listener.proc.send_signal(signal.SIGKILL)
+    listener.proc.wait(timeout=10)
+    wait_until(lambda: not any(alive(pid) for pid in receivers), timeout=10, what="receivers gone")
+
+    again = Process(["listen"], env, tmp_path / "listen-again.log")
+    processes.append(again)
+    wait_for_port(port, again.proc)
+    path = tmp_path / "after.dcm"
+    write_chest_dicom(path)
+    assert storescu(port, path).returncode == 0
+    assert len(cli_json("instances", env=env)) == 1
+
+
+def test_a_second_listener_on_the_same_data_directory_is_refused(shared_listener):
+    env, _, _ = shared_listener
+    second = run_cli("listen", env={**env, "PNEUMOSCREEN_PORT": str(free_port())}, check=False)
+    assert second.returncode == 1
+    assert "another pneumoscreen listener is running" in second.stderr and "Traceback" not in second.stderr
