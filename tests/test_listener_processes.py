@@ -4,7 +4,9 @@ Real `pneumoscreen listen` processes on PostgreSQL, dcmtk storescu as the
 sender: associations spread over the processes and every instance is
 recorded once; a receiver that dies is started again; receivers die with a
 listener killed with SIGKILL, so it can start again on the same port; a
-second listener on the same data directory is refused.
+second listener on the same data directory is refused. Datasets are received
+into the data directory (beside the spool, not the system's temporary folder),
+and what a cut association left there is cleared at start-up.
 """
 
 from __future__ import annotations
@@ -114,3 +116,24 @@ def test_a_second_listener_on_the_same_data_directory_is_refused(shared_listener
     second = run_cli("listen", env={**env, "PNEUMOSCREEN_PORT": str(free_port())}, check=False)
     assert second.returncode == 1
     assert "another pneumoscreen listener is running" in second.stderr and "Traceback" not in second.stderr
+
+
+def test_datasets_are_received_beside_the_spool_and_leftovers_of_a_cut_association_are_cleared(tmp_path,
+                                                                                               sqlite_url, processes):
+    port = free_port()
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    env = {**cli_env(database_url=sqlite_url, data_dir=tmp_path / "data", port=port), "TMPDIR": str(system_tmp)}
+    run_cli("db", "upgrade", env=env)
+    incoming = tmp_path / "data" / "incoming"
+    incoming.mkdir(parents=True)
+    (incoming / "tmpcut.dcm").write_bytes(b"\0" * 1000)  # a dataset whose association was cut off
+    listener = Process(["listen"], env, tmp_path / "listen.log")
+    processes.append(listener)
+    wait_for_port(port, listener.proc)
+    path = tmp_path / "one.dcm"
+    write_chest_dicom(path)
+    assert storescu(port, path).returncode == 0
+    assert len(cli_json("instances", env=env)) == 1
+    assert list(incoming.iterdir()) == [] and list(system_tmp.iterdir()) == []
+    assert "removed 1 partly received file(s)" in listener.log()

@@ -89,6 +89,33 @@ def _start_listener(settings: Settings, *, reuse_port: bool = False):
         raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
 
 
+def _lock_data_dir(settings: Settings):
+    """The data directory's listener lock (one listener per data directory), or a clear error."""
+    from worker.receivers import ListenerLockedError, hold_listener_lock
+
+    try:
+        return hold_listener_lock(settings.data_dir)
+    except ListenerLockedError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _receive_into_data_dir(settings: Settings, *, clear: bool) -> None:
+    """Receive datasets into the data directory's ``incoming/`` (this process's temporary files),
+    on the spool's file system and under its free-space watermark; ``clear``: remove what an
+    earlier run left there (associations cut off mid-dataset)."""
+    import tempfile
+
+    incoming = settings.incoming_dir
+    incoming.mkdir(parents=True, exist_ok=True)
+    if clear:
+        stale = [p for p in incoming.iterdir() if p.is_file()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %d partly received file(s) left in %s", len(stale), incoming)
+    tempfile.tempdir = str(incoming)
+
+
 listener_options = [
     click.option("--data-dir", type=click.Path(path_type=Path), help="spool, SQLite database, logs [PNEUMOSCREEN_DATA_DIR]"),
     click.option("--host", help="address to listen on [PNEUMOSCREEN_HOST, 127.0.0.1]"),
@@ -126,6 +153,8 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
 
     _load_model(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _lock_data_dir(settings)  # held until this process exits
+    _receive_into_data_dir(settings, clear=True)
     upgrade(settings.effective_database_url)
     app = configure_app(settings)
     # the in-process broker starts empty: whatever was in flight when the last run stopped goes again
@@ -163,13 +192,14 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
 def listen(data_dir, host, port, ae_title, receiver) -> None:
     """The DICOM listener and study dispatcher (production: one, with PNEUMOSCREEN_LISTENER_PROCESSES processes)."""
     settings = _load_settings(data_dir=data_dir, host=host, port=port, ae_title=ae_title)
-    from worker.receivers import ListenerLockedError, Receivers, listener_lock, serve_until_orphaned_or_stopped
+    from worker.receivers import Receivers, serve_until_orphaned_or_stopped
 
     _require_current_schema(settings)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     if receiver:
         parent = os.getppid()
+        _receive_into_data_dir(settings, clear=False)
         server = _start_listener(settings, reuse_port=True)
         try:
             serve_until_orphaned_or_stopped(stopping, parent)
@@ -183,10 +213,8 @@ def listen(data_dir, host, port, ae_title, receiver) -> None:
     from worker.dispatcher import Dispatcher, reconcile
 
     with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(listener_lock(settings.data_dir))
-        except ListenerLockedError as exc:
-            raise click.ClickException(str(exc)) from None
+        stack.callback(_lock_data_dir(settings).close)
+        _receive_into_data_dir(settings, clear=True)
         configure_app(settings)
         reconcile(_sessions(), older_than_seconds=settings.reconcile_after_seconds)
         shared = settings.listener_processes > 1

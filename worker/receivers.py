@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +37,22 @@ class ListenerLockedError(RuntimeError):
     """Another listener runs on this data directory."""
 
 
-@contextlib.contextmanager
-def listener_lock(data_dir: Path):
-    """Hold ``<data_dir>/listener.lock`` for the life of the listener."""
+def hold_listener_lock(data_dir: Path) -> IO[str]:
+    """Lock ``<data_dir>/listener.lock`` for this process; closing the returned file (or exiting) releases it."""
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "listener.lock"
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ListenerLockedError(f"another pneumoscreen listener is running on {data_dir} ({path} is locked)") \
-                from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ListenerLockedError(f"another pneumoscreen listener is running on {data_dir} ({path} is locked)") \
+            from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def die_with_parent() -> None:

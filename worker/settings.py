@@ -164,6 +164,11 @@ class Settings(BaseSettings):
     def quarantine_dir(self) -> Path:
         return self.data_dir / "quarantine"
 
+    @property
+    def incoming_dir(self) -> Path:
+        """Datasets being received: beside the spool, so that storing one is a rename, not a copy."""
+        return self.data_dir / "incoming"
+
     @staticmethod
     def _words(value: str) -> frozenset[str]:
         return frozenset(w.strip().upper() for w in value.split(",") if w.strip())
