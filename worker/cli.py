@@ -153,7 +153,7 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
 
     _load_model(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    _lock_data_dir(settings)  # held until this process exits
+    lock = _lock_data_dir(settings)
     _receive_into_data_dir(settings, clear=True)
     upgrade(settings.effective_database_url)
     app = configure_app(settings)
@@ -183,6 +183,7 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
         scheduler.stop()
         dispatcher.stop()
         server.shutdown()
+        lock.close()
 
 
 @cli.command()
