@@ -66,12 +66,34 @@ class BatchPredictor:
             items = self._collect()
             try:
                 scores = self._predict(np.stack([image for image, _, _ in items]))
-                if self._record is not None:
-                    self._record([(key, score) for (_, key, _), score in zip(items, scores)])
             except Exception as exc:  # handed to every waiting caller, who decides
                 for _, _, future in items:
                     future.set_exception(exc)
                 continue
-            self.batches += 1
-            for (_, _, future), score in zip(items, scores):
-                future.set_result(score)
+            errors = self._store([key for _, key, _ in items], scores)
+            if len(errors) < len(items):
+                self.batches += 1
+            for index, ((_, _, future), score) in enumerate(zip(items, scores)):
+                if index in errors:
+                    future.set_exception(errors[index])
+                else:
+                    future.set_result(score)
+
+    def _store(self, keys: list[Hashable], scores: list[float]) -> dict[int, Exception]:
+        """Record the batch in one call; if that fails, each result on its own, so that
+        one result that cannot be stored fails only its own caller. Returns the failures by index."""
+        if self._record is None:
+            return {}
+        try:
+            self._record(list(zip(keys, scores)))
+            return {}
+        except Exception as exc:
+            if len(keys) == 1:
+                return {0: exc}
+        errors: dict[int, Exception] = {}
+        for index, (key, score) in enumerate(zip(keys, scores)):
+            try:
+                self._record([(key, score)])
+            except Exception as exc:
+                errors[index] = exc
+        return errors

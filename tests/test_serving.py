@@ -111,6 +111,35 @@ def test_a_failing_record_reaches_the_caller_who_is_not_answered():
     assert predictor.batches == 0
 
 
+def test_a_result_that_cannot_be_stored_fails_only_its_own_caller():
+    stored: list[int] = []
+
+    def record(batch_results):
+        if any(key == 13 for key, _ in batch_results):
+            raise ValueError("instance 13 is not in the database")
+        stored.extend(key for key, _ in batch_results)
+
+    predictor = BatchPredictor(CountingModel(), max_batch=8, max_wait_ms=500, record=record)
+    outcomes: dict[int, object] = {}
+    barrier = threading.Barrier(8)
+
+    def call(v: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[v] = predictor.predict_one(np.full((4, 4), v, dtype=np.uint8), key=v, timeout=30)
+        except ValueError as exc:
+            outcomes[v] = exc
+
+    threads = [threading.Thread(target=call, args=(v,)) for v in range(10, 18)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert isinstance(outcomes.pop(13), ValueError)
+    assert outcomes == {v: pytest.approx(v / 255) for v in range(10, 18) if v != 13}
+    assert sorted(stored) == [v for v in range(10, 18) if v != 13]
+
+
 @pytest.mark.parametrize("kwargs", [{"max_batch": 0}, {"max_wait_ms": -1}])
 def test_bad_batch_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
