@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 from pathlib import Path
@@ -31,6 +32,11 @@ def receivers_of(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(c) for c in children]
+
+
+def accepts_connections(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def alive(pid: int) -> bool:
@@ -101,10 +107,13 @@ def test_receivers_die_with_a_killed_listener_which_then_starts_again_on_its_por
     listener.proc.send_signal(signal.SIGKILL)
     listener.proc.wait(timeout=10)
     wait_until(lambda: not any(alive(pid) for pid in receivers), timeout=10, what="receivers gone")
+    # a killed process's sockets close when its last thread is gone, a moment after it shows as a zombie
+    wait_until(lambda: not accepts_connections(port), timeout=10, what="nothing listening on the port")
 
     again = Process(["listen"], env, tmp_path / "listen-again.log")
     processes.append(again)
     wait_for_port(port, again.proc)
+    wait_until(lambda: len(listening(again)) == 3, timeout=60, what="three processes listening again")
     path = tmp_path / "after.dcm"
     write_chest_dicom(path)
     assert storescu(port, path).returncode == 0
