@@ -25,18 +25,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import redis
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import create_engine, select
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from receive import ENV, free_port, make_images, send, wait_for_port  # noqa: E402
+from receive import ENV, free_port, make_images, scratch_postgres, send, wait_for_port  # noqa: E402
 
 from db.models import Instance, InstanceState, Prediction  # noqa: E402
 
@@ -74,16 +73,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json")
     args = parser.parse_args()
 
-    admin_url = os.environ.get("PNEUMOSCREEN_BENCH_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("PNEUMOSCREEN_BENCH_REDIS", "redis://127.0.0.1:6379/12")
-    db_name = f"pneumoscreen_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{db_name}"'))
-    database_url = f"{admin_url.rsplit('/', 1)[0]}/{db_name}"
     redis.Redis.from_url(redis_url).flushdb()
     procs: dict[str, subprocess.Popen] = {}
-    with tempfile.TemporaryDirectory(prefix="pneumoscreen-e2e-", dir=ROOT / "bench") as tmp:
+    with scratch_postgres() as database_url, \
+            tempfile.TemporaryDirectory(prefix="pneumoscreen-e2e-", dir=ROOT / "bench") as tmp:
         workdir = Path(tmp)
         try:
             (workdir / "images").mkdir()
@@ -131,8 +125,6 @@ def main() -> None:
                     p.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     p.kill()
-            with admin.connect() as c:
-                c.execute(text(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)'))
             redis.Redis.from_url(redis_url).flushdb()
 
     states = {s.value: sum(1 for r in rows if r.state == s) for s in InstanceState}
