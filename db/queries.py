@@ -108,6 +108,7 @@ def claim_quiet_instances(session: Session, *, quiet_since: datetime, limit: int
         .where(Instance.state == InstanceState.RECEIVED, Study.last_received_at <= quiet_since)
         .order_by(Instance.id)
         .limit(limit)
+        .with_for_update(of=Instance, skip_locked=True)  # a concurrent round claims the others, not these
     )
     ids = list(session.scalars(stmt))
     if ids:
@@ -120,13 +121,15 @@ def claim_quiet_instances(session: Session, *, quiet_since: datetime, limit: int
 
 
 def stale_instances(session: Session, *, older_than: datetime, limit: int = 500) -> list[tuple[int, InstanceState]]:
-    """Instances left QUEUED or PREPROCESSED since before ``older_than`` (lost messages)."""
+    """Instances left QUEUED or PREPROCESSED since before ``older_than`` (lost messages), locked
+    until the session ends (PostgreSQL; rows another session holds are skipped)."""
     stmt = (
         select(Instance.id, Instance.state)
         .where(Instance.state.in_([InstanceState.QUEUED, InstanceState.PREPROCESSED]),
                Instance.updated_at <= older_than)
         .order_by(Instance.id)
         .limit(limit)
+        .with_for_update(skip_locked=True)  # two reconcilers at once do not both send the same instance
     )
     return [(row.id, row.state) for row in session.execute(stmt)]
 

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from db.migrate import is_current, upgrade
 from db.models import InstanceState
 from db.models import utcnow
-from db.queries import claim_quiet_instances, record_prediction, record_received, requeue_for_model, set_state
+from db.queries import (
+    claim_quiet_instances,
+    record_prediction,
+    record_received,
+    requeue_for_model,
+    set_state,
+    stale_instances,
+    touch_instances,
+)
 from db.results import (
     PRIORITY_FLAGGED,
     PRIORITY_PENDING,
@@ -77,6 +85,31 @@ def test_quiet_studies_are_claimed_once(sessions):
     with sessions.begin() as s:
         assert claim_quiet_instances(s, quiet_since=utcnow()) == []
         assert {r["state"] for r in list_instances(s)} == {"QUEUED"}
+
+
+def test_concurrent_rounds_do_not_claim_or_resend_the_same_instances(pg_url):
+    """The listener's dispatcher and the reconcilers run at once: what one round holds, the other skips."""
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)
+    try:
+        with sessions.begin() as s:
+            _receive(s, "1.2.9", "1.2.9.1.1")
+            _receive(s, "1.2.9", "1.2.9.1.2")
+        with sessions.begin() as first, sessions.begin() as second:
+            second.execute(text("SET LOCAL lock_timeout = '2s'"))  # waiting on the first would be a failure
+            assert len(claim_quiet_instances(first, quiet_since=utcnow())) == 2
+            assert claim_quiet_instances(second, quiet_since=utcnow()) == []
+        with sessions.begin() as first, sessions.begin() as second:
+            second.execute(text("SET LOCAL lock_timeout = '2s'"))
+            stale = stale_instances(first, older_than=utcnow())
+            assert [state for _, state in stale] == [InstanceState.QUEUED] * 2
+            touch_instances(first, ids=[i for i, _ in stale], state=InstanceState.QUEUED)
+            assert stale_instances(second, older_than=utcnow()) == []
+        with sessions.begin() as s:  # once the first round has committed, the rows are fresh
+            assert stale_instances(s, older_than=utcnow().replace(year=2000)) == []
+    finally:
+        engine.dispose()
 
 
 def test_prediction_is_recorded_once_per_model_version(sessions):

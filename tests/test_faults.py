@@ -82,18 +82,35 @@ class Topology:
             rows = c.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
         return {state.value if hasattr(state, "value") else state: n for state, n in rows}
 
-    def predicted_uids(self) -> set[str]:
+    def reasons(self) -> list[str]:
         with self.engine.connect() as c:
-            return set(c.scalars(select(Instance.SOPInstanceUID).where(Instance.state == "PREDICTED")))
+            return sorted(set(c.scalars(select(Instance.reason).where(Instance.reason.is_not(None)))))
+
+    def log_excerpts(self, lines: int = 15) -> str:
+        """The last warnings and errors of every process, for a failure report."""
+        out = []
+        for path in sorted(self.tmp_path.glob("*.log")):
+            hits = [line for line in path.read_text(errors="replace").splitlines()
+                    if " WARNING " in line or " ERROR " in line or "Traceback" in line]
+            out.append(f"--- {path.name}\n" + "\n".join(hits[-lines:]))
+        return "\n".join(out)
 
     def assert_exactly_once(self, succeeded: set[str]) -> None:
         def done():
             try:
-                return succeeded <= self.predicted_uids()
+                with self.engine.connect() as c:
+                    failed = set(c.scalars(select(Instance.SOPInstanceUID).where(Instance.state == "FAILED")))
+                    predicted = set(c.scalars(select(Instance.SOPInstanceUID).where(Instance.state == "PREDICTED")))
             except Exception:  # the database may be restarting
                 return False
+            assert not failed & succeeded, f"acknowledged instances FAILED: {self.reasons()}"
+            return succeeded <= predicted
 
-        wait_until(done, timeout=180, interval=1, what=f"{len(succeeded)} instances PREDICTED")
+        try:
+            wait_until(done, timeout=180, interval=1, what=f"{len(succeeded)} instances PREDICTED")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\nstates: {self.counts()}\nreasons: {self.reasons()}\n"
+                                 f"{self.log_excerpts()}") from None
         with self.engine.connect() as c:
             per_instance = c.execute(
                 select(Instance.SOPInstanceUID, func.count(Prediction.id))
@@ -141,9 +158,14 @@ def test_kill_9_of_a_worker_mid_flight_loses_nothing(topology, victim):
     topology.assert_exactly_once(_succeeded(statuses))
 
 
-def test_redis_restart_with_studies_in_flight_loses_nothing(topology):
+@pytest.mark.parametrize("during", ["preprocessing", "inference"])
+def test_redis_restart_with_studies_in_flight_loses_nothing(topology, during):
     statuses = topology.send()
-    _wait_for_some_predicted(topology)
+    if during == "preprocessing":  # the preprocess worker is handing images on to the inference queue
+        wait_until(lambda: topology.counts().get("PREPROCESSED", 0) >= 1, timeout=90, interval=0.01,
+                   what="1 PREPROCESSED")
+    else:
+        _wait_for_some_predicted(topology)
     topology.redis.stop()  # no persistence: every queued message is gone
     time.sleep(3)
     topology.redis.start()

@@ -1,7 +1,9 @@
 """Celery tasks: thin wrappers that deserialize, call ``worker.pipeline`` (or
 ``worker.results``, ``worker.rescreen``) and retry.
 
-Transient errors (database or broker unreachable) are retried with backoff;
+Transient errors (database or broker unreachable) are retried with backoff
+(when the broker is down the retry cannot be queued either: the message is
+dropped and the reconciler sends the instance again);
 when the retries are spent, or on any other error, the instance is marked
 FAILED with the reason (the dead-letter state, visible in ``pneumoscreen
 instances``) and its file is kept. If even that write fails, the instance
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from celery import Task
+from kombu.exceptions import OperationalError as BrokerError
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from db.models import InstanceState
@@ -24,7 +27,9 @@ from worker.celery_app import app
 
 log = logging.getLogger(__name__)
 
-_TRANSIENT = (OperationalError, ConnectionError, TimeoutError)
+# database or broker unreachable; a retry that cannot even be published (broker down) is dropped
+# and the instance, still in flight in the database, is sent again by the reconciler
+_TRANSIENT = (OperationalError, BrokerError, ConnectionError, TimeoutError)
 _RETRY = {"acks_late": True, "autoretry_for": _TRANSIENT, "retry_backoff": True, "retry_backoff_max": 300,
           "max_retries": 10}
 
