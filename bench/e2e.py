@@ -8,7 +8,15 @@ p50/p95 latency from study dispatch to result, peak RSS per process, and, in
 the same run, the pure inference rate of the same model at the same batch
 size. Writes JSON.
 
-    .venv/bin/python bench/e2e.py [--count 500] [--associations 2]
+    .venv/bin/python bench/e2e.py [--count 500] [--associations 2] [--listener-processes 2] [--profile DIR]
+
+The listener runs as in the compose file, with 2 processes sharing the port
+(PNEUMOSCREEN_LISTENER_PROCESSES); ``--listener-processes 1`` gives the default of
+a single process.
+
+The report also gives each process's CPU milliseconds per image (from
+/proc); with ``--profile DIR`` (needs py-spy) each process is sampled while
+it works and the hottest functions are printed, with raw stacks in DIR.
 
 Uses Redis db 12 on PNEUMOSCREEN_BENCH_REDIS (default redis://127.0.0.1:6379/12, flushed)
 and a scratch database on PNEUMOSCREEN_BENCH_POSTGRES (default
@@ -18,9 +26,13 @@ postgresql+psycopg://postgres@127.0.0.1:5432/postgres; created and dropped).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import re
 import os
 import statistics
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,20 +47,66 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from receive import ENV, free_port, make_images, scratch_postgres, send, wait_for_port  # noqa: E402
+from receive import ENV, free_port, listening_sockets, make_images, scratch_postgres, send, wait_for_port  # noqa: E402
 
 from db.models import Instance, InstanceState, Prediction  # noqa: E402
 
 
 def peak_rss_mb(pid: int) -> float:
-    """VmHWM of the process and its children (a Celery worker may fork)."""
-    total = 0
-    pids = [pid] + [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    for p in pids:
+    """The largest VmHWM among the process and its children (listener receivers, forked workers)."""
+    peak = 0
+    for p in _family(pid):
         for line in Path(f"/proc/{p}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                total += int(line.split()[1])
-    return total / 1024
+                peak = max(peak, int(line.split()[1]))
+    return peak / 1024
+
+
+def _family(pid: int) -> list[int]:
+    return [pid] + [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process and its children so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in _family(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+def start_profilers(procs: dict[str, subprocess.Popen], out: Path) -> dict[str, subprocess.Popen]:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    out.mkdir(parents=True, exist_ok=True)
+    return {name: subprocess.Popen([py_spy, "record", "--pid", str(p.pid), "--format", "raw", "--rate", "200",
+                                    "--subprocesses", "--nonblocking", "--output", str(out / f"{name}.txt")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, p in procs.items()}
+
+
+def top_functions(raw: Path, n: int = 10) -> dict[str, list[tuple[str, float]]]:
+    """From py-spy's raw stacks: the functions where the samples were taken (``self``) and, among
+    pneumoscreen's own functions, those most often on the stack (``ours``), as shares of all samples."""
+    own: collections.Counter[str] = collections.Counter()
+    ours: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if not samples.isdigit():
+            continue
+        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")[1:]]  # per function, not line
+        if not frames:
+            continue
+        total += int(samples)
+        own[frames[-1]] += int(samples)
+        for frame in set(frames):
+            if frame.split(" (")[-1].startswith(("worker/", "dicom_io/", "model/", "db/")):
+                ours[frame] += int(samples)
+    share = lambda counter: [(frame, round(c / total, 3)) for frame, c in counter.most_common(n)]  # noqa: E731
+    return {"self": share(own), "ours": share(ours)} if total else {}
 
 
 def pure_inference_rate(batch_size: int, seconds: float = 10.0) -> float:
@@ -70,7 +128,11 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--associations", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--listener-processes", type=int, default=2)
+    parser.add_argument("--preprocess-concurrency", type=int, default=2)
+    parser.add_argument("--preprocess-pool", choices=["threads", "prefork"], default="threads")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json")
+    parser.add_argument("--profile", type=Path, help="sample every process with py-spy; raw stacks go here")
     args = parser.parse_args()
 
     redis_url = os.environ.get("PNEUMOSCREEN_BENCH_REDIS", "redis://127.0.0.1:6379/12")
@@ -87,19 +149,28 @@ def main() -> None:
             env.update({"PNEUMOSCREEN_DATABASE_URL": database_url, "PNEUMOSCREEN_BROKER_URL": redis_url,
                         "PNEUMOSCREEN_DATA_DIR": str(workdir / "data"), "PNEUMOSCREEN_PORT": str(port),
                         "PNEUMOSCREEN_STUDY_QUIET_SECONDS": "1", "PNEUMOSCREEN_LOG_LEVEL": "WARNING",
-                        "PNEUMOSCREEN_MIN_FREE_MB": "64", "PNEUMOSCREEN_INFERENCE_BATCH_SIZE": str(args.batch_size)})
+                        "PNEUMOSCREEN_MIN_FREE_MB": "64", "PNEUMOSCREEN_INFERENCE_BATCH_SIZE": str(args.batch_size),
+                        "PNEUMOSCREEN_LISTENER_PROCESSES": str(args.listener_processes)})
             cli = [sys.executable, "-m", "worker.cli"]
             subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True, cwd=ROOT)
             commands = {"listener": ["listen"],
-                        "preprocess": ["worker", "--queues", "preprocess,maintenance", "--concurrency", "2"],
+                        "preprocess": ["worker", "--queues", "preprocess,maintenance", "--pool", args.preprocess_pool,
+                                       "--concurrency", str(args.preprocess_concurrency)],
                         "inference": ["worker", "--queues", "inference"]}
             for name, command in commands.items():
                 procs[name] = subprocess.Popen([*cli, *command], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                                stderr=open(workdir / f"{name}.log", "wb"))
             wait_for_port(port)
+            deadline = time.monotonic() + 60
+            while listening_sockets(port) < args.listener_processes:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the listener processes did not all start")
+                time.sleep(0.2)
             time.sleep(8)  # the inference worker loads TensorFlow and the model
 
             engine = create_engine(database_url)
+            cpu_before = {name: cpu_seconds(p.pid) for name, p in procs.items()}
+            profilers = start_profilers(procs, args.profile) if args.profile else {}
             started = time.perf_counter()
             send_seconds = send(port, "PNEUMOSCREEN", files, args.associations)
             while True:
@@ -112,6 +183,12 @@ def main() -> None:
                     raise TimeoutError(f"only {len(done)} of {len(files)} done after 30 minutes")
                 time.sleep(0.2)
             total_seconds = time.perf_counter() - started
+            cpu_ms = {name: round(1000 * (cpu_seconds(p.pid) - cpu_before[name]) / len(files), 1)
+                      for name, p in procs.items()}
+            for profiler in profilers.values():
+                profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            for profiler in profilers.values():
+                profiler.wait(timeout=60)
             rss = {name: round(peak_rss_mb(p.pid), 1) for name, p in procs.items()}
             with engine.connect() as c:
                 rows = c.execute(select(Instance.state, Instance.queued_at, Prediction.created_at)
@@ -132,15 +209,19 @@ def main() -> None:
     pure = pure_inference_rate(args.batch_size)
     rate = len(files) / total_seconds
     report = {
-        "count": len(files), "associations": args.associations, "batch_size": args.batch_size,
+        "count": len(files), "associations": args.associations, "listener_processes": args.listener_processes,
+        "preprocess": f"{args.preprocess_pool} x {args.preprocess_concurrency}",
+        "batch_size": args.batch_size,
         "send_seconds": round(send_seconds, 2), "total_seconds": round(total_seconds, 2),
         "images_per_second": round(rate, 1), "states": states,
         "latency_dispatch_to_result_seconds": {
             "p50": round(statistics.median(latencies), 3),
             "p95": round(latencies[int(0.95 * (len(latencies) - 1))], 3), "max": round(latencies[-1], 3)},
-        "peak_rss_mb": rss, "pure_inference_images_per_second": round(pure, 1),
+        "peak_rss_mb": rss, "cpu_ms_per_image": cpu_ms, "pure_inference_images_per_second": round(pure, 1),
         "fraction_of_pure_inference": round(rate / pure, 3),
     }
+    if args.profile:
+        report["profile"] = {name: top_functions(args.profile / f"{name}.txt") for name in procs}
     print(json.dumps(report, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -7,7 +7,8 @@ prepared ``uint8`` batch and does its own ``to_model_input``. For batch sizes
 1, 8, 32 and 64, in the same run and interleaved repeat by repeat, it times:
 
 - ``loaded-model``: ``LoadedModel.predict``, the production path (the
-  model traced once into a graph, one call per batch);
+  model traced once into a graph that takes the ``uint8`` images and scales
+  them itself, one call per batch);
 - ``keras-eager``: ``keras_model(x, training=False)`` called eagerly, the
   production path before it was traced;
 - ``keras-predict``: ``keras_model.predict(x, batch_size=...)``;
