@@ -36,12 +36,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import redis
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, func, select
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -109,6 +110,33 @@ def top_functions(raw: Path, n: int = 10) -> dict[str, list[tuple[str, float]]]:
     return {"self": share(own), "ours": share(ours)} if total else {}
 
 
+class QueueSampler(threading.Thread):
+    """Every 0.25 s: the broker's preprocess and inference queue lengths and the instances per state,
+    to see where images wait."""
+
+    def __init__(self, redis_url: str, engine) -> None:
+        super().__init__(daemon=True)
+        self.redis = redis.Redis.from_url(redis_url)
+        self.engine = engine
+        self.started = time.perf_counter()
+        self.timeline: list[dict] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.25):
+            with self.engine.connect() as c:
+                states = dict(c.execute(select(Instance.state, func.count()).group_by(Instance.state)).all())
+            self.timeline.append({"t": round(time.perf_counter() - self.started, 2),
+                                  "preprocess_queue": self.redis.llen("preprocess"),
+                                  "inference_queue": self.redis.llen("inference"),
+                                  **{state.value: n for state, n in states.items()}})
+
+    def stop(self) -> list[dict]:
+        self._stop_event.set()
+        self.join()
+        return self.timeline
+
+
 def pure_inference_rate(batch_size: int, seconds: float = 10.0) -> float:
     from model.artifact import get_model
 
@@ -171,6 +199,8 @@ def main() -> None:
             engine = create_engine(database_url)
             cpu_before = {name: cpu_seconds(p.pid) for name, p in procs.items()}
             profilers = start_profilers(procs, args.profile) if args.profile else {}
+            sampler = QueueSampler(redis_url, engine)
+            sampler.start()
             started = time.perf_counter()
             send_seconds = send(port, "PNEUMOSCREEN", files, args.associations)
             while True:
@@ -183,6 +213,7 @@ def main() -> None:
                     raise TimeoutError(f"only {len(done)} of {len(files)} done after 30 minutes")
                 time.sleep(0.2)
             total_seconds = time.perf_counter() - started
+            timeline = sampler.stop()
             cpu_ms = {name: round(1000 * (cpu_seconds(p.pid) - cpu_before[name]) / len(files), 1)
                       for name, p in procs.items()}
             for profiler in profilers.values():
@@ -219,10 +250,13 @@ def main() -> None:
             "p95": round(latencies[int(0.95 * (len(latencies) - 1))], 3), "max": round(latencies[-1], 3)},
         "peak_rss_mb": rss, "cpu_ms_per_image": cpu_ms, "pure_inference_images_per_second": round(pure, 1),
         "fraction_of_pure_inference": round(rate / pure, 3),
+        "max_waiting": {key: max((point.get(key, 0) for point in timeline), default=0)
+                        for key in ("RECEIVED", "preprocess_queue", "inference_queue")},
+        "timeline": timeline,
     }
     if args.profile:
         report["profile"] = {name: top_functions(args.profile / f"{name}.txt") for name in procs}
-    print(json.dumps(report, indent=2))
+    print(json.dumps({key: value for key, value in report.items() if key != "timeline"}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
