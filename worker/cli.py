@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -263,9 +264,41 @@ def worker(queues: str, concurrency: int | None, pool: str) -> None:
         # prefork children load it themselves: TensorFlow must not cross a fork
         _load_model(settings, load=pool != "prefork")
     app = configure_app(settings)
-    app.worker_main(["worker", "--queues", queues, "--pool", pool, "--concurrency", str(concurrency),
-                     "--hostname", f"pneumoscreen-{queues.replace(',', '-')}@%h",
-                     "--loglevel", logging.getLevelName(logging.getLogger().level)])
+    from celery.signals import worker_shutting_down
+
+    stop_requested = threading.Event()  # a signal asked Celery to stop: its exit stands
+    worker_shutting_down.connect(lambda **_: stop_requested.set(), weak=False)
+    started = time.monotonic()
+    try:
+        app.worker_main(["worker", "--queues", queues, "--pool", pool, "--concurrency", str(concurrency),
+                         "--hostname", f"pneumoscreen-{queues.replace(',', '-')}@%h",
+                         "--loglevel", logging.getLevelName(logging.getLogger().level)])
+    except SystemExit as exc:
+        if exc.code not in (0, None) and not stop_requested.is_set():
+            _restart_after_crash(exc.code, ran_seconds=time.monotonic() - started)
+        raise
+
+
+_RESTARTS_ENV = "PNEUMOSCREEN_WORKER_RESTARTS"
+
+
+def _restart_after_crash(code, *, ran_seconds: float, max_quick_restarts: int = 10) -> None:
+    """Start this worker again, in the same process (same pid), after Celery stopped on an
+    "Unrecoverable error" (not after a stop that a signal asked for, even a cold one). Celery/kombu can end that way when the broker goes away at the wrong
+    moment (an exception while it gives unacknowledged messages back); nothing is lost (the
+    messages are acknowledged late and the reconciler re-sends what is in flight), but without
+    a supervisor the queue would have no consumer. Back-off doubles up to 60 s; after
+    ``max_quick_restarts`` in a row that each ran under 5 minutes, the exit stands."""
+    restarts = 0 if ran_seconds > 300 else int(os.environ.get(_RESTARTS_ENV, "0"))
+    if restarts >= max_quick_restarts:
+        log.critical("the worker stopped (exit %s) %d times in a row; giving up", code, restarts + 1)
+        return
+    delay = min(60.0, 2.0 ** restarts)
+    log.error("the Celery worker stopped on an unrecoverable error (exit %s); starting it again in %.0f s",
+              code, delay)
+    time.sleep(delay)
+    os.environ[_RESTARTS_ENV] = str(restarts + 1)
+    os.execv(sys.executable, sys.orig_argv)
 
 
 @cli.command()
