@@ -106,8 +106,10 @@ def top_functions(raw: Path, n: int = 10) -> dict[str, list[tuple[str, float]]]:
         for frame in set(frames):
             if frame.split(" (")[-1].startswith(("worker/", "dicom_io/", "model/", "db/")):
                 ours[frame] += int(samples)
-    share = lambda counter: [(frame, round(c / total, 3)) for frame, c in counter.most_common(n)]  # noqa: E731
-    return {"self": share(own), "ours": share(ours)} if total else {}
+    if not total:
+        return {}
+    return {name: [(frame, round(c / total, 3)) for frame, c in counter.most_common(n)]
+            for name, counter in (("self", own), ("ours", ours))}
 
 
 class QueueSampler(threading.Thread):

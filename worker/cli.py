@@ -264,19 +264,18 @@ def worker(queues: str, concurrency: int | None, pool: str) -> None:
         # prefork children load it themselves: TensorFlow must not cross a fork
         _load_model(settings, load=pool != "prefork")
     app = configure_app(settings)
-    from celery.signals import worker_shutting_down
+    from celery.signals import worker_init
 
-    stop_requested = threading.Event()  # a signal asked Celery to stop: its exit stands
-    worker_shutting_down.connect(lambda **_: stop_requested.set(), weak=False)
+    started_workers: list = []  # worker_main drops the exit code; the worker object keeps it
+    worker_init.connect(lambda sender=None, **_: started_workers.append(sender), weak=False)
     started = time.monotonic()
-    try:
-        app.worker_main(["worker", "--queues", queues, "--pool", pool, "--concurrency", str(concurrency),
-                         "--hostname", f"pneumoscreen-{queues.replace(',', '-')}@%h",
-                         "--loglevel", logging.getLevelName(logging.getLogger().level)])
-    except SystemExit as exc:
-        if exc.code not in (0, None) and not stop_requested.is_set():
-            _restart_after_crash(exc.code, ran_seconds=time.monotonic() - started)
-        raise
+    app.worker_main(["worker", "--queues", queues, "--pool", pool, "--concurrency", str(concurrency),
+                     "--hostname", f"pneumoscreen-{queues.replace(',', '-')}@%h",
+                     "--loglevel", logging.getLevelName(logging.getLogger().level)])
+    code = getattr(started_workers[-1], "exitcode", None) if started_workers else None
+    if code:  # stops asked for by a signal (SIGTERM, SIGQUIT, Ctrl+C) end with 0
+        _restart_after_crash(code, ran_seconds=time.monotonic() - started)
+    sys.exit(code or 0)
 
 
 _RESTARTS_ENV = "PNEUMOSCREEN_WORKER_RESTARTS"
@@ -284,10 +283,12 @@ _RESTARTS_ENV = "PNEUMOSCREEN_WORKER_RESTARTS"
 
 def _restart_after_crash(code, *, ran_seconds: float, max_quick_restarts: int = 10) -> None:
     """Start this worker again, in the same process (same pid), after Celery stopped on an
-    "Unrecoverable error" (not after a stop that a signal asked for, even a cold one). Celery/kombu can end that way when the broker goes away at the wrong
-    moment (an exception while it gives unacknowledged messages back); nothing is lost (the
-    messages are acknowledged late and the reconciler re-sends what is in flight), but without
-    a supervisor the queue would have no consumer. Back-off doubles up to 60 s; after
+    "Unrecoverable error" (exit code 1).
+
+    Celery/kombu can end that way when the broker goes away at the wrong moment (an exception
+    while it gives unacknowledged messages back); nothing is lost (messages are acknowledged
+    late and the reconciler re-sends what is in flight), but without a supervisor the queue
+    would have no consumer. Back-off doubles up to 60 s; after
     ``max_quick_restarts`` in a row that each ran under 5 minutes, the exit stands."""
     restarts = 0 if ran_seconds > 300 else int(os.environ.get(_RESTARTS_ENV, "0"))
     if restarts >= max_quick_restarts:
