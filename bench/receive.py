@@ -8,6 +8,11 @@ database row per instance, before each success status) and into `storescp`
 configuration repeated. Prints instances/s, MB/s and the ratio, and writes
 JSON.
 
+The same run also measures pynetdicom's own ceiling: its SCP configured as
+our listener (chunked receive into a temporary file, the same PDU size and
+socket reads) with a C-STORE handler that only deletes the file. Whatever a
+durable handler adds (fsync, rename, a committed row) comes on top of it.
+
 With ``--listener-processes N`` (default 2; 1 leaves it out), pneumoscreen is
 also run with N listener processes sharing the port
 (PNEUMOSCREEN_LISTENER_PROCESSES), on a scratch PostgreSQL database
@@ -140,6 +145,39 @@ def run_storescp(workdir: Path, files: list[Path], associations: int) -> float:
     return seconds
 
 
+def serve_pynetdicom_alone(port: int, incoming: Path) -> None:
+    """pynetdicom's SCP as ``pneumoscreen listen`` sets it up, with a handler that only deletes the file."""
+    import importlib
+
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+    from worker.settings import Settings
+
+    importlib.import_module("dicom_io.server")  # chunked receive and the one-buffer socket read, as the listener
+
+    tempfile.tempdir = str(incoming)  # where pynetdicom writes each dataset, as the listener does
+
+    def handle_store(event) -> int:
+        os.unlink(event.dataset_path)
+        return 0x0000
+
+    ae = AE("ALONE")
+    ae.maximum_pdu_size = Settings.model_fields["max_pdu_size"].default
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+
+
+def run_pynetdicom_alone(workdir: Path, files: list[Path], associations: int) -> float:
+    port = free_port()
+    incoming = workdir / "alone"
+    incoming.mkdir()
+    seconds = serve_and_send([sys.executable, str(Path(__file__).resolve()), "--serve-pynetdicom-alone", str(port),
+                              str(incoming)], ENV, port, "ALONE", files, associations, workdir / "alone.log")
+    shutil.rmtree(incoming)
+    return seconds
+
+
 @contextlib.contextmanager
 def scratch_postgres():
     """A new PostgreSQL database for one run, dropped afterwards; yields its URL."""
@@ -193,7 +231,12 @@ def main() -> None:
     parser.add_argument("--listener-processes", type=int, default=2,
                         help="also run pneumoscreen with this many listener processes (1: not)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "receive.json")
+    parser.add_argument("--serve-pynetdicom-alone", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_pynetdicom_alone:
+        sys.path.insert(0, str(ROOT))
+        serve_pynetdicom_alone(int(args.serve_pynetdicom_alone[0]), Path(args.serve_pynetdicom_alone[1]))
+        return
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
             sys.exit(f"dcmtk's {tool} is needed (apt-get install dcmtk)")
@@ -208,7 +251,8 @@ def main() -> None:
         shared = f"pneumoscreen_{args.listener_processes}_processes"
         for associations in (1, 4):
             receivers = {"storescp": lambda: run_storescp(workdir, files, associations),
-                         "pneumoscreen": lambda: run_pneumoscreen(workdir, files, associations, args.database_url)}
+                         "pneumoscreen": lambda: run_pneumoscreen(workdir, files, associations, args.database_url),
+                         "pynetdicom_alone": lambda: run_pynetdicom_alone(workdir, files, associations)}
             if associations > 1 and args.listener_processes > 1:
                 receivers[shared] = lambda: run_pneumoscreen(workdir, files, associations, None,
                                                              args.listener_processes)
@@ -223,10 +267,13 @@ def main() -> None:
                              "instances_per_second": len(files) / median, "mb_per_second": megabytes / median}
             reference = row["storescp"]["instances_per_second"]
             row["ratio"] = row["pneumoscreen"]["instances_per_second"] / reference
+            row["ratio_pynetdicom_alone"] = row["pynetdicom_alone"]["instances_per_second"] / reference
             line = (f"{associations} association(s): storescp {reference:.1f} inst/s "
                     f"({row['storescp']['mb_per_second']:.0f} MB/s), pneumoscreen "
                     f"{row['pneumoscreen']['instances_per_second']:.1f} inst/s "
-                    f"({row['pneumoscreen']['mb_per_second']:.0f} MB/s), ratio {row['ratio']:.2f}")
+                    f"({row['pneumoscreen']['mb_per_second']:.0f} MB/s), ratio {row['ratio']:.2f}; "
+                    f"pynetdicom alone {row['pynetdicom_alone']['instances_per_second']:.1f} inst/s, ratio "
+                    f"{row['ratio_pynetdicom_alone']:.2f}")
             if shared in row:
                 row[f"ratio_{args.listener_processes}_processes"] = row[shared]["instances_per_second"] / reference
                 line += (f"; {args.listener_processes} listener processes (PostgreSQL) "

@@ -12,9 +12,8 @@ from sqlalchemy.orm import Session
 from db.models import TERMINAL_STATES, Instance, InstanceState, ModelVersion, Prediction, Series, Study, utcnow
 
 
-def upsert(session: Session, table, values: dict[str, Any], *, key: str | list[str],
-           update: dict[str, Any] | None = None):
-    """INSERT ... ON CONFLICT (key) DO UPDATE/NOTHING ... RETURNING id, on SQLite and PostgreSQL alike."""
+def _insert(session: Session, table):
+    """The dialect's INSERT (it knows ON CONFLICT): SQLite or PostgreSQL."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -22,7 +21,13 @@ def upsert(session: Session, table, values: dict[str, Any], *, key: str | list[s
         from sqlalchemy.dialects.sqlite import insert
     else:
         raise NotImplementedError(f"database {dialect!r} is not supported (SQLite or PostgreSQL)")
-    stmt = insert(table).values(**values)
+    return insert(table)
+
+
+def upsert(session: Session, table, values: dict[str, Any], *, key: str | list[str],
+           update: dict[str, Any] | None = None):
+    """INSERT ... ON CONFLICT (key) DO UPDATE/NOTHING ... RETURNING id, on SQLite and PostgreSQL alike."""
+    stmt = _insert(session, table).values(**values)
     keys = [key] if isinstance(key, str) else key
     if update:
         stmt = stmt.on_conflict_do_update(index_elements=keys, set_=update)
@@ -153,35 +158,49 @@ def set_state(session: Session, *, instance_id: int, state: InstanceState, reaso
     values = {"state": state, "reason": reason, "updated_at": utcnow()}
     if path is not None:
         values["path"] = path
+    instances = Instance.__table__  # a Core UPDATE: the ORM-enabled one costs far more CPU, twice per image
     result = session.execute(
-        update(Instance)
-        .where(Instance.id == instance_id, Instance.state.not_in(TERMINAL_STATES))
+        update(instances)
+        .where(instances.c.id == instance_id, instances.c.state.not_in(TERMINAL_STATES))
         .values(**values)
     )
     return result.rowcount == 1
+
+
+def record_predictions(
+    session: Session, *, model_name: str, model_version: str, weights_sha256: str, threshold: float,
+    results: list[tuple[int, float]],
+) -> set[int]:
+    """Store a model's answers, (instance id, probability) each, once per instance and model
+    version, and mark the instances PREDICTED: two statements for the whole batch.
+
+    Returns the ids answered for the first time; for the others this model version had already
+    answered, and a redelivered message changes nothing (the first answer stands).
+    """
+    if not results:
+        return set()
+    now = utcnow()
+    table = Prediction.__table__
+    rows = [{"instance_id": instance_id, "model_version": model_version, "model_name": model_name,
+             "weights_sha256": weights_sha256, "probability": float(probability), "threshold": threshold,
+             "flagged": bool(probability >= threshold), "created_at": now} for instance_id, probability in results]
+    stmt = (_insert(session, table).on_conflict_do_nothing(index_elements=["instance_id", "model_version"])
+            .returning(table.c.instance_id))
+    created = set(session.execute(stmt, rows).scalars())
+    instances = Instance.__table__
+    session.execute(update(instances).where(instances.c.id.in_([instance_id for instance_id, _ in results]))
+                    .values(state=InstanceState.PREDICTED, reason=None, updated_at=now))
+    return created
 
 
 def record_prediction(
     session: Session, *, instance_id: int, model_name: str, model_version: str, weights_sha256: str,
     probability: float, threshold: float,
 ) -> bool:
-    """Store a model's answer (once per instance and model version) and mark the instance PREDICTED.
-
-    Returns False when this model version had already answered: a redelivered message
-    changes nothing (the first answer stands).
-    """
-    created = upsert(
-        session, Prediction.__table__,
-        {"instance_id": instance_id, "model_version": model_version, "model_name": model_name,
-         "weights_sha256": weights_sha256, "probability": probability, "threshold": threshold,
-         "flagged": probability >= threshold, "created_at": utcnow()},
-        key=["instance_id", "model_version"],
-    ) is not None
-    session.execute(
-        update(Instance).where(Instance.id == instance_id)
-        .values(state=InstanceState.PREDICTED, reason=None, updated_at=utcnow())
-    )
-    return created
+    """:func:`record_predictions` for one instance; False when this model version had already answered."""
+    return instance_id in record_predictions(session, model_name=model_name, model_version=model_version,
+                                             weights_sha256=weights_sha256, threshold=threshold,
+                                             results=[(instance_id, probability)])
 
 
 def register_model(session: Session, *, name: str, version: str, weights_sha256: str, threshold: float,

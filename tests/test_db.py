@@ -11,6 +11,7 @@ from db.models import utcnow
 from db.queries import (
     claim_quiet_instances,
     record_prediction,
+    record_predictions,
     record_received,
     requeue_for_model,
     set_state,
@@ -121,6 +122,28 @@ def test_prediction_is_recorded_once_per_model_version(sessions):
     with sessions() as s:
         [row] = list_instances(s)
     assert row["state"] == "PREDICTED" and row["probability"] == pytest.approx(0.8)
+
+
+def test_a_batch_of_predictions_is_recorded_once_each_and_says_which_were_new(sessions):
+    with sessions.begin() as s:
+        ids = [_receive(s, "1.2.3", f"1.2.3.1.{n}")[0] for n in range(1, 5)]
+        _predict(s, ids[0], 0.9)  # answered before the batch
+    batch = [(ids[0], 0.1), (ids[1], 0.7), (ids[2], 0.2), (ids[1], 0.3), (ids[3], 0.6)]  # ids[1] twice
+    with sessions.begin() as s:
+        created = record_predictions(s, model_name="cnn", model_version="1.0", weights_sha256="0" * 64,
+                                     threshold=0.5, results=batch)
+    assert created == {ids[1], ids[2], ids[3]}
+    with sessions() as s:
+        rows = {row["sop_instance_uid"]: row for row in list_instances(s)}
+        flags = s.execute(text("SELECT flagged FROM prediction ORDER BY instance_id")).scalars().all()
+    assert [bool(flag) for flag in flags] == [True, True, False, True]  # one row each, the first answer
+    assert [rows[f"1.2.3.1.{n}"]["probability"] for n in range(1, 5)] == pytest.approx([0.9, 0.7, 0.2, 0.6])
+    assert {row["state"] for row in rows.values()} == {"PREDICTED"}
+    with sessions.begin() as s:  # another model version answers the same instances anew
+        assert record_predictions(s, model_name="cnn", model_version="2.0", weights_sha256="1" * 64,
+                                  threshold=0.5, results=batch[:3]) == set(ids[:3])
+        assert record_predictions(s, model_name="cnn", model_version="2.0", weights_sha256="1" * 64,
+                                  threshold=0.5, results=[]) == set()
 
 
 def test_terminal_state_is_never_left(sessions):

@@ -21,7 +21,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import InstanceState
-from db.queries import get_instance, record_prediction, register_model, set_state
+from db.queries import get_instance, record_predictions as store_predictions, register_model, set_state
 from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.pixels import PixelDecodeError, display_image
 from dicom_io.spool import Spool
@@ -106,13 +106,11 @@ def record_predictions(sessions: sessionmaker[Session], card: ModelCard,
             register_model(session, name=card.name, version=card.version, weights_sha256=card.sha256,
                            threshold=card.threshold, preprocessing_version=card.preprocessing_version,
                            card_json=json.dumps(asdict(card), sort_keys=True))
-        created = [record_prediction(session, instance_id=instance_id, model_name=card.name,
-                                     model_version=card.version, weights_sha256=card.sha256,
-                                     probability=probability, threshold=card.threshold)
-                   for instance_id, probability in results]
+        created = store_predictions(session, model_name=card.name, model_version=card.version,
+                                    weights_sha256=card.sha256, threshold=card.threshold, results=results)
     _registered.add(card.version)
-    for (instance_id, probability), new in zip(results, created):
-        if new:
+    for instance_id, probability in results:
+        if instance_id in created:
             log.info("instance %d PREDICTED p=%.4f (%s %s)", instance_id, probability, card.name, card.version)
         else:
             log.info("instance %d: %s %s had already answered; kept the first answer", instance_id,
