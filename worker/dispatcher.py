@@ -27,8 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def _send(ids: list[int]) -> None:
-    for instance_id in ids:
-        app.send_task("pneumoscreen.preprocess", args=[instance_id])
+    if not ids:
+        return
+    with app.producer_or_acquire() as producer:  # one broker producer for the whole round
+        for instance_id in ids:
+            app.send_task("pneumoscreen.preprocess", args=[instance_id], producer=producer)
 
 
 def dispatch_quiet(sessions: sessionmaker[Session], *, quiet_seconds: float) -> int:
