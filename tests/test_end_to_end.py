@@ -5,6 +5,7 @@ embedded default (`pneumoscreen run`, SQLite, in-process broker)."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,25 @@ def test_embedded_default_resumes_work_left_in_flight_by_a_previous_run(tmp_path
     env = cli_env(data_dir=data_dir)
     wait_until(lambda: [r["state"] for r in cli_json("instances", env=env)] == ["PREDICTED"], timeout=60,
                what="the left-over instance PREDICTED")
+
+
+def test_embedded_default_stops_on_sigterm_even_when_beat_cannot_save_its_schedule(tmp_path, processes):
+    """A full or vanished data disk makes beat's last schedule save fail; the stop still ends."""
+    port = free_port()
+    data_dir = tmp_path / "data"
+    runner = Process(["run", "--data-dir", str(data_dir), "--port", str(port)], cli_env(), tmp_path / "run.log")
+    processes.append(runner)
+    wait_for_port(port, runner.proc)
+    wait_until(lambda: " ready." in runner.log(), timeout=60, what="the Celery worker ready")
+    schedule = wait_until(lambda: list(data_dir.glob("celerybeat-schedule*.dat")), timeout=30,
+                          what="beat's schedule file")
+    for path in schedule:
+        path.unlink()  # the next save cannot open it
+    runner.proc.terminate()
+    try:
+        code = runner.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`pneumoscreen run` still running 30 s after SIGTERM; log:\n{runner.log()[-3000:]}")
+    assert code == 0
+    assert "FileNotFoundError" in runner.log()  # the failed save happened, and did not hold the stop
+

@@ -181,7 +181,12 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
                          "--loglevel", logging.getLevelName(logging.getLogger().level), "--without-mingle",
                          "--without-gossip"])
     finally:
-        scheduler.stop()
+        # beat wakes at least once a second and then saves its schedule; if that save fails (a full
+        # or vanished data disk) Celery's stop(wait=True) would wait for ever, so the wait is bounded
+        scheduler.service.stop()
+        scheduler.join(timeout=10)
+        if scheduler.is_alive():
+            log.warning("beat did not stop within 10 s; leaving it")
         dispatcher.stop()
         server.shutdown()
         lock.close()
