@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
 
 LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL", "LLO", "RLO"})
+
+#: BodyPartExamined values taken as chest by default (also as words of a longer value: "CHEST PA").
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "CXR", "PORTABLE CHEST"})
+
+_WORD = re.compile(r"[A-Z0-9]+")
 
 
 @dataclass(frozen=True)
@@ -17,8 +23,9 @@ class EligibilityPolicy:
     modalities: frozenset[str] = frozenset({"CR", "DX"})
     """Modality values screened, also on Secondary Capture objects (public chest
     X-ray sets such as RSNA's and NIH's are SC-wrapped CR)."""
-    chest_body_parts: frozenset[str] = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "PORTABLE CHEST"})
-    """BodyPartExamined values taken as chest; an absent value is accepted."""
+    chest_body_parts: frozenset[str] = CHEST_BODY_PARTS
+    """BodyPartExamined values taken as chest, whole or as one word of the value ("CHEST_PA",
+    "PORT CHEST"); an absent value is accepted. A lateral word in it ("CHEST LAT") is refused."""
     lateral_views: frozenset[str] = field(default=LATERAL_VIEWS)
     """ViewPosition values refused: the model reads frontal (PA/AP) films."""
     min_side: int = 128
@@ -42,8 +49,11 @@ class EligibilityPolicy:
             return Eligibility(False, "a FOR PROCESSING image (raw detector data) is not screened; "
                                       "send the FOR PRESENTATION image")
         body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
-        if body_part and body_part not in self.chest_body_parts:
+        words = set(_WORD.findall(body_part))
+        if body_part and body_part not in self.chest_body_parts and not words & self.chest_body_parts:
             return Eligibility(False, f"body part {body_part} is not chest")
+        if words & self.lateral_views:
+            return Eligibility(False, f"body part {body_part} names a lateral view; only frontal views are screened")
         view = str(ds.get("ViewPosition", "") or "").strip().upper()
         if view in self.lateral_views:
             return Eligibility(False, f"view position {view} is lateral; only frontal views are screened")

@@ -55,6 +55,8 @@ def test_eligible_instance_is_prepared(sessions, tmp_path):
     ({"view_position": "LL"}, "lateral"),
     ({"modality": "MR"}, "modality MR is not screened"),
     ({"body_part": "KNEE"}, "body part KNEE is not chest"),
+    ({"body_part": "CHESTNUT"}, "body part CHESTNUT is not chest"),
+    ({"body_part": "CHEST LAT"}, "names a lateral view"),
     ({"sop_class": "DX", "modality": "DX", "presentation_intent": "FOR PROCESSING"}, "FOR PROCESSING"),
 ])
 def test_ineligible_instance_is_skipped_with_a_reason(sessions, tmp_path, kwargs, reason):
@@ -62,6 +64,14 @@ def test_ineligible_instance_is_skipped_with_a_reason(sessions, tmp_path, kwargs
     assert pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds)) is None
     state, why = _state(sessions)
     assert state == "SKIPPED" and reason in why
+
+
+@pytest.mark.parametrize("body_part", ["CHEST", "chest", "CHEST PA", "CHEST_AP", "PORT CHEST", "THORAX AP", "CXR",
+                                       "LUNGS"])
+def test_chest_like_body_parts_are_screened(sessions, tmp_path, body_part):
+    ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG, body_part=body_part)
+    assert pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds)) is not None
+    assert _state(sessions) == ("PREPROCESSED", None)
 
 
 def test_truncated_file_fails_with_a_reason(sessions, tmp_path):

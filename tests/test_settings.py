@@ -13,6 +13,9 @@ def test_defaults_match_the_design():
     s = Settings(_env_file=None)
     assert (s.host, s.port, s.ae_title, s.study_quiet_seconds) == ("127.0.0.1", 11112, "PNEUMOSCREEN", 10.0)
     assert s.effective_database_url.startswith("sqlite:///") and s.effective_database_url.endswith("pneumoscreen.db")
+    from dicom_io.eligibility import CHEST_BODY_PARTS, EligibilityPolicy
+
+    assert s.chest_body_part_set == CHEST_BODY_PARTS == EligibilityPolicy().chest_body_parts
 
 
 def test_environment_variables_are_read(monkeypatch):

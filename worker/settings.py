@@ -72,8 +72,9 @@ class Settings(BaseSettings):
     tls_key: Path | None = Field(None, description="server private key (PEM)")
     tls_client_ca: Path | None = Field(None, description="CA bundle; when set, clients must present a certificate")
     eligible_modalities: str = Field("CR,DX", description="Modality values screened (also on SC objects)")
-    chest_body_parts: str = Field("CHEST,THORAX,LUNG,LUNGS,TORAX,PORTABLE CHEST,CHEST PA,CHEST AP,PA CHEST,AP CHEST",
-                                  description="BodyPartExamined values taken as chest; absent is accepted")
+    chest_body_parts: str = Field("CHEST,CXR,LUNG,LUNGS,PORTABLE CHEST,THORAX,TORAX",
+                                  description="BodyPartExamined values taken as chest, whole or as one word of "
+                                              "the value (CHEST_PA); absent is accepted")
     min_image_side: int = Field(128, ge=1, description="smaller images are SKIPPED")
     inference_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass at most")
     inference_batch_ms: float = Field(20.0, ge=0, le=10000, description="wait this long for a batch to fill")
