@@ -57,10 +57,33 @@ class EligibilityPolicy:
         view = str(ds.get("ViewPosition", "") or "").strip().upper()
         if view in self.lateral_views:
             return Eligibility(False, f"view position {view} is lateral; only frontal views are screened")
+        if not view:  # many CR films lack it: the lateral of a PA + lateral study must not be screened
+            hint = _lateral_hint(ds)
+            if hint:
+                return Eligibility(False, f"{hint}: a lateral view; only frontal views are screened")
         rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         if min(rows, columns) < self.min_side:
             return Eligibility(False, f"image {columns}x{rows} is smaller than {self.min_side} px")
         return Eligibility(True)
+
+
+def _lateral_hint(ds: Dataset) -> str | None:
+    """Where a film without ViewPosition says it is a lateral, if it does: the view code, the
+    patient orientation (rows running anterior or posterior) or a description naming it."""
+    for item in ds.get("ViewCodeSequence", None) or []:
+        meaning = str(item.get("CodeMeaning", "") or "").upper()
+        if "LATERAL" in meaning or "LATERO" in meaning:
+            return f"view code {meaning.lower()}"
+    orientation = ds.get("PatientOrientation", None)
+    if orientation is not None and not isinstance(orientation, str) and len(orientation) == 2 \
+            and str(orientation[0]).strip().upper() in ("A", "P"):
+        return "patient orientation " + "\\".join(str(value) for value in orientation)
+    for keyword in ("SeriesDescription", "ProtocolName", "AcquisitionDeviceProcessingDescription"):
+        text = str(ds.get(keyword, "") or "").strip().upper()
+        words = set(_WORD.findall(text))
+        if words & {"LAT", "LATERAL"} and not words & {"PA", "AP", "FRONTAL"}:  # not "CHEST PA AND LAT"
+            return f"{keyword} {text[:64]!r}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydicom.dataset import Dataset
 
 from db.migrate import upgrade
 from db.models import InstanceState
 from db.queries import record_received
 from db.results import list_instances
 from db.session import make_engine, make_sessionmaker
-from dicom_factory import PNEUMONIA_JPEG, write_chest_dicom
+from dicom_factory import PNEUMONIA_JPEG, chest_dataset, write_chest_dicom
+from dicom_io.eligibility import EligibilityPolicy
 from model.preprocessing import INPUT_SIZE
 from worker import pipeline
 
@@ -72,6 +74,48 @@ def test_chest_like_body_parts_are_screened(sessions, tmp_path, body_part):
     ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG, body_part=body_part)
     assert pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds)) is not None
     assert _state(sessions) == ("PREPROCESSED", None)
+
+
+def _view_code(meaning: str) -> Dataset:
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "399348003", "SCT", meaning
+    return code
+
+
+@pytest.mark.parametrize("attributes, reason", [
+    ({"ViewCodeSequence": [_view_code("latero-medial")]}, "view code latero-medial"),
+    ({"ViewCodeSequence": [_view_code("left lateral")]}, "view code left lateral"),
+    ({"PatientOrientation": ["P", "F"]}, "patient orientation P\\F"),
+    ({"SeriesDescription": "Thorax lat."}, "SeriesDescription 'THORAX LAT.'"),
+    ({"ProtocolName": "CHEST_LATERAL"}, "ProtocolName 'CHEST_LATERAL'"),
+])
+def test_a_film_without_view_position_is_known_as_lateral_by_its_other_attributes(attributes, reason):
+    ds = chest_dataset(PNEUMONIA_JPEG, view_position=None)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    verdict = EligibilityPolicy().judge(ds)
+    assert not verdict.eligible and verdict.reason.startswith(reason) and "lateral view" in verdict.reason
+
+
+@pytest.mark.parametrize("attributes", [
+    {},
+    {"ViewCodeSequence": [_view_code("postero-anterior")]},
+    {"PatientOrientation": ["L", "F"]},
+    {"SeriesDescription": "CHEST PA", "ProtocolName": "Thorax p.a."},
+    {"SeriesDescription": "PLATE 2"},  # LAT only as a whole word
+    {"SeriesDescription": "CHEST PA AND LAT"},  # a study's description copied to each series names both
+])
+def test_a_frontal_film_without_view_position_is_screened(attributes):
+    ds = chest_dataset(PNEUMONIA_JPEG, view_position=None)
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    assert EligibilityPolicy().judge(ds).eligible
+
+
+def test_view_position_decides_when_present():
+    ds = chest_dataset(PNEUMONIA_JPEG, view_position="PA")
+    ds.SeriesDescription = "THORAX LAT"  # a description that contradicts ViewPosition does not win
+    assert EligibilityPolicy().judge(ds).eligible
 
 
 def test_truncated_file_fails_with_a_reason(sessions, tmp_path):
