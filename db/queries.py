@@ -193,16 +193,6 @@ def record_predictions(
     return created
 
 
-def record_prediction(
-    session: Session, *, instance_id: int, model_name: str, model_version: str, weights_sha256: str,
-    probability: float, threshold: float,
-) -> bool:
-    """:func:`record_predictions` for one instance; False when this model version had already answered."""
-    return instance_id in record_predictions(session, model_name=model_name, model_version=model_version,
-                                             weights_sha256=weights_sha256, threshold=threshold,
-                                             results=[(instance_id, probability)])
-
-
 def register_model(session: Session, *, name: str, version: str, weights_sha256: str, threshold: float,
                    preprocessing_version: str | None, card_json: str) -> None:
     """Remember a model version the first time it answers (later calls change nothing)."""

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from model.preprocessing import PREPROCESSING_VERSION
+from model.preprocessing import PREPROCESSING_VERSION, prepared_batch
 
 WEIGHTS_FILE = "model.keras"
 CARD_FILE = "model_card.json"
@@ -158,11 +158,7 @@ class LoadedModel:
         """
         import numpy as np
 
-        x = np.asarray(prepared)
-        if x.ndim == 2:
-            x = x[np.newaxis]
-        if x.ndim != 3 or x.dtype != np.uint8:
-            raise ValueError(f"expected uint8 images of shape (n, size, size), got {x.dtype} {x.shape}")
+        x = prepared_batch(prepared)
         if x.shape[1:] != (self.card.input_size, self.card.input_size):
             raise ValueError(f"model expects {self.card.input_size}px input, got {x.shape[1]}px")
         with self._lock:

@@ -59,12 +59,9 @@ def prepare(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
-def to_model_input(batch: np.ndarray) -> np.ndarray:
-    """Turn prepared ``uint8`` images ``(n, size, size)`` into the network input.
-
-    Returns ``float32`` of shape ``(n, size, size, 3)`` in [0, 1], the grey
-    channel replicated into R, G and B.
-    """
+def prepared_batch(batch: np.ndarray) -> np.ndarray:
+    """``batch`` as prepared ``uint8`` images ``(n, size, size)`` (one image gets a batch axis);
+    ValueError for anything else."""
     batch = np.asarray(batch)
     if batch.ndim == 2:
         batch = batch[np.newaxis]
@@ -72,7 +69,16 @@ def to_model_input(batch: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"expected uint8 images of shape (n, size, size), got {batch.dtype} {batch.shape}"
         )
-    scaled = batch.astype(np.float32) / np.float32(255.0)
+    return batch
+
+
+def to_model_input(batch: np.ndarray) -> np.ndarray:
+    """Turn prepared ``uint8`` images ``(n, size, size)`` into the network input.
+
+    Returns ``float32`` of shape ``(n, size, size, 3)`` in [0, 1], the grey
+    channel replicated into R, G and B.
+    """
+    scaled = prepared_batch(batch).astype(np.float32) / np.float32(255.0)
     return np.repeat(scaled[..., np.newaxis], 3, axis=-1)
 
 

@@ -22,7 +22,7 @@ from db.deliveries import claim_delivery, finish_delivery, release_delivery, req
 from db.metrics import pipeline_snapshot
 from db.migrate import alembic_config, upgrade
 from db.models import Instance, InstanceState, Prediction, Study
-from db.queries import record_prediction, record_received, set_state
+from db.queries import record_predictions, record_received, set_state
 from db.session import make_engine, make_sessionmaker
 from model.artifact import read_card
 
@@ -66,8 +66,8 @@ def populate(sessions) -> None:
     def predict(s, instance_id: int, p: float, *, queued: datetime | None, after: float, version: str = "1.0"):
         if queued is not None:
             s.execute(update(Instance).where(Instance.id == instance_id).values(queued_at=queued))
-        record_prediction(s, instance_id=instance_id, model_name="cnn", model_version=version,
-                          weights_sha256="0" * 64, probability=p, threshold=0.5)
+        record_predictions(s, model_name="cnn", model_version=version, weights_sha256="0" * 64, threshold=0.5,
+                           results=[(instance_id, p)])
         s.execute(update(Prediction).where(Prediction.instance_id == instance_id, Prediction.model_version == version)
                   .values(created_at=(queued or _at(1, 0)) + timedelta(seconds=after)))
 

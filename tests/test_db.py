@@ -10,7 +10,6 @@ from db.models import InstanceState
 from db.models import utcnow
 from db.queries import (
     claim_quiet_instances,
-    record_prediction,
     record_predictions,
     record_received,
     requeue_for_model,
@@ -53,8 +52,8 @@ def _receive(s, study: str, sop: str, accession: str = "A1", study_date: str | N
 
 
 def _predict(s, instance_id: int, p: float, version: str = "1.0"):
-    record_prediction(s, instance_id=instance_id, model_name="cnn", model_version=version,
-                      weights_sha256="0" * 64, probability=p, threshold=0.5)
+    record_predictions(s, model_name="cnn", model_version=version, weights_sha256="0" * 64, threshold=0.5,
+                       results=[(instance_id, p)])
 
 
 def test_migration_creates_the_tables(sessions):
