@@ -2,7 +2,8 @@
 viewer would show, ready for ``model.preprocessing.prepare``.
 
 Order of operations (PS3.4 N.2): modality LUT / rescale, VOI LUT or window,
-then presentation: MONOCHROME1 is inverted so that air is black.
+then presentation: MONOCHROME1, or a Presentation LUT Shape of INVERSE, is
+inverted (once) so that air is black.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def display_image(ds: Dataset) -> np.ndarray:
                 image = _apply_voi(values, ds) if has_voi else _to_uint8(np.asarray(values), padding)
         except (ValueError, TypeError, IndexError, AttributeError, ZeroDivisionError) as exc:
             raise PixelDecodeError(f"modality/VOI LUT could not be applied: {exc}") from exc
-    if photometric == "MONOCHROME1":
+    if photometric == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
+        # DX writes INVERSE beside MONOCHROME1 for the same inversion: applied once either way
         image = 255 - image
     if padding is not None:
         image = np.where(padding, np.uint8(0), image)  # padding shows as black background

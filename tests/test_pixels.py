@@ -47,3 +47,18 @@ def test_pixel_padding_is_left_out_of_the_auto_range_and_shown_black():
     inner = original[:, 20:]
     expected = np.rint((inner.astype(float) - inner.min()) * 255 / (inner.max() - inner.min()))
     assert np.abs(out[:, 20:].astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("photometric, shape, inverted", [
+    ("MONOCHROME2", None, False), ("MONOCHROME2", "IDENTITY", False),
+    ("MONOCHROME2", "INVERSE", True),  # shown inverted by a viewer, so screened inverted
+    ("MONOCHROME1", None, True), ("MONOCHROME1", "INVERSE", True),  # DX: one inversion, not two
+])
+def test_presentation_lut_shape_inverse_is_applied_once(photometric, shape, inverted):
+    ds = chest_dataset(PNEUMONIA_JPEG)
+    stored = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, ds.Columns)
+    ds.PhotometricInterpretation = photometric
+    if shape:
+        ds.PresentationLUTShape = shape
+    out = display_image(ds)
+    assert np.array_equal(out, 255 - stored if inverted else stored)
