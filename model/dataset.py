@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.preprocessing import IMAGE_SUFFIXES, INPUT_SIZE, prepare_file
+from model.preprocessing import IMAGE_SUFFIXES, INPUT_SIZE, PREPROCESSING_VERSION, prepare_file
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,20 @@ def list_images(folder: str | Path) -> list[tuple[Path, int]]:
 
 def load_folder(folder: str | Path, *, size: int = INPUT_SIZE, cache: str | Path | None = None,
                 progress: bool = True) -> LabelledImages:
-    """Load and prepare every image of a Kaggle-layout folder (cached as .npz if asked)."""
+    """Load and prepare every image of a Kaggle-layout folder (cached as .npz if asked).
+
+    A cache is used only if it holds the same files at the same size, prepared
+    by this :data:`~model.preprocessing.PREPROCESSING_VERSION`; otherwise it is
+    rebuilt.
+    """
     entries = list_images(folder)
     if cache is not None and Path(cache).is_file():
         with np.load(cache) as z:
-            if list(z["names"]) == [str(p) for p, _ in entries] and z["images"].shape[1] == size:
+            if ("preprocessing" in z.files and str(z["preprocessing"]) == PREPROCESSING_VERSION
+                    and list(z["names"]) == [str(p) for p, _ in entries] and z["images"].shape[1] == size):
                 log.info("using cached arrays %s", cache)
                 return LabelledImages(z["images"], z["labels"], z["patients"], [p for p, _ in entries])
+            log.info("cached arrays %s are stale (other files, size or preprocessing); rebuilding", cache)
     images = np.empty((len(entries), size, size), dtype=np.uint8)
     for i, (path, _) in enumerate(entries):
         images[i] = prepare_file(path, size)
@@ -82,7 +89,7 @@ def load_folder(folder: str | Path, *, size: int = INPUT_SIZE, cache: str | Path
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, images=images, labels=labels, patients=patients,
-                 names=np.array([str(p) for p, _ in entries]))
+                 names=np.array([str(p) for p, _ in entries]), preprocessing=np.array(PREPROCESSING_VERSION))
     return LabelledImages(images, labels, patients, [p for p, _ in entries])
 
 

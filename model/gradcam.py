@@ -10,6 +10,9 @@ from model.preprocessing import to_model_input
 #: The last convolutional activation of the screening CNN.
 DEFAULT_LAYER = "head_relu"
 
+#: Longest side of an overlay; larger films are scaled down to it.
+OVERLAY_MAX_SIDE = 1024
+
 
 def gradcam(keras_model, prepared: np.ndarray, *, layer: str = DEFAULT_LAYER) -> np.ndarray:
     """A [0, 1] heat map the size of ``prepared`` (a prepared uint8 image) for the pneumonia output."""
@@ -29,8 +32,20 @@ def gradcam(keras_model, prepared: np.ndarray, *, layer: str = DEFAULT_LAYER) ->
     return cv2.resize(cam.astype(np.float32), prepared.shape[::-1], interpolation=cv2.INTER_LINEAR)
 
 
-def overlay(prepared: np.ndarray, heat: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
-    """The grey film with the heat map in the JET colour map on top (BGR uint8)."""
-    colour = cv2.applyColorMap(np.uint8(np.clip(heat, 0, 1) * 255), cv2.COLORMAP_JET)
-    grey = cv2.cvtColor(prepared, cv2.COLOR_GRAY2BGR)
+def overlay(film: np.ndarray, heat: np.ndarray, *, alpha: float = 0.4,
+            max_side: int = OVERLAY_MAX_SIDE) -> np.ndarray:
+    """The film as displayed (2-D ``uint8``, any size) with the heat map in the JET
+    colour map on top (BGR uint8).
+
+    The heat map, computed on the square prepared image, is stretched back to
+    the film's own proportions; the film keeps its grey levels (not the
+    equalized ones the network saw) and is scaled down to ``max_side`` at most.
+    """
+    scale = min(1.0, max_side / max(film.shape))
+    if scale < 1.0:
+        film = cv2.resize(film, (max(1, round(film.shape[1] * scale)), max(1, round(film.shape[0] * scale))),
+                          interpolation=cv2.INTER_AREA)
+    heat = cv2.resize(np.clip(heat, 0, 1).astype(np.float32), film.shape[::-1], interpolation=cv2.INTER_LINEAR)
+    colour = cv2.applyColorMap(np.uint8(heat * 255), cv2.COLORMAP_JET)
+    grey = cv2.cvtColor(np.ascontiguousarray(film, dtype=np.uint8), cv2.COLOR_GRAY2BGR)
     return cv2.addWeighted(colour, alpha, grey, 1 - alpha, 0)

@@ -2,9 +2,10 @@
 
 Every image, whether it came from a DICOM file (after ``dicom_io.pixels``
 turned it into display-ready 8-bit grey) or from a PNG/JPEG file, goes
-through :func:`prepare` to become a 224x224 ``uint8`` array. That array is
-what is cached for training and what travels to the inference workers, so
-training and serving see byte-identical tensors for the same image.
+through :func:`prepare` to become a 224x224 ``uint8`` array: resized, then
+its contrast normalised (:func:`normalize_contrast`). That array is what is
+cached for training and what travels to the inference workers, so training
+and serving see byte-identical tensors for the same image.
 :func:`to_model_input` then makes the network input: 3 channels (RGB,
 grey replicated), float32 scaled to [0, 1].
 
@@ -20,7 +21,9 @@ import numpy as np
 
 #: Bumped whenever :func:`prepare` changes what it produces; written into
 #: the model card so a model is never served with a different preprocessing.
-PREPROCESSING_VERSION = "1"
+PREPROCESSING_VERSION = "2"
+
+#: Version "1" was the resize alone; "2" added :func:`normalize_contrast`.
 
 #: Side of the square network input, in pixels.
 INPUT_SIZE = 224
@@ -56,7 +59,19 @@ def prepare(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
         raise ValueError(f"image is too small to screen: {image.shape[1]}x{image.shape[0]}")
     interpolation = cv2.INTER_AREA if min(image.shape) >= size else cv2.INTER_LINEAR
     out = cv2.resize(image, (size, size), interpolation=interpolation)
-    return np.ascontiguousarray(out, dtype=np.uint8)
+    return normalize_contrast(np.ascontiguousarray(out, dtype=np.uint8))
+
+
+def normalize_contrast(image: np.ndarray) -> np.ndarray:
+    """Global histogram equalization of a 2-D ``uint8`` grey image.
+
+    The grey levels are remapped by their cumulative histogram, so the result
+    does not depend on which monotonic display curve (exposure, gamma, VOI
+    window, a JPEG export's tone curve) the film went through before, up to
+    the levels that curve merged or clipped. A constant image is returned
+    unchanged.
+    """
+    return cv2.equalizeHist(image)
 
 
 def prepared_batch(batch: np.ndarray) -> np.ndarray:

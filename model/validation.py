@@ -17,7 +17,10 @@ that from the training data alone:
 
 The perturbations act on the display image, BEFORE the shared
 :func:`model.preprocessing.prepare`, as a different scanner, exposure or
-display window would. Everything here is numpy in, dict out; the network is
+display window would. Since preprocessing version 2, ``prepare`` equalizes the
+histogram, which undoes the pure tone curves (the gamma shifts) almost
+exactly; they stay in the check as a guard against a preprocessing that
+would stop doing so. Everything here is numpy in, dict out; the network is
 only reached through the ``fit`` callable.
 """
 

@@ -125,10 +125,12 @@ def test_rescreen_and_nightly_job_through_celery_workers_on_redis_and_postgresql
     pneumonia = write_chest_dicom(files[0], PNEUMONIA_JPEG, transfer_syntax=ExplicitVRLittleEndian)
     normal = write_chest_dicom(files[1], NORMAL_JPEG, transfer_syntax=ExplicitVRLittleEndian)
     assert storescu(port, *files).returncode == 0
-    wait_until(lambda: _all_terminal(env, 2), timeout=120, what="first screening")
+    first = wait_until(lambda: _all_terminal(env, 2), timeout=120, what="first screening")
+    low, high = sorted(r["probability"] for r in first)
+    assert 0.0 < low < high < 1.0
 
-    # an operator rescreens with a stricter model the workers can read
-    strict = new_model_version(tmp_path, "9.1.0-strict", threshold=0.9999)
+    # an operator rescreens with a stricter model the workers can read: above both images' scores
+    strict = new_model_version(tmp_path, "9.1.0-strict", threshold=(high + 1.0) / 2)
     report = cli_json("rescreen", "--model", str(strict), "--timeout", "120", env=env)
     assert (report["queued"], report["rescreened"], report["still_open"]) == (2, 2, 0)
     assert report["unflagged"] == 1 and report["newly_flagged"] == 0
@@ -139,7 +141,7 @@ def test_rescreen_and_nightly_job_through_celery_workers_on_redis_and_postgresql
 
     # a new model is deployed to the workers; the nightly job (beat's task) rescreens the archive with it
     worker.stop()
-    eager = new_model_version(tmp_path, "9.2.0-eager", threshold=0.0001)
+    eager = new_model_version(tmp_path, "9.2.0-eager", threshold=low / 2)  # below both
     deployed = {**env, "PNEUMOSCREEN_MODEL_DIR": str(eager)}
     worker = Process(["worker", "--queues", "preprocess,inference,maintenance"], deployed, tmp_path / "worker2.log")
     processes.append(worker)

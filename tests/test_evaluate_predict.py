@@ -12,6 +12,7 @@ from pydicom.uid import JPEGBaseline8Bit
 from conftest import cli_env, run_cli
 from dicom_factory import FIXTURES, NORMAL_JPEG, PNEUMONIA_JPEG, write_chest_dicom
 from model.artifact import read_card
+from model.preprocessing import read_image_file
 
 EVALUATE_KEYS = {"n", "auc", "sensitivity", "specificity", "precision", "f1", "accuracy", "threshold",
                  "tn", "fp", "fn", "tp", "model_version"}
@@ -56,9 +57,10 @@ def test_predict_gives_the_same_answer_for_a_jpeg_and_its_dicom_and_writes_heatm
     jpeg_row, dicom_row, normal_row = rows
     assert jpeg_row["probability"] == pytest.approx(dicom_row["probability"], abs=1e-6)
     assert jpeg_row["flagged"] is True and normal_row["flagged"] is False
-    for row in rows:
+    # the overlay is drawn on the film in its own proportions, not on the square network input
+    for row, source in zip(rows, [PNEUMONIA_JPEG, PNEUMONIA_JPEG, NORMAL_JPEG]):
         heat = cv2.imread(row["heatmap"])
-        assert heat is not None and heat.shape == (224, 224, 3)
+        assert heat is not None and heat.shape == (*read_image_file(source).shape, 3)
 
 
 def test_predict_reports_an_unreadable_file_and_exits_non_zero(tmp_path):

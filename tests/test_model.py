@@ -50,3 +50,20 @@ def test_card_for_another_preprocessing_is_refused(tmp_path):
     (copy / CARD_FILE).write_text(json.dumps(card))
     with pytest.raises(ModelArtifactError, match="preprocessing version"):
         read_card(copy)
+
+
+def test_cached_arrays_of_another_preprocessing_are_rebuilt(tmp_path):
+    from model.dataset import load_folder
+
+    cache = tmp_path / "train_224.npz"
+    first = load_folder(FIXTURES, cache=cache, progress=False)
+    with np.load(cache) as z:
+        assert str(z["preprocessing"]) == PREPROCESSING_VERSION
+        stale = {k: z[k] for k in z.files}
+    # the same files cached by an older preprocessing: not to be trained on
+    np.savez(cache, **{**stale, "images": np.zeros_like(stale["images"]), "preprocessing": np.array("1")})
+    again = load_folder(FIXTURES, cache=cache, progress=False)
+    assert np.array_equal(again.images, first.images)
+    assert np.array_equal(first.images[0], prepare_file(first.paths[0]))
+    with np.load(cache) as z:
+        assert str(z["preprocessing"]) == PREPROCESSING_VERSION

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from db.migrate import upgrade
@@ -14,9 +16,10 @@ from db.models import InstanceState
 from db.queries import record_received
 from db.results import list_instances
 from db.session import make_engine, make_sessionmaker
-from dicom_factory import PNEUMONIA_JPEG, chest_dataset, write_chest_dicom
+from dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG, chest_dataset, write_chest_dicom
 from dicom_io.eligibility import EligibilityPolicy
-from model.preprocessing import INPUT_SIZE
+from dicom_io.pixels import display_image
+from model.preprocessing import INPUT_SIZE, prepare, read_image_file
 from worker import pipeline
 
 
@@ -185,3 +188,27 @@ def test_a_task_that_gives_up_marks_the_instance_failed_with_the_reason(sessions
     state, reason = _state(sessions)
     assert state == "FAILED"
     assert "pneumoscreen.infer gave up" in reason and "ConnectionError: broker gone" in reason
+
+
+def test_an_image_queued_by_an_older_preprocessing_is_prepared_again_before_inference(sessions, sqlite_url,
+                                                                                     tmp_path):
+    # an infer message from before an upgrade carries no preprocessing version (version "1",
+    # the resize alone); the shipped model expects the current one, so the file is prepared again
+    from worker import runtime, tasks
+    from worker.settings import Settings
+
+    ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG)
+    instance_id = _receive(sessions, tmp_path / "a.dcm", ds)
+    stale = cv2.resize(read_image_file(NORMAL_JPEG), (INPUT_SIZE, INPUT_SIZE))  # not what the file holds
+    runtime.configure(Settings(database_url=sqlite_url, data_dir=tmp_path / "data", inference_batch_ms=1))
+    try:
+        model = runtime.load_model()
+        tasks.infer(instance_id, pipeline.encode_prepared(stale))
+    finally:
+        runtime.configure(Settings())
+    with sessions() as s:
+        [row] = list_instances(s)
+    expected = model.predict(prepare(display_image(dcmread(tmp_path / "a.dcm"))))[0]
+    assert row["state"] == InstanceState.PREDICTED.value
+    assert row["probability"] == pytest.approx(expected, abs=1e-5)
+    assert abs(model.predict(stale)[0] - expected) > 1e-3  # the stale tensor would have scored otherwise

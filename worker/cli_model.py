@@ -149,15 +149,16 @@ def predict(paths: tuple[Path, ...], model_dir: Path | None, as_json: bool, heat
         import cv2
 
         from model.gradcam import gradcam, overlay
-        from worker.inputs import prepare_any
+        from model.preprocessing import prepare
+        from worker.inputs import read_any
 
         heatmap_dir.mkdir(parents=True, exist_ok=True)
         for row in rows:
             if row["probability"] is None:
                 continue
-            prepared = prepare_any(Path(row["path"]))
+            film = read_any(Path(row["path"]))
             out = heatmap_dir / f"{Path(row['path']).stem}_gradcam.png"
-            cv2.imwrite(str(out), overlay(prepared, gradcam(model.keras_model, prepared)))
+            cv2.imwrite(str(out), overlay(film, gradcam(model.keras_model, prepare(film))))
             row["heatmap"] = str(out)
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -11,7 +11,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_io.pixels import PixelDecodeError, display_image
-from model.preprocessing import IMAGE_SUFFIXES, prepare, prepare_file
+from model.preprocessing import IMAGE_SUFFIXES, prepare, read_image_file
 
 
 class UnreadableInput(ValueError):
@@ -40,11 +40,23 @@ def iter_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             raise FileNotFoundError(f"{path}: no such file or folder")
 
 
+def read_any(path: Path) -> np.ndarray:
+    """The grey film of a PNG/JPEG or DICOM file, as displayed (before :func:`prepare`)."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        try:
+            return read_image_file(path)
+        except (OSError, ValueError) as exc:  # the message names the file
+            raise UnreadableInput(str(exc)) from exc
+    try:
+        return display_image(dcmread(path))
+    except (InvalidDicomError, PixelDecodeError, OSError, ValueError, TypeError, AttributeError) as exc:
+        raise UnreadableInput(f"{path}: {exc}") from exc
+
+
 def prepare_any(path: Path) -> np.ndarray:
     """The prepared 224x224 uint8 image of a PNG/JPEG or DICOM file."""
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return prepare_file(path)
+    film = read_any(path)
     try:
-        return prepare(display_image(dcmread(path)))
-    except (InvalidDicomError, PixelDecodeError, OSError, ValueError, TypeError, AttributeError) as exc:
+        return prepare(film)
+    except ValueError as exc:  # too small to screen
         raise UnreadableInput(f"{path}: {exc}") from exc

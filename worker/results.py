@@ -86,8 +86,8 @@ def build_heatmaps(job: DeliveryJob, keras_model, *, which: str) -> list[Dataset
         if which == "flagged" and not image.flagged:
             continue
         source = dcmread(image.path)
-        prepared = prepare(display_image(source))
-        rgb = cv2.cvtColor(overlay(prepared, gradcam(keras_model, prepared)), cv2.COLOR_BGR2RGB)
+        film = display_image(source)
+        rgb = cv2.cvtColor(overlay(film, gradcam(keras_model, prepare(film))), cv2.COLOR_BGR2RGB)
         captures.append(build_heatmap_capture(
             source, rgb, algorithm=_algorithm(job), probability=image.probability,
             sop_instance_uid=generate_uid(entropy_srcs=[image.SOPInstanceUID, job.model_version, "GRADCAM"]),

@@ -22,6 +22,7 @@ from db.models import InstanceState
 from db.queries import set_state
 from dicom_io.scu import DeliveryError
 from model.artifact import read_card
+from model.preprocessing import PREPROCESSING_VERSION
 from worker import dispatcher, pipeline, rescreen, results, runtime
 from worker.celery_app import app
 
@@ -55,16 +56,26 @@ def preprocess(instance_id: int, model_dir: str | None = None) -> None:
     prepared = pipeline.preprocess_instance(runtime.sessions(), instance_id, policy=runtime.eligibility_policy(),
                                             spool=runtime.spool())
     if prepared is not None:
-        infer.apply_async(args=[instance_id, pipeline.encode_prepared(prepared)],
-                          kwargs={"model_dir": model_dir} if model_dir else {},
+        kwargs = {"preprocessing": PREPROCESSING_VERSION, **({"model_dir": model_dir} if model_dir else {})}
+        infer.apply_async(args=[instance_id, pipeline.encode_prepared(prepared)], kwargs=kwargs,
                           argsrepr=f"({instance_id}, <prepared image>)")
 
 
 @app.task(name="pneumoscreen.infer", base=InstanceTask, **_RETRY)
-def infer(instance_id: int, prepared: str, model_dir: str | None = None) -> None:
+def infer(instance_id: int, prepared: str, model_dir: str | None = None, preprocessing: str = "1") -> None:
+    """Batch and predict; an image prepared by another preprocessing version than the
+    model's (a message queued before an upgrade) is prepared again from its file."""
     model = runtime.load_model(model_dir)
+    image = pipeline.decode_prepared(prepared)
+    if preprocessing != model.card.preprocessing_version:
+        log.info("instance %d was prepared with preprocessing %s, the model expects %s; preparing it again",
+                 instance_id, preprocessing, model.card.preprocessing_version)
+        image = pipeline.preprocess_instance(runtime.sessions(), instance_id,
+                                             policy=runtime.eligibility_policy(), spool=runtime.spool())
+        if image is None:
+            return
     # stored with the rest of its batch before it returns
-    runtime.batch_predictor(model_dir).predict_one(pipeline.decode_prepared(prepared), key=instance_id)
+    runtime.batch_predictor(model_dir).predict_one(image, key=instance_id)
     destination = runtime.settings().results_destination
     if destination:
         for delivery_id in results.request_reports(runtime.sessions(), instance_ids=[instance_id],
