@@ -8,7 +8,7 @@ to ``--out-dir``. Choose with the shifted specificity at sensitivity 0.97
 (mean over folds and its sd), not with the clean AUC, which saturates.
 
     .venv/bin/python bench/recipes.py --data DATA --name baseline [--augmentation standard]
-        [--label-smoothing 0] [--epochs 12] [--folds 3] [--seed 1234] [--out-dir DIR] [--cache DIR]
+        [--label-smoothing 0] [--stretch 0.25] [--epochs 12] [--folds 3] [--seed 1234] [--out-dir DIR] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="name of this run (the JSON file's stem)")
     parser.add_argument("--augmentation", default="standard", choices=("standard", "acquisition"))
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--stretch", type=float, default=0.25,
+                        help="largest per-axis zoom-in of the training zoom (0: one zoom for both axes)")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1234)
@@ -45,7 +47,7 @@ def main() -> None:
     from model.train import TrainingConfig, kfold_check
 
     config = TrainingConfig(epochs=args.epochs, seed=args.seed, augmentation=args.augmentation,
-                            label_smoothing=args.label_smoothing, folds=args.folds)
+                            label_smoothing=args.label_smoothing, stretch=args.stretch, folds=args.folds)
     full = load_folder(args.data / "train", size=config.input_size,
                        cache=args.cache / f"train_{config.input_size}.npz", progress=False)
     check = kfold_check(full, config, k=args.folds)

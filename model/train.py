@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from model.artifact import ModelCard, save_artifact
-from model.augment import AUGMENTATIONS
+from model.augment import AUGMENTATIONS, STRETCH
 from model.dataset import LabelledImages, load_folder, patient_split
 from model.metrics import binary_report, threshold_for_sensitivity
 from model.preprocessing import INPUT_SIZE, to_model_input
@@ -44,6 +44,7 @@ class TrainingConfig:
     version: str = "0.1.0"
     augmentation: str = "standard"
     label_smoothing: float = 0.0
+    stretch: float = STRETCH
     folds: int = 0
 
     def __post_init__(self) -> None:
@@ -53,6 +54,8 @@ class TrainingConfig:
             raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError("label_smoothing must lie in [0, 0.5)")
+        if not 0.0 <= self.stretch <= 0.5:
+            raise ValueError("stretch must lie in [0, 0.5]")
         if self.folds == 1 or self.folds < 0:
             raise ValueError("folds must be 0 (no k-fold check) or at least 2")
         if not 0.05 <= self.val_fraction <= 0.5:
@@ -117,7 +120,7 @@ def fit_network(tr: LabelledImages, va: LabelledImages, config: TrainingConfig):
     class_weight = {c: float(len(tr) / (2 * counts[c])) for c in (0, 1)}
     steps = int(np.ceil(len(tr) / config.batch_size)) * config.epochs
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=steps, alpha=0.05)
-    model = build_network(config.input_size)
+    model = build_network(config.input_size, stretch=config.stretch)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
                   loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=[keras.metrics.AUC(name="auc")])
@@ -210,7 +213,8 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainingConfig = Tr
         validation=validation,
         training={**facts, "seed": config.seed, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
                   "epochs": config.epochs, "augmentation": config.augmentation,
-                  "label_smoothing": config.label_smoothing, "target_sensitivity": config.target_sensitivity},
+                  "label_smoothing": config.label_smoothing, "stretch": config.stretch,
+                  "target_sensitivity": config.target_sensitivity},
     )
     log.info("wrote %s (threshold %.4f, validation AUC %.4f)", out_dir, threshold,
              validation["patient_split"]["auc"])

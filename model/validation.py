@@ -20,7 +20,11 @@ The perturbations act on the display image, BEFORE the shared
 display window would. Since preprocessing version 2, ``prepare`` equalizes the
 histogram, which undoes the pure tone curves (the gamma shifts) almost
 exactly; they stay in the check as a guard against a preprocessing that
-would stop doing so. Everything here is numpy in, dict out; the network is
+would stop doing so. The two one-axis crops (``crop_rows_0.8``, the top and
+bottom tenth cut off, and ``crop_columns_0.8``) change the film's
+proportions: in the Kermany set the proportions alone separate the classes
+(normal films are narrower), and a model that learnt them loses its
+specificity or its sensitivity there. Everything here is numpy in, dict out; the network is
 only reached through the ``fit`` callable.
 """
 
@@ -80,10 +84,13 @@ def gaussian_noise(image: np.ndarray, sd: float, size: int = INPUT_SIZE, seed: i
     return np.clip(np.rint(image.astype(np.float64) + noise), 0, 255).astype(np.uint8)
 
 
-def centre_crop(image: np.ndarray, fraction: float) -> np.ndarray:
-    """The centre ``fraction`` of each side (``prepare`` then zooms it to the input size)."""
+def centre_crop(image: np.ndarray, fraction: float, axis: int | None = None) -> np.ndarray:
+    """The centre ``fraction`` of each side, or only of the rows (``axis=0``) or the
+    columns (``axis=1``): a tighter field of view, or a film collimated to other
+    proportions (``prepare`` then stretches it to the input square)."""
     rows, cols = image.shape[:2]
-    h, w = max(2, round(rows * fraction)), max(2, round(cols * fraction))
+    h = max(2, round(rows * fraction)) if axis in (None, 0) else rows
+    w = max(2, round(cols * fraction)) if axis in (None, 1) else cols
     top, left = (rows - h) // 2, (cols - w) // 2
     return np.ascontiguousarray(image[top:top + h, left:left + w])
 
@@ -106,6 +113,8 @@ PERTURBATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "blur_sigma1.5": partial(gaussian_blur, sigma=1.5),
     "noise_sd10": partial(gaussian_noise, sd=10.0),
     "crop_zoom_0.85": partial(centre_crop, fraction=0.85),
+    "crop_rows_0.8": partial(centre_crop, fraction=0.8, axis=0),
+    "crop_columns_0.8": partial(centre_crop, fraction=0.8, axis=1),
     "down_up_0.5": partial(down_up_scale, factor=0.5),
 }
 

@@ -172,3 +172,14 @@ def test_train_command_refuses_a_single_fold(tmp_path):
 
     result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--folds", "1"])
     assert result.exit_code != 0 and "--folds" in result.output
+
+
+def test_the_one_axis_crops_change_the_films_proportions_only_along_their_axis():
+    image = read_image_file(PNEUMONIA_JPEG)
+    rows, cols = image.shape
+    assert perturb(image, "crop_rows_0.8").shape == (round(rows * 0.8), cols)
+    assert perturb(image, "crop_columns_0.8").shape == (rows, round(cols * 0.8))
+    both = perturb(image, "crop_zoom_0.85")
+    assert both.shape == (round(rows * 0.85), round(cols * 0.85))
+    top = (rows - round(rows * 0.8)) // 2
+    assert np.array_equal(perturb(image, "crop_rows_0.8"), image[top:top + round(rows * 0.8)])

@@ -29,15 +29,18 @@ log = logging.getLogger("pneumoscreen")
               show_default=True, help="standard: geometry, brightness, contrast; acquisition: also gamma, "
                                       "contrast window, blur, noise and crop-zoom")
 @click.option("--label-smoothing", type=click.FloatRange(0.0, 0.5, max_open=True), default=0.0, show_default=True)
+@click.option("--stretch", type=click.FloatRange(0.0, 0.5), default=0.25, show_default=True,
+              help="largest zoom-in of the training zoom, drawn for each axis on its own, so that a film's "
+                   "proportions are no cue; 0: one zoom for both axes, +-10% (models up to 0.3.0)")
 def train(data_dir: Path, out_dir: Path, epochs: int, seed: int, model_version: str, folds: int,
-          augmentation: str, label_smoothing: float) -> None:
+          augmentation: str, label_smoothing: float, stretch: float) -> None:
     """Train the screening CNN and write a model artifact."""
     from model.train import TrainingConfig, train as run_training
 
     if folds == 1:
         raise click.BadParameter("use 0 (no check) or at least 2", param_hint="--folds")
     config = TrainingConfig(epochs=epochs, seed=seed, version=model_version, folds=folds,
-                            augmentation=augmentation, label_smoothing=label_smoothing)
+                            augmentation=augmentation, label_smoothing=label_smoothing, stretch=stretch)
     card = run_training(data_dir, out_dir, config)
     val = card.validation["patient_split"]
     click.echo(f"wrote {out_dir}: threshold {card.threshold:.4f}, validation AUC {val['auc']:.4f}, "
