@@ -8,9 +8,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import redis
+from celery import Celery
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from conftest import Process, cli_env, run_cli, wait_until
 from db.migrate import upgrade
 from db.models import InstanceState
 from db.queries import record_received
@@ -19,6 +22,7 @@ from db.session import make_engine, make_sessionmaker
 from dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG, chest_dataset, write_chest_dicom
 from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.pixels import display_image
+from model.artifact import get_model
 from model.preprocessing import INPUT_SIZE, prepare, read_image_file
 from worker import pipeline
 
@@ -190,25 +194,64 @@ def test_a_task_that_gives_up_marks_the_instance_failed_with_the_reason(sessions
     assert "pneumoscreen.infer gave up" in reason and "ConnectionError: broker gone" in reason
 
 
-def test_an_image_queued_by_an_older_preprocessing_is_prepared_again_before_inference(sessions, sqlite_url,
-                                                                                     tmp_path):
-    # an infer message from before an upgrade carries no preprocessing version (version "1",
-    # the resize alone); the shipped model expects the current one, so the file is prepared again
+@pytest.mark.slow
+def test_an_image_queued_by_an_older_preprocessing_goes_back_to_the_preprocess_queue(pg_url, redis_url, processes,
+                                                                                    tmp_path):
+    # An infer message from before an upgrade carries no preprocessing version (version "1", the
+    # resize alone); the shipped model expects the current one. The inference worker runs where the
+    # spool is not (the file is moved away while it works): it must send the instance back to the
+    # preprocess queue rather than read the file or predict from the stale tensor.
+    env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", inference_batch_ms=1)
+    run_cli("db", "upgrade", env=env)
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)
+    broker = redis.Redis.from_url(redis_url)
+    try:
+        path = tmp_path / "a.dcm"
+        ds = write_chest_dicom(path, PNEUMONIA_JPEG)
+        instance_id = _receive(sessions, path, ds)
+        stale = cv2.resize(read_image_file(NORMAL_JPEG), (INPUT_SIZE, INPUT_SIZE))  # not what the file holds
+        elsewhere = path.rename(tmp_path / "elsewhere.dcm")
+        older_release = Celery("older-release", broker=redis_url)
+        older_release.send_task("pneumoscreen.infer", args=[instance_id, pipeline.encode_prepared(stale)],
+                                queue="inference", serializer="json")
+        older_release.close()
+
+        inference = Process(["worker", "--queues", "inference"], env, tmp_path / "inference.log")
+        processes.append(inference)
+        wait_until(lambda: broker.llen("preprocess") == 1 and broker.llen("inference") == 0, timeout=120,
+                   what="the instance sent back to the preprocess queue")
+        assert _state(sessions)[0] not in ("FAILED", "PREDICTED")
+        assert "sent back to be prepared again" in inference.log()
+
+        elsewhere.rename(path)
+        processes.append(Process(["worker", "--queues", "preprocess"], env, tmp_path / "preprocess.log"))
+        wait_until(lambda: _state(sessions)[0] in ("FAILED", "PREDICTED"), timeout=120, what="a final state")
+        with sessions() as s:
+            [row] = list_instances(s)
+    finally:
+        broker.close()
+        engine.dispose()
+    model = get_model()
+    expected = model.predict(prepare(display_image(dcmread(path))))[0]
+    assert row["state"] == InstanceState.PREDICTED.value, row["reason"]
+    assert row["probability"] == pytest.approx(expected, abs=1e-5)
+    assert abs(model.predict(stale)[0] - expected) > 1e-3  # the stale tensor would have scored otherwise
+
+
+def test_a_preprocess_worker_of_another_version_fails_an_instance_sent_back_instead_of_looping(
+        sessions, sqlite_url, tmp_path):
     from worker import runtime, tasks
     from worker.settings import Settings
 
     ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG)
     instance_id = _receive(sessions, tmp_path / "a.dcm", ds)
-    stale = cv2.resize(read_image_file(NORMAL_JPEG), (INPUT_SIZE, INPUT_SIZE))  # not what the file holds
-    runtime.configure(Settings(database_url=sqlite_url, data_dir=tmp_path / "data", inference_batch_ms=1))
+    runtime.configure(Settings(database_url=sqlite_url, data_dir=tmp_path / "data"))
     try:
-        model = runtime.load_model()
-        tasks.infer(instance_id, pipeline.encode_prepared(stale))
+        tasks.preprocess(instance_id, expected_preprocessing="99")
     finally:
         runtime.configure(Settings())
-    with sessions() as s:
-        [row] = list_instances(s)
-    expected = model.predict(prepare(display_image(dcmread(tmp_path / "a.dcm"))))[0]
-    assert row["state"] == InstanceState.PREDICTED.value
-    assert row["probability"] == pytest.approx(expected, abs=1e-5)
-    assert abs(model.predict(stale)[0] - expected) > 1e-3  # the stale tensor would have scored otherwise
+    state, reason = _state(sessions)
+    assert state == "FAILED"
+    assert "expects preprocessing 99" in reason and "upgrade the workers together" in reason
+    assert (tmp_path / "a.dcm").is_file()  # not the file's fault: it stays where it is

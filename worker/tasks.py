@@ -51,8 +51,20 @@ class InstanceTask(Task):
 
 
 @app.task(name="pneumoscreen.preprocess", base=InstanceTask, **_RETRY)
-def preprocess(instance_id: int, model_dir: str | None = None) -> None:
-    """Decode and prepare; ``model_dir`` (a rescreen with another model) travels on to ``infer``."""
+def preprocess(instance_id: int, model_dir: str | None = None, expected_preprocessing: str | None = None) -> None:
+    """Decode and prepare; ``model_dir`` (a rescreen with another model) travels on to ``infer``.
+
+    ``expected_preprocessing`` comes with an instance that an inference worker sent back (its model
+    expects that version): a worker that prepares another version fails it with the reason rather
+    than sending it round again.
+    """
+    if expected_preprocessing is not None and expected_preprocessing != PREPROCESSING_VERSION:
+        reason = (f"the model expects preprocessing {expected_preprocessing}, this preprocess worker prepares "
+                  f"{PREPROCESSING_VERSION}: upgrade the workers together, then send the study again")
+        with runtime.sessions().begin() as session:
+            set_state(session, instance_id=instance_id, state=InstanceState.FAILED, reason=reason)
+        log.error("instance %d FAILED: %s", instance_id, reason)
+        return
     prepared = pipeline.preprocess_instance(runtime.sessions(), instance_id, policy=runtime.eligibility_policy(),
                                             spool=runtime.spool())
     if prepared is not None:
@@ -63,17 +75,18 @@ def preprocess(instance_id: int, model_dir: str | None = None) -> None:
 
 @app.task(name="pneumoscreen.infer", base=InstanceTask, **_RETRY)
 def infer(instance_id: int, prepared: str, model_dir: str | None = None, preprocessing: str = "1") -> None:
-    """Batch and predict; an image prepared by another preprocessing version than the
-    model's (a message queued before an upgrade) is prepared again from its file."""
+    """Batch and predict. An image prepared by another preprocessing version than the model's
+    (a message queued before an upgrade) goes back to the preprocess queue, whose workers read
+    the spool: an inference worker may run on a machine without it."""
     model = runtime.load_model(model_dir)
-    image = pipeline.decode_prepared(prepared)
     if preprocessing != model.card.preprocessing_version:
-        log.info("instance %d was prepared with preprocessing %s, the model expects %s; preparing it again",
-                 instance_id, preprocessing, model.card.preprocessing_version)
-        image = pipeline.preprocess_instance(runtime.sessions(), instance_id,
-                                             policy=runtime.eligibility_policy(), spool=runtime.spool())
-        if image is None:
-            return
+        log.info("instance %d was prepared with preprocessing %s, the model expects %s; sent back to be "
+                 "prepared again", instance_id, preprocessing, model.card.preprocessing_version)
+        kwargs = {"expected_preprocessing": model.card.preprocessing_version,
+                  **({"model_dir": model_dir} if model_dir else {})}
+        preprocess.apply_async(args=[instance_id], kwargs=kwargs)
+        return
+    image = pipeline.decode_prepared(prepared)
     # stored with the rest of its batch before it returns
     runtime.batch_predictor(model_dir).predict_one(image, key=instance_id)
     destination = runtime.settings().results_destination
