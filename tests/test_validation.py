@@ -138,6 +138,28 @@ def test_training_with_folds_writes_the_spread_into_the_card(tmp_path):
     assert written["training"]["augmentation"] == "standard"
 
 
+def _zoomed_box_sides(stretch: float) -> np.ndarray:
+    """(height, width) of a centred square after the training zoom, for 64 draws."""
+    import keras
+
+    from model.network import build_network
+
+    keras.utils.set_random_seed(0)
+    x = np.zeros((64, 64, 64, 3), np.float32)
+    x[:, 16:48, 16:48] = 1.0
+    zoomed = build_network(64, stretch=stretch).get_layer("aug_zoom")(x, training=True).numpy()[..., 0] > 0.5
+    return np.array([(z.any(axis=1).sum(), z.any(axis=0).sum()) for z in zoomed], dtype=float)
+
+
+def test_the_training_zoom_stretches_each_axis_on_its_own():
+    sides = _zoomed_box_sides(0.25)
+    ratio = sides[:, 0] / sides[:, 1]
+    assert ratio.min() < 0.85 and ratio.max() > 1.15  # a square comes out of other proportions
+    assert sides.max() >= 32 * 1.25 - 1  # zoomed in by up to 25 % on an axis
+    same = _zoomed_box_sides(0.0)
+    assert np.all(np.abs(same[:, 0] - same[:, 1]) <= 1)  # stretch 0: one factor for both axes
+
+
 def test_acquisition_augmentation_keeps_shape_and_range():
     import tensorflow as tf
 
@@ -157,12 +179,13 @@ def test_train_command_runs_the_fold_check_and_prints_its_spread(tmp_path):
 
     data = _tiny_dataset(tmp_path / "data", patients_per_class=5)
     result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "model"),
-                                      "--epochs", "1", "--folds", "2", "--version", "0.0.1"])
+                                      "--epochs", "1", "--folds", "2", "--version", "0.0.1", "--stretch", "0.3"])
     assert result.exit_code == 0, result.output
     assert "2-fold check: AUC" in result.output and "shifted" in result.output
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
     assert len(card["validation"]["cross_validation"]["specificity"]["values"]) == 2
     assert card["validation"]["shifted"]["worst"]["specificity"]["sd"] >= 0.0
+    assert card["training"]["stretch"] == 0.3
 
 
 def test_train_command_refuses_a_single_fold(tmp_path):
