@@ -8,7 +8,7 @@ to ``--out-dir``. Choose with the shifted specificity at sensitivity 0.97
 (mean over folds and its sd), not with the clean AUC, which saturates.
 
     .venv/bin/python bench/recipes.py --data DATA --name baseline [--augmentation standard]
-        [--label-smoothing 0] [--stretch 0.25] [--epochs 12] [--folds 3] [--seed 1234] [--out-dir DIR] [--cache DIR]
+        [--label-smoothing 0] [--stretch 0] [--epochs 12] [--folds 3] [--seed 1234] [--out-dir DIR] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="name of this run (the JSON file's stem)")
     parser.add_argument("--augmentation", default="standard", choices=("standard", "acquisition"))
     parser.add_argument("--label-smoothing", type=float, default=0.0)
-    parser.add_argument("--stretch", type=float, default=0.25,
+    parser.add_argument("--stretch", type=float, default=0.0,
                         help="largest per-axis zoom-in of the training zoom (0: one zoom for both axes)")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--folds", type=int, default=3)

@@ -18,11 +18,6 @@ import math
 #: Recipes accepted by :class:`model.train.TrainingConfig.augmentation`.
 AUGMENTATIONS = ("standard", "acquisition")
 
-#: Default largest zoom-in of the network's own zoom layer, drawn for each axis
-#: on its own (:func:`model.network.build_network`): 25 % is a crop to 80 % of
-#: the rows or of the columns, so a film's proportions stop telling the classes apart.
-STRETCH = 0.25
-
 GAMMA_RANGE = (0.55, 1.8)
 WINDOW_LOW = (-0.1, 0.2)
 WINDOW_HIGH = (0.8, 1.1)

@@ -10,13 +10,12 @@ Design choices (see the model card for measured figures):
   zooms, brightness and contrast), no horizontal flip: a chest film has a
   fixed left-right layout. They are part of the model and only act while
   training;
-- the zoom acts on each axis on its own (``stretch``): ``prepare`` squeezes
-  every film to a square, and in the Kermany training set the frame's
-  proportions alone tell the classes apart (width/height AUC 0.86: normal
-  films are narrower). Without the stretch the network learns the frame:
-  0.3.0 kept specificity 0.28 when the top and bottom tenth of each film were
-  cut off. Stretching each axis by up to ``stretch`` makes the proportions
-  useless as a cue.
+- optionally (``stretch``), the zoom acts on each axis on its own: ``prepare``
+  squeezes every film to a square, and in the Kermany training set the
+  frame's proportions alone tell the classes apart (width/height AUC 0.86:
+  normal films are narrower). Stretching each axis by up to 25 % was measured
+  and not kept: it cost clean specificity and left the model as sensitive to
+  a film cut to other proportions (see the README's model section).
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from model.augment import STRETCH
 from model.preprocessing import INPUT_SIZE
 
 BN_MOMENTUM = 0.9
@@ -37,11 +35,11 @@ def _conv_bn_relu(x, filters: int, *, strides: int = 1, name: str):
 
 
 def build_network(input_size: int = INPUT_SIZE, *, dropout: float = 0.3, augment: bool = True,
-                  stretch: float = STRETCH) -> keras.Model:
+                  stretch: float = 0.0) -> keras.Model:
     """Build (uncompiled) the screening CNN: ``(size, size, 3)`` in [0, 1] -> P(pneumonia).
 
-    ``stretch``: the training zoom's largest zoom-in, drawn for each axis on its
-    own; 0 gives the zoom of models up to 0.3.0 (one factor for both axes, +-10 %).
+    ``stretch``: when above 0, the training zoom's largest zoom-in, drawn for each
+    axis on its own; 0 (the default) zooms both axes by one factor, +-10 %.
     """
     inputs = keras.Input(shape=(input_size, input_size, 3), name="image")
     x = inputs

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from model.artifact import ModelCard, save_artifact
-from model.augment import AUGMENTATIONS, STRETCH
+from model.augment import AUGMENTATIONS
 from model.dataset import LabelledImages, load_folder, patient_split
 from model.metrics import binary_report, threshold_for_sensitivity
 from model.preprocessing import INPUT_SIZE, to_model_input
@@ -44,7 +44,7 @@ class TrainingConfig:
     version: str = "0.1.0"
     augmentation: str = "standard"
     label_smoothing: float = 0.0
-    stretch: float = STRETCH
+    stretch: float = 0.0
     folds: int = 0
 
     def __post_init__(self) -> None:

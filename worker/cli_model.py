@@ -29,9 +29,9 @@ log = logging.getLogger("pneumoscreen")
               show_default=True, help="standard: geometry, brightness, contrast; acquisition: also gamma, "
                                       "contrast window, blur, noise and crop-zoom")
 @click.option("--label-smoothing", type=click.FloatRange(0.0, 0.5, max_open=True), default=0.0, show_default=True)
-@click.option("--stretch", type=click.FloatRange(0.0, 0.5), default=0.25, show_default=True,
-              help="largest zoom-in of the training zoom, drawn for each axis on its own, so that a film's "
-                   "proportions are no cue; 0: one zoom for both axes, +-10% (models up to 0.3.0)")
+@click.option("--stretch", type=click.FloatRange(0.0, 0.5), default=0.0, show_default=True,
+              help="above 0: the training zoom zooms each axis in by up to this much on its own, so that a "
+                   "film's proportions are less of a cue; 0: one zoom for both axes, +-10%")
 def train(data_dir: Path, out_dir: Path, epochs: int, seed: int, model_version: str, folds: int,
           augmentation: str, label_smoothing: float, stretch: float) -> None:
     """Train the screening CNN and write a model artifact."""
