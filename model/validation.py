@@ -24,8 +24,8 @@ would stop doing so. The two one-axis crops (``crop_rows_0.8``, the top and
 bottom tenth cut off, and ``crop_columns_0.8``) change the film's
 proportions: in the Kermany set the proportions alone separate the classes
 (normal films are narrower), and a model that learnt them loses its
-specificity or its sensitivity there. Everything here is numpy in, dict out; the network is
-only reached through the ``fit`` callable.
+specificity or its sensitivity there. Everything here is numpy in, dict
+out; the network is only reached through the ``fit`` callable.
 """
 
 from __future__ import annotations
