@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="Kaggle-layout folder with train/")
     parser.add_argument("--name", required=True, help="name of this run (the JSON file's stem)")
-    parser.add_argument("--augmentation", default="standard", choices=("standard", "acquisition"))
+    parser.add_argument("--augmentation", default="standard", choices=("standard", "acquisition", "framing"))
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--stretch", type=float, default=0.0,
                         help="largest per-axis zoom-in of the training zoom (0: one zoom for both axes)")

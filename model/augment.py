@@ -9,6 +9,14 @@ own geometric and brightness/contrast layers, and never at serving time.
 
 Down/up-scaling is deliberately left out, so that the ``down_up_0.5`` shift of
 :mod:`model.validation` stays a perturbation the training never saw.
+
+The ``framing`` recipe adds one thing: the crop also takes each film to
+frame proportions (width / height) drawn from the whole training set,
+whatever its class. In the Kermany/Kaggle films the proportions alone tell
+the classes apart (AUC 0.86 on train/: normals are narrower, median 1.22
+against 1.50), so a network can learn the frame instead of the lungs and
+then call a normal film cut to other proportions pneumonia. With the
+proportions drawn independently of the label, they carry no class.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import math
 
 #: Recipes accepted by :class:`model.train.TrainingConfig.augmentation`.
-AUGMENTATIONS = ("standard", "acquisition")
+AUGMENTATIONS = ("standard", "acquisition", "framing")
 
 GAMMA_RANGE = (0.55, 1.8)
 WINDOW_LOW = (-0.1, 0.2)
@@ -24,6 +32,8 @@ WINDOW_HIGH = (0.8, 1.1)
 BLUR_SIGMA = 1.5
 NOISE_SD_MAX = 0.05
 CROP_FRACTION = (0.8, 1.0)
+#: The ``framing`` crop keeps at least this fraction of the rows or columns.
+FRAMING_MIN_FRACTION = 0.6
 
 
 def _gaussian_kernel(sigma: float):
@@ -36,8 +46,26 @@ def _gaussian_kernel(sigma: float):
     return tf.reshape(k, (-1, 1, 1, 1)), tf.reshape(k, (1, -1, 1, 1))
 
 
-def acquisition_augment(x):
-    """``x``: float32 ``(batch, h, w, 1)`` in [0, 1] -> the same shape, randomly re-acquired."""
+def framing_fractions(aspects, targets):
+    """The fractions of rows and of columns to keep so that films of frame
+    proportions ``aspects`` (width / height, before the square resize) get
+    proportions ``targets``: one axis is cut, never both, and by no more
+    than down to :data:`FRAMING_MIN_FRACTION`. Tensors ``(n, 1)`` in, two out."""
+    import tensorflow as tf
+
+    rows = tf.clip_by_value(aspects / targets, FRAMING_MIN_FRACTION, 1.0)
+    columns = tf.clip_by_value(targets / aspects, FRAMING_MIN_FRACTION, 1.0)
+    return rows, columns
+
+
+def acquisition_augment(x, aspects=None, target_aspects=None):
+    """``x``: float32 ``(batch, h, w, 1)`` in [0, 1] -> the same shape, randomly re-acquired.
+
+    With ``aspects`` (each film's width / height before the square resize,
+    ``(batch,)``) and ``target_aspects`` (a pool of proportions, 1-D), the
+    crop also reframes each film to proportions drawn from the pool
+    (the ``framing`` recipe).
+    """
     import tensorflow as tf
 
     shape = tf.shape(x)
@@ -48,9 +76,16 @@ def acquisition_augment(x):
 
     # field of view: a random box of 80-100 % of each side, resized back
     frac = tf.random.uniform((n, 1), *CROP_FRACTION)
-    top = tf.random.uniform((n, 1)) * (1.0 - frac)
-    left = tf.random.uniform((n, 1)) * (1.0 - frac)
-    boxes = tf.concat([top, left, top + frac, left + frac], axis=1)
+    rows = columns = frac
+    if aspects is not None:
+        pool = tf.convert_to_tensor(target_aspects, tf.float32)
+        drawn = tf.gather(pool, tf.random.uniform((n,), 0, tf.shape(pool)[0], dtype=tf.int32))
+        keep_rows, keep_columns = framing_fractions(tf.reshape(tf.cast(aspects, tf.float32), (-1, 1)),
+                                                    tf.reshape(drawn, (-1, 1)))
+        rows, columns = frac * keep_rows, frac * keep_columns
+    top = tf.random.uniform((n, 1)) * (1.0 - rows)
+    left = tf.random.uniform((n, 1)) * (1.0 - columns)
+    boxes = tf.concat([top, left, top + rows, left + columns], axis=1)
     x = tf.image.crop_and_resize(x, boxes, tf.range(n), tf.stack([h, w]))
 
     # display gamma, log-uniform

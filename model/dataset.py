@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.preprocessing import IMAGE_SUFFIXES, INPUT_SIZE, PREPROCESSING_VERSION, prepare_file
+from model.preprocessing import IMAGE_SUFFIXES, INPUT_SIZE, PREPROCESSING_VERSION, prepare, read_image_file
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +41,14 @@ class LabelledImages:
     labels: np.ndarray  # (n,) int
     patients: np.ndarray  # (n,) str
     paths: list[Path]
+    aspects: np.ndarray  # (n,) float: width / height of each film before the square resize
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> "LabelledImages":
         return LabelledImages(self.images[index], self.labels[index], self.patients[index],
-                              [self.paths[i] for i in index])
+                              [self.paths[i] for i in index], self.aspects[index])
 
 
 def list_images(folder: str | Path) -> list[tuple[Path, int]]:
@@ -75,22 +76,27 @@ def load_folder(folder: str | Path, *, size: int = INPUT_SIZE, cache: str | Path
     if cache is not None and Path(cache).is_file():
         with np.load(cache) as z:
             if ("preprocessing" in z.files and str(z["preprocessing"]) == PREPROCESSING_VERSION
+                    and "aspects" in z.files
                     and list(z["names"]) == [str(p) for p, _ in entries] and z["images"].shape[1] == size):
                 log.info("using cached arrays %s", cache)
-                return LabelledImages(z["images"], z["labels"], z["patients"], [p for p, _ in entries])
+                return LabelledImages(z["images"], z["labels"], z["patients"], [p for p, _ in entries],
+                                      z["aspects"])
             log.info("cached arrays %s are stale (other files, size or preprocessing); rebuilding", cache)
     images = np.empty((len(entries), size, size), dtype=np.uint8)
+    aspects = np.empty(len(entries), dtype=np.float32)
     for i, (path, _) in enumerate(entries):
-        images[i] = prepare_file(path, size)
+        grey = read_image_file(path)
+        aspects[i] = grey.shape[1] / grey.shape[0]
+        images[i] = prepare(grey, size)
         if progress and (i + 1) % 500 == 0:
             log.info("read %d/%d images of %s", i + 1, len(entries), folder)
     labels = np.array([label for _, label in entries], dtype=np.int64)
     patients = np.array([patient_id(p.name) for p, _ in entries])
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, images=images, labels=labels, patients=patients,
+        np.savez(cache, images=images, labels=labels, patients=patients, aspects=aspects,
                  names=np.array([str(p) for p, _ in entries]), preprocessing=np.array(PREPROCESSING_VERSION))
-    return LabelledImages(images, labels, patients, [p for p, _ in entries])
+    return LabelledImages(images, labels, patients, [p for p, _ in entries], aspects)
 
 
 def patient_split(data: LabelledImages, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

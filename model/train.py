@@ -72,18 +72,28 @@ def _manifest_hash(data: LabelledImages) -> str:
 
 
 def _dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuffle: bool, seed: int,
-             augmentation: str = "standard"):
+             augmentation: str = "standard", aspects: np.ndarray | None = None):
+    """Batches of network input. ``framing`` needs ``aspects``: each film's
+    proportions, reframed to proportions drawn from all of them."""
     import tensorflow as tf
 
     from model.augment import acquisition_augment
 
-    def to_input(x, y):
+    if augmentation == "framing" and aspects is None:
+        raise ValueError("the framing augmentation needs the films' aspects")
+    if aspects is None:
+        aspects = np.ones(len(labels), dtype=np.float32)
+    pool = tf.constant(np.asarray(aspects, dtype=np.float32))
+
+    def to_input(x, y, aspect):
         x = tf.cast(x, tf.float32)[..., None] / 255.0
         if augmentation == "acquisition":
             x = acquisition_augment(x)
+        elif augmentation == "framing":
+            x = acquisition_augment(x, aspect, pool)
         return tf.repeat(x, 3, axis=-1), y
 
-    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
+    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32), np.asarray(aspects, np.float32)))
     if shuffle:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
@@ -129,7 +139,7 @@ def fit_network(tr: LabelledImages, va: LabelledImages, config: TrainingConfig):
     started = time.monotonic()
     history = model.fit(
         _dataset(tr.images, tr.labels, batch_size=config.batch_size, shuffle=True, seed=config.seed,
-                 augmentation=config.augmentation),
+                 augmentation=config.augmentation, aspects=tr.aspects),
         validation_data=_dataset(va.images, va.labels, batch_size=64, shuffle=False, seed=config.seed),
         epochs=config.epochs, class_weight=class_weight, callbacks=callbacks, verbose=2,
     )

@@ -25,9 +25,10 @@ log = logging.getLogger("pneumoscreen")
 @click.option("--folds", type=click.IntRange(min=0), default=3, show_default=True,
               help="first run the K-fold patient check (clean and acquisition-shifted figures with their "
                    "spread, written into the card); 0 skips it")
-@click.option("--augmentation", type=click.Choice(["standard", "acquisition"]), default="standard",
+@click.option("--augmentation", type=click.Choice(["standard", "acquisition", "framing"]), default="standard",
               show_default=True, help="standard: geometry, brightness, contrast; acquisition: also gamma, "
-                                      "contrast window, blur, noise and crop-zoom")
+                                      "contrast window, blur, noise and crop-zoom; framing: acquisition, the "
+                                      "crop also giving each film proportions drawn whatever its class")
 @click.option("--label-smoothing", type=click.FloatRange(0.0, 0.5, max_open=True), default=0.0, show_default=True)
 @click.option("--stretch", type=click.FloatRange(0.0, 0.5), default=0.0, show_default=True,
               help="above 0: the training zoom zooms each axis in by up to this much on its own, so that a "
