@@ -179,13 +179,14 @@ def test_train_command_runs_the_fold_check_and_prints_its_spread(tmp_path):
 
     data = _tiny_dataset(tmp_path / "data", patients_per_class=5)
     result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "model"),
-                                      "--epochs", "1", "--folds", "2", "--version", "0.0.1", "--stretch", "0.3"])
+                                      "--epochs", "1", "--folds", "2", "--version", "0.0.1", "--stretch", "0.3",
+                                      "--augmentation", "framing"])
     assert result.exit_code == 0, result.output
     assert "2-fold check: AUC" in result.output and "shifted" in result.output
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
     assert len(card["validation"]["cross_validation"]["specificity"]["values"]) == 2
     assert card["validation"]["shifted"]["worst"]["specificity"]["sd"] >= 0.0
-    assert card["training"]["stretch"] == 0.3
+    assert card["training"]["stretch"] == 0.3 and card["training"]["augmentation"] == "framing"
 
 
 def test_train_command_refuses_a_single_fold(tmp_path):
@@ -206,3 +207,56 @@ def test_the_one_axis_crops_change_the_films_proportions_only_along_their_axis()
     assert both.shape == (round(rows * 0.85), round(cols * 0.85))
     top = (rows - round(rows * 0.8)) // 2
     assert np.array_equal(perturb(image, "crop_rows_0.8"), image[top:top + round(rows * 0.8)])
+
+
+def test_the_framing_crop_cuts_one_axis_towards_the_drawn_proportions():
+    from model.augment import FRAMING_MIN_FRACTION, framing_fractions
+
+    aspects = np.array([[1.2], [1.5], [1.3], [1.0], [2.0]], np.float32)
+    targets = np.array([[1.5], [1.2], [1.3], [2.5], [1.0]], np.float32)
+    rows, columns = (t.numpy().ravel() for t in framing_fractions(aspects, targets))
+    assert rows == pytest.approx([0.8, 1.0, 1.0, FRAMING_MIN_FRACTION, 1.0])
+    assert columns == pytest.approx([1.0, 0.8, 1.0, 1.0, FRAMING_MIN_FRACTION])
+    # where no clip applies, the kept box has the drawn proportions
+    kept = aspects.ravel() * columns / rows
+    assert kept[:3] == pytest.approx(targets.ravel()[:3])
+
+
+def test_the_framing_recipe_reframes_each_film_to_proportions_drawn_from_the_pool():
+    """Films of proportions 1 (a square of 64 x 64 prepared pixels) reframed to
+    proportions 1 / 0.6: the crop keeps at most 60 % of the rows, so a band
+    across 40 % of the rows fills more of the frame than it did."""
+    import tensorflow as tf
+
+    from model.augment import acquisition_augment
+
+    tf.random.set_seed(0)
+    x = np.zeros((32, 64, 64, 1), np.float32)
+    x[:, 19:45] = 1.0  # 26 of 64 rows
+    framed = acquisition_augment(tf.constant(x), np.ones(32, np.float32), np.array([1 / 0.6], np.float32))
+    plain = acquisition_augment(tf.constant(x))
+    band = lambda y: (y.numpy()[..., 0].mean(axis=2) > 0.5).mean(axis=1)  # noqa: E731
+    assert band(framed).mean() > 0.58 and band(plain).mean() < 0.5
+
+
+def test_training_data_carry_each_films_proportions_through_the_cache(tmp_path):
+    from model.dataset import load_folder
+
+    data = _tiny_dataset(tmp_path / "data", patients_per_class=2)
+    cache = tmp_path / "cache.npz"
+    first = load_folder(data / "train", size=64, cache=cache, progress=False)
+    assert first.aspects == pytest.approx(np.full(len(first), 96 / 80))
+    with np.load(cache) as z:
+        older = {k: z[k] for k in z.files if k != "aspects"}
+    np.savez(cache, **older)  # a cache written before the proportions were kept: rebuilt
+    again = load_folder(data / "train", size=64, cache=cache, progress=False)
+    assert again.aspects == pytest.approx(first.aspects)
+    assert again.subset(np.array([1, 0])).aspects == pytest.approx(first.aspects[[1, 0]])
+
+
+def test_the_framing_recipe_needs_the_films_proportions():
+    from model.train import _dataset
+
+    with pytest.raises(ValueError, match="aspects"):
+        _dataset(np.zeros((2, 64, 64), np.uint8), np.array([0, 1]), batch_size=2, shuffle=False, seed=0,
+                 augmentation="framing")
