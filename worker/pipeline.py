@@ -46,11 +46,12 @@ def decode_prepared(payload: str) -> np.ndarray:
     return image
 
 
-def _finish(sessions: sessionmaker[Session], instance_id: int, state: InstanceState, reason: str,
-            path: str | None = None) -> None:
+def finish_instance(sessions: sessionmaker[Session], instance_id: int, state: InstanceState, reason: str,
+                    path: str | None = None, level: int = logging.INFO) -> None:
+    """End ``instance_id`` in ``state`` (SKIPPED or FAILED) with ``reason``, committed, and log it."""
     with sessions.begin() as session:
         set_state(session, instance_id=instance_id, state=state, reason=reason, path=path)
-    log.info("instance %d %s: %s", instance_id, state.value, reason)
+    log.log(level, "instance %d %s: %s", instance_id, state.value, reason)
 
 
 def _fail(sessions: sessionmaker[Session], spool: Spool | None, instance_id: int, path: str, reason: str) -> None:
@@ -61,7 +62,7 @@ def _fail(sessions: sessionmaker[Session], spool: Spool | None, instance_id: int
             moved = str(spool.quarantine(Path(path), reason, name=Path(path).stem))
         except OSError as exc:
             log.error("instance %d: could not quarantine %s: %s", instance_id, path, exc)
-    _finish(sessions, instance_id, InstanceState.FAILED, reason, path=moved)
+    finish_instance(sessions, instance_id, InstanceState.FAILED, reason, path=moved)
 
 
 def preprocess_instance(sessions: sessionmaker[Session], instance_id: int, *,
@@ -86,7 +87,7 @@ def preprocess_instance(sessions: sessionmaker[Session], instance_id: int, *,
         _fail(sessions, spool, instance_id, path, f"file could not be read: {type(exc).__name__}: {exc}")
         return None
     if not eligibility.eligible:
-        _finish(sessions, instance_id, InstanceState.SKIPPED, eligibility.reason or "not eligible")
+        finish_instance(sessions, instance_id, InstanceState.SKIPPED, eligibility.reason or "not eligible")
         return None
     try:
         prepared = prepare(display_image(ds))

@@ -61,9 +61,7 @@ def preprocess(instance_id: int, model_dir: str | None = None, expected_preproce
     if expected_preprocessing is not None and expected_preprocessing != PREPROCESSING_VERSION:
         reason = (f"the model expects preprocessing {expected_preprocessing}, this preprocess worker prepares "
                   f"{PREPROCESSING_VERSION}: upgrade the workers together, then send the study again")
-        with runtime.sessions().begin() as session:
-            set_state(session, instance_id=instance_id, state=InstanceState.FAILED, reason=reason)
-        log.error("instance %d FAILED: %s", instance_id, reason)
+        pipeline.finish_instance(runtime.sessions(), instance_id, InstanceState.FAILED, reason, level=logging.ERROR)
         return
     prepared = pipeline.preprocess_instance(runtime.sessions(), instance_id, policy=runtime.eligibility_policy(),
                                             spool=runtime.spool())
