@@ -17,6 +17,10 @@ the classes apart (AUC 0.86 on train/: normals are narrower, median 1.22
 against 1.50), so a network can learn the frame instead of the lungs and
 then call a normal film cut to other proportions pneumonia. With the
 proportions drawn independently of the label, they carry no class.
+Measured on the 3-fold check it made a film cut shorter much less of a
+false alarm (specificity 0.79 against 0.54) but cost clean specificity (0.91
+against 0.98) and the official ``val/`` normals, so it is an option, not the
+default.
 """
 
 from __future__ import annotations
