@@ -81,7 +81,7 @@ def load_folder(folder: str | Path, *, size: int = INPUT_SIZE, cache: str | Path
                 log.info("using cached arrays %s", cache)
                 return LabelledImages(z["images"], z["labels"], z["patients"], [p for p, _ in entries],
                                       z["aspects"])
-            log.info("cached arrays %s are stale (other files, size or preprocessing); rebuilding", cache)
+            log.info("cached arrays %s are stale (other files, size, preprocessing or no proportions); rebuilding", cache)
     images = np.empty((len(entries), size, size), dtype=np.uint8)
     aspects = np.empty(len(entries), dtype=np.float32)
     for i, (path, _) in enumerate(entries):
