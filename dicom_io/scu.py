@@ -24,12 +24,16 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+import dicom_io.wire  # noqa: F401  (bounds what a peer's replies may make us read)
+
 log = logging.getLogger(__name__)
 
 _PEER = re.compile(r"(?P<ae>[^@]+)@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d+)")
 _STORE_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
 _PENDING = frozenset({0xFF00, 0xFF01})
 _MAX_CONTEXTS = 128
+MAX_FIND_MATCHES = 100_000
+"""More C-FIND matches than this for one query end the query: narrow the date range."""
 
 
 def valid_ae_title(value: str, what: str = "AE title") -> str:
@@ -230,11 +234,17 @@ def find_studies(peer: Peer, *, calling_ae: str, since: datetime.date | None, un
 
 
 def _find(assoc: Association, peer: Peer, query: Dataset) -> Iterator[Dataset]:
+    matches = 0
     for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
         if "Status" not in status:
             raise _no_response("C-FIND", peer)
         code = int(status.Status)
         if code in _PENDING:
+            matches += 1
+            if matches > MAX_FIND_MATCHES:
+                assoc.abort()
+                raise DeliveryError(f"C-FIND: {peer} answered more than {MAX_FIND_MATCHES} matches; "
+                                    "query a shorter date range", peer=peer, transient=False)
             if identifier is not None:
                 yield identifier
         elif code != 0x0000:

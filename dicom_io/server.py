@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -11,41 +10,19 @@ from pathlib import Path
 
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_io.admission import GatedAssociationServer, ListenerAE, SharedPortAssociationServer
 from dicom_io.handlers import StoreContext, handle_echo, handle_store
 from dicom_io.spool import Spool
+from dicom_io.wire import PeerBounds
 
 log = logging.getLogger(__name__)
 
 # receive each dataset into a temporary file instead of memory
 _config.STORE_RECV_CHUNKED_DATASET = True
-
-
-def _recv_exact(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` reading straight into one buffer.
-
-    pynetdicom reads a PDU 4 KiB per ``recv()`` call and grows a bytearray:
-    some 500 calls for a 2 MB image, the largest CPU cost of a C-STORE on a
-    small machine. Same contract: block until ``nr_bytes`` are read, return
-    what was read if the peer closes early.
-    """
-    buffer = bytearray(nr_bytes)
-    with memoryview(buffer) as view:
-        nr_read = 0
-        while nr_read < nr_bytes:
-            count = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
-            if not count:
-                break
-            nr_read += count
-    del buffer[nr_read:]
-    return buffer
-
-
-AssociationSocket.recv = _recv_exact
 
 
 def decodable_transfer_syntaxes() -> list[str]:
@@ -74,7 +51,12 @@ class ListenerConfig:
     allowed_aes: frozenset[str] = field(default_factory=frozenset)
     max_associations: int = 16
     max_pdu_size: int = 262144
-    acse_timeout: float = 30.0
+    artim_timeout: float = 5.0
+    """A connection must complete its association this long after it was accepted (ARTIM)."""
+    max_pending_connections: int = 64
+    """Connections not yet associated; when full, the oldest is closed."""
+    max_dataset_bytes: int = 2048 << 20
+    """Largest data set a C-STORE may bring."""
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     tls_cert: Path | None = None
@@ -96,9 +78,12 @@ class ListenerConfig:
         return context
 
 
-def make_ae(config: ListenerConfig) -> AE:
-    """An AE that accepts Verification and every storage SOP class in every decodable transfer syntax."""
-    ae = AE(ae_title=config.ae_title)
+def make_ae(config: ListenerConfig, *, min_free_bytes: int = 0) -> ListenerAE:
+    """An AE that accepts Verification and every storage SOP class in every decodable transfer syntax,
+    with the bounds of ``dicom_io.wire`` and ``dicom_io.admission``."""
+    bounds = PeerBounds(stored_dataset_bytes=config.max_dataset_bytes, min_free_bytes=min_free_bytes)
+    ae = ListenerAE(config.ae_title, peer_bounds=bounds, artim_timeout=config.artim_timeout,
+                    max_pending_connections=config.max_pending_connections)
     ae.add_supported_context(Verification)
     syntaxes = decodable_transfer_syntaxes()
     for context in AllStoragePresentationContexts:
@@ -108,18 +93,10 @@ def make_ae(config: ListenerConfig) -> AE:
         ae.require_calling_aet = sorted(config.allowed_aes)
     ae.maximum_associations = config.max_associations
     ae.maximum_pdu_size = config.max_pdu_size
-    ae.acse_timeout = config.acse_timeout
+    ae.acse_timeout = config.artim_timeout  # pynetdicom's ARTIM timer and its wait for the A-ASSOCIATE-RQ
     ae.dimse_timeout = config.dimse_timeout
     ae.network_timeout = config.network_timeout
     return ae
-
-
-class SharedPortAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, bound with SO_REUSEPORT."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
 
 def start_listener(config: ListenerConfig, *, spool: Spool, sessions: sessionmaker[Session]):
@@ -129,16 +106,13 @@ def start_listener(config: ListenerConfig, *, spool: Spool, sessions: sessionmak
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
     ]
-    ae = make_ae(config)
-    if config.reuse_port:
-        # what AE.start_server(block=False) does, with our server class
-        server = ae.make_server((config.host, config.port), evt_handlers=handlers, ssl_context=config.ssl_context(),
-                                server_class=SharedPortAssociationServer)
-        threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{config.port}", daemon=True).start()
-        ae._servers.append(server)  # server.shutdown() removes it from there
-    else:
-        server = ae.start_server((config.host, config.port), block=False, evt_handlers=handlers,
-                                 ssl_context=config.ssl_context())
+    ae = make_ae(config, min_free_bytes=spool.min_free_bytes)
+    server_class = SharedPortAssociationServer if config.reuse_port else GatedAssociationServer
+    # what AE.start_server(block=False) does, with our server class
+    server = ae.make_server((config.host, config.port), evt_handlers=handlers, ssl_context=config.ssl_context(),
+                            server_class=server_class)
+    threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{config.port}", daemon=True).start()
+    ae._servers.append(server)  # server.shutdown() removes it from there
     log.info("listening as %s on %s:%d%s%s", config.ae_title, config.host, config.port,
              " (TLS)" if config.tls_cert else "",
              f", calling AEs {', '.join(sorted(config.allowed_aes))}" if config.allowed_aes else ", any calling AE")

@@ -81,6 +81,8 @@ def _start_listener(settings: Settings, *, reuse_port: bool = False):
         host=settings.host, port=settings.port, ae_title=settings.ae_title,
         allowed_aes=settings.allowed_ae_titles, max_associations=settings.max_associations,
         max_pdu_size=settings.max_pdu_size, network_timeout=settings.network_timeout,
+        artim_timeout=settings.artim_timeout, max_pending_connections=settings.max_pending_connections,
+        max_dataset_bytes=settings.max_dataset_mb << 20,
         tls_cert=settings.tls_cert, tls_key=settings.tls_key, tls_client_ca=settings.tls_client_ca,
         reuse_port=reuse_port,
     )

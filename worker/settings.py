@@ -66,8 +66,17 @@ class Settings(BaseSettings):
     max_associations: int = Field(16, ge=1, le=1000, description="concurrent associations per listener process")
     listener_processes: int = Field(1, ge=1, le=64,
                                     description="processes accepting associations on the one DICOM port (Linux)")
-    max_pdu_size: int = Field(262144, ge=0, description="largest PDU we accept (0 = unlimited)")
-    network_timeout: float = Field(60.0, gt=0)
+    max_pdu_size: int = Field(262144, ge=4096, le=16 << 20,
+                              description="largest P-DATA PDU we accept (announced to the peer); a larger one is aborted")
+    network_timeout: float = Field(60.0, gt=0, description="seconds of silence, or for one PDU to arrive, before an "
+                                                           "association is dropped")
+    artim_timeout: float = Field(5.0, gt=0, le=120,
+                                 description="seconds a connection has, from its accept, to complete its association")
+    max_pending_connections: int = Field(64, ge=1, le=10000,
+                                         description="connections not yet associated, per listener process; when "
+                                                     "full, the oldest is closed")
+    max_dataset_mb: int = Field(2048, ge=1, le=1 << 20, description="largest data set a C-STORE may bring; a larger "
+                                                                   "one is aborted")
     tls_cert: Path | None = Field(None, description="server certificate (PEM); enables DICOM TLS")
     tls_key: Path | None = Field(None, description="server private key (PEM)")
     tls_client_ca: Path | None = Field(None, description="CA bundle; when set, clients must present a certificate")
