@@ -235,10 +235,17 @@ class _AssociationHandler(RequestHandler):
 
     def handle(self) -> None:
         assoc = self._create_association()
-        assoc.association_deadline = self.connection.deadline
-        gate = self.server.gate
         connection = self.connection
-        assoc.bind(evt.EVT_ESTABLISHED, lambda event: gate.settle(connection))
+        gate = self.server.gate
+        # the PDU reads, pynetdicom's ARTIM timer and its wait for the A-ASSOCIATE-RQ all end at the deadline
+        assoc.association_deadline = connection.deadline
+        assoc.acse_timeout = max(connection.deadline - time.monotonic(), 0.01)
+
+        def established(event) -> None:
+            gate.settle(connection)
+            event.assoc.acse_timeout = self.ae.acse_timeout
+
+        assoc.bind(evt.EVT_ESTABLISHED, established)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         assoc.join()

@@ -253,8 +253,13 @@ def test_api_answers_with_the_token_refuses_without_and_audits_every_query(
     assert c.worklist(until="2026-11-01") == ["FLAG_EARLY"]
     assert c.worklist(limit="2", offset="1") == ORDER[order][1:3]
     for bad in ({"limit": "0"}, {"limit": "1001"}, {"state": "DONE"}, {"since": "3 Nov"},
-                {"since": "2026-11-04", "until": "2026-11-03"}):
+                {"since": "2026-11-04", "until": "2026-11-03"}, {"offset": str(2**63)}):
         assert c.get("/worklist", action="GET /worklist", params=bad).status_code == 422, bad
+    # a body no endpoint takes is refused before any route reads it (and is not audited: no route ran)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    assert c.http.post("/worklist", content=bytes(1 << 20), headers=headers).status_code == 413
+    assert c.http.post("/worklist", content=iter([b"x" * 1024] * 4), headers=headers).status_code == 411
+    assert c.http.get("/worklist", headers={**headers, "X-Padding": "x" * (256 << 10)}).status_code in (400, 431)
     rows = c.get("/worklist", action="GET /worklist").json()
     assert set(rows[0]) >= WORKLIST_FIELDS
     top = rows[ORDER[order].index("FLAG_LATE")]

@@ -254,7 +254,7 @@ def test_a_data_set_over_the_limit_is_aborted_and_not_kept(target):
     try:
         response = assoc.send_c_store(ds)
         assert "Status" not in response
-        assert assoc.is_aborted
+        wait_until(lambda: assoc.is_aborted, timeout=5, interval=0.05, what="the listener aborts")
     finally:
         assoc.abort()
     target.assert_healthy()

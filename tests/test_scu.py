@@ -16,9 +16,14 @@ import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    SecondaryCaptureImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 
 from conftest import free_port, wait_for_port, wait_until
 from dicom_factory import PLANTED_PATIENT_ID, PLANTED_PATIENT_NAME, chest_dataset
@@ -223,3 +228,54 @@ def test_move_to_a_destination_the_peer_does_not_know_raises_a_delivery_error(or
     with pytest.raises(DeliveryError, match="C-MOVE") as raised:
         move_study(peer, study, calling_ae=CALLING_AE, move_destination="UNKNOWNAE", timeout=30)
     assert not raised.value.transient
+
+
+@pytest.fixture
+def find_scp() -> Iterator[callable]:
+    """Starts pynetdicom C-FIND SCPs that answer every query with the given identifiers."""
+    servers = []
+
+    def start(identifiers: list[Dataset]) -> Peer:
+        def answer(event):
+            for identifier in identifiers:
+                yield 0xFF00, identifier
+            yield 0x0000, None
+
+        ae = AE(ae_title="FINDSCP")
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        port = free_port()
+        servers.append(ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, answer)]))
+        return Peer("FINDSCP", "127.0.0.1", port)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def _study_match(**extra) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = generate_uid()
+    identifier.StudyDate = "20261101"
+    for keyword, value in extra.items():
+        setattr(identifier, keyword, value)
+    return identifier
+
+
+def test_a_c_find_answer_too_large_to_hold_is_aborted(find_scp):
+    huge = _study_match()
+    huge.add_new(0x7FE00010, "OB", bytes(17 << 20))  # 17 MB in one identifier: over what we hold in memory
+    peer = find_scp([huge])
+    with pytest.raises(DeliveryError, match="no valid response from FINDSCP") as raised:
+        find_studies(peer, calling_ae=CALLING_AE, since=None, until=None, modalities=("CR",), timeout=30)
+    assert raised.value.transient
+
+
+def test_a_c_find_with_too_many_matches_is_ended(find_scp, monkeypatch):
+    monkeypatch.setattr("dicom_io.scu.MAX_FIND_MATCHES", 5)
+    peer = find_scp([_study_match() for _ in range(8)])
+    with pytest.raises(DeliveryError, match="more than 5 matches") as raised:
+        find_studies(peer, calling_ae=CALLING_AE, since=None, until=None, modalities=("CR",), timeout=30)
+    assert not raised.value.transient
+    assert len(find_studies(find_scp([_study_match() for _ in range(5)]), calling_ae=CALLING_AE, since=None,
+                            until=None, modalities=("CR",), timeout=30)) == 5

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -92,4 +94,21 @@ def test_client_certificate_required_when_a_client_ca_is_set(tmp_path, sqlite_ur
         assert result.returncode == 0, result.stderr
         assert len(lst.instances()) == 2
     finally:
+        lst.close()
+
+
+def test_a_stalled_tls_handshake_holds_up_no_one(tmp_path, sqlite_url, pki):
+    """The handshake runs in the connection's own thread, by the ARTIM deadline, not in the accept loop."""
+    upgrade(sqlite_url)
+    lst = Listener(tmp_path, sqlite_url, tls_cert=pki / "server.crt", tls_key=pki / "server.key", artim_timeout=2.0)
+    stalled = socket.create_connection(("127.0.0.1", lst.port))
+    try:
+        stalled.sendall(b"\x16\x03\x01")  # the start of a ClientHello record, then nothing
+        started = time.monotonic()
+        assert _send(lst.port, tls=_client_context(pki, with_cert=False)) == StoreStatus.SUCCESS
+        assert time.monotonic() - started < 1.5
+        stalled.settimeout(4)
+        assert stalled.recv(100) == b""  # closed at the deadline
+    finally:
+        stalled.close()
         lst.close()

@@ -35,6 +35,38 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 _UID = r"^[0-9]+(\.[0-9]+)*$"
+MAX_REQUEST_BODY = 64 << 10
+"""No endpoint takes more; a request announcing more is refused before any route reads it."""
+MAX_HEADER_BYTES = 16 << 10
+"""Request line and headers still arriving are refused beyond this (h11's limit); headers that
+arrive whole are bounded by what h11 reads at once (64 KiB)."""
+MAX_CONNECTIONS = 200
+"""Concurrent connections per API process; more are answered 503."""
+
+
+class RequestBounds:
+    """Pure ASGI middleware: a body over ``MAX_REQUEST_BODY`` is answered 413, one of unknown
+    length (chunked) 411, before the application sees the request."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
+            refusal = None
+            if b"transfer-encoding" in headers:
+                refusal = (411, "a request body must have a Content-Length")
+            elif length is not None and (not length.isdigit() or int(length) > MAX_REQUEST_BODY):
+                refusal = (413, f"a request body may have {MAX_REQUEST_BODY} bytes at most")
+            if refusal is not None:
+                client = scope.get("client") or ("unknown", 0)
+                log.warning("%s %s from %s refused: %s", scope["method"], scope["path"][:200], client[0], refusal[1])
+                response = JSONResponse({"detail": refusal[1]}, status_code=refusal[0])
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _session() -> Iterator[Session]:
@@ -45,7 +77,7 @@ def _session() -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(_session)]
 Limit = Annotated[int, Query(ge=1, le=1000, description="at most this many rows")]
-Offset = Annotated[int, Query(ge=0, description="skip this many rows first")]
+Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="skip this many rows first")]
 Since = Annotated[date | None, Query(description="received on or after this day (in PNEUMOSCREEN_TIMEZONE)")]
 Until = Annotated[date | None, Query(description="received on or before this day (in PNEUMOSCREEN_TIMEZONE)")]
 
@@ -168,6 +200,7 @@ def create_app(settings: Settings) -> FastAPI:
         return isinstance(route, APIRoute) and any(d.dependency is auth for d in route.dependencies)
 
     app.add_middleware(AuditMiddleware, is_audited=is_audited)
+    app.add_middleware(RequestBounds)
 
     @app.exception_handler(SQLAlchemyError)
     async def database_unavailable(request: Request, exc: SQLAlchemyError) -> JSONResponse:

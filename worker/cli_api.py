@@ -21,7 +21,7 @@ def api(host: str | None, port: int | None) -> None:
     _require_current_schema(settings)
     import uvicorn
 
-    from worker.api import create_app
+    from worker.api import MAX_CONNECTIONS, MAX_HEADER_BYTES, create_app
 
     app = create_app(settings)
     if not is_loopback(settings.api_host):
@@ -29,7 +29,9 @@ def api(host: str | None, port: int | None) -> None:
                     "TLS-terminating proxy stands in front", settings.api_host)
     # logging stays as the CLI set it up; no access log (the audit log records every query)
     config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None,
-                            access_log=False, server_header=False, lifespan="off")
+                            access_log=False, server_header=False, lifespan="off",
+                            limit_concurrency=MAX_CONNECTIONS, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+                            timeout_keep_alive=5, http="h11")
     server = uvicorn.Server(config)
     server.run()
     if not server.started:
