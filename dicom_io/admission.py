@@ -261,9 +261,10 @@ class GatedAssociationServer(ThreadedAssociationServer):
     """Bind with SO_REUSEPORT, so that several listener processes share the port."""
 
     def __init__(self, ae: ListenerAE, *args, **kwargs) -> None:
-        super().__init__(ae, *args, **kwargs)
+        # before the bind: a port that cannot be bound closes the server (and so the gate) at once
         self.gate = ConnectionGate(timeout=ae.artim_timeout, capacity=ae.max_pending_connections,
                                    dispatch=self._start_connection)
+        super().__init__(ae, *args, **kwargs)
 
     def server_bind(self) -> None:
         if self.reuse_port:
