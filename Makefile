@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PIP     = $(VENV)/bin/pip
 
-.PHONY: run test install clean
+.PHONY: run test test-fast install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,14 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/pneumoscreen run
 
-## Needs Redis and PostgreSQL on 127.0.0.1 and dcmtk (see README).
+## Needs Redis and PostgreSQL on 127.0.0.1, dcmtk and Orthanc (see README).
 test: install
 	$(VENV)/bin/python -m pytest
+
+## The fast lane: every test that starts no process or server and trains no network (Redis and
+## PostgreSQL are still needed).
+test-fast: install
+	$(VENV)/bin/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) pneumoscreen-data .pytest_cache

@@ -26,7 +26,6 @@ since SQLite serializes writers across processes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -36,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import cv2
@@ -45,6 +43,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 FIXTURE = ROOT / "tests" / "fixtures" / "images" / "PNEUMONIA" / "person1003_virus_1685.jpeg"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -153,7 +152,7 @@ def serve_pynetdicom_alone(port: int, incoming: Path) -> None:
 
     from worker.settings import Settings
 
-    importlib.import_module("dicom_io.server")  # chunked receive and the one-buffer socket read, as the listener
+    importlib.import_module("dicom_io.server")  # chunked receive and the bounded one-buffer PDU read, as the listener
 
     tempfile.tempdir = str(incoming)  # where pynetdicom writes each dataset, as the listener does
 
@@ -178,22 +177,12 @@ def run_pynetdicom_alone(workdir: Path, files: list[Path], associations: int) ->
     return seconds
 
 
-@contextlib.contextmanager
 def scratch_postgres():
-    """A new PostgreSQL database for one run, dropped afterwards; yields its URL."""
-    from sqlalchemy import create_engine, text
+    """A new PostgreSQL database for one run, dropped afterwards (``with``; yields its URL)."""
+    from tests.helpers.services import scratch_database
 
     admin_url = os.environ.get("PNEUMOSCREEN_BENCH_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-    name = f"pneumoscreen_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"{admin_url.rsplit('/', 1)[0]}/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    return scratch_database(admin_url, prefix="pneumoscreen_bench")
 
 
 def run_pneumoscreen(workdir: Path, files: list[Path], associations: int, database_url: str | None,
@@ -234,7 +223,6 @@ def main() -> None:
     parser.add_argument("--serve-pynetdicom-alone", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_pynetdicom_alone:
-        sys.path.insert(0, str(ROOT))
         serve_pynetdicom_alone(int(args.serve_pynetdicom_alone[0]), Path(args.serve_pynetdicom_alone[1]))
         return
     for tool in ("storescu", "storescp"):

@@ -169,10 +169,11 @@ def set_state(session: Session, *, instance_id: int, state: InstanceState, reaso
 
 def record_predictions(
     session: Session, *, model_name: str, model_version: str, weights_sha256: str, threshold: float,
-    results: list[tuple[int, float]],
+    results: list[tuple[int, float, bool]],
 ) -> set[int]:
-    """Store a model's answers, (instance id, probability) each, once per instance and model
-    version, and mark the instances PREDICTED: two statements for the whole batch.
+    """Store a model's answers, (instance id, probability, flagged) each, once per instance and
+    model version, and mark the instances PREDICTED: two statements for the whole batch. Whether a
+    probability is flagged is the model card's rule (``ModelCard.flags``), decided by the caller.
 
     Returns the ids answered for the first time; for the others this model version had already
     answered, and a redelivered message changes nothing (the first answer stands).
@@ -183,12 +184,12 @@ def record_predictions(
     table = Prediction.__table__
     rows = [{"instance_id": instance_id, "model_version": model_version, "model_name": model_name,
              "weights_sha256": weights_sha256, "probability": float(probability), "threshold": threshold,
-             "flagged": bool(probability >= threshold), "created_at": now} for instance_id, probability in results]
+             "flagged": bool(flagged), "created_at": now} for instance_id, probability, flagged in results]
     stmt = (_insert(session, table).on_conflict_do_nothing(index_elements=["instance_id", "model_version"])
             .returning(table.c.instance_id))
     created = set(session.execute(stmt, rows).scalars())
     instances = Instance.__table__
-    session.execute(update(instances).where(instances.c.id.in_([instance_id for instance_id, _ in results]))
+    session.execute(update(instances).where(instances.c.id.in_([instance_id for instance_id, _, _ in results]))
                     .values(state=InstanceState.PREDICTED, reason=None, updated_at=now))
     return created
 

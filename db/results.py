@@ -17,6 +17,7 @@ from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session
 
 from db.models import TERMINAL_STATES, Instance, InstanceState, Prediction, Series, Study
+from db.session import in_chunks
 
 #: Worklist priority: 1 = flagged (read first), 2 = not yet screened or some
 #: image could not be screened (a person must look), 3 = screened, nothing flagged.
@@ -72,16 +73,6 @@ def _latest_prediction_ids():
             .group_by(Prediction.instance_id).subquery())
 
 
-def _study_state(open_count: int, predicted_count: int, failed_count: int) -> StudyState:
-    if open_count:
-        return StudyState.IN_PROGRESS
-    if predicted_count:
-        return StudyState.SCREENED
-    if failed_count:
-        return StudyState.FAILED
-    return StudyState.NOT_SCREENED
-
-
 def worklist(
     session: Session, *, flagged_only: bool = False, limit: int | None = None, offset: int = 0,
     received_since: datetime | None = None, received_until: datetime | None = None,
@@ -108,14 +99,20 @@ def worklist(
         ((open_count > 0) | (failed_count > 0), PRIORITY_PENDING),
         else_=PRIORITY_ROUTINE,
     )
+    # the one study-state rule: what the worklist shows and what ``state`` filters on
+    study_state = case(
+        (open_count > 0, StudyState.IN_PROGRESS.value),
+        (predicted_count > 0, StudyState.SCREENED.value),
+        (failed_count > 0, StudyState.FAILED.value),
+        else_=StudyState.NOT_SCREENED.value,
+    )
     within = ([max_probability.desc().nulls_last(), Study.received_at] if order is WorklistOrder.PROBABILITY
               else [Study.received_at])
     stmt: Select = (
         select(
             Study.StudyInstanceUID, Study.AccessionNumber, Study.StudyDate, Study.received_at,
             priority.label("priority"), flagged.label("flagged"), max_probability.label("max_probability"),
-            open_count.label("open_count"), failed_count.label("failed_count"),
-            predicted_count.label("predicted_count"), func.count(Instance.id).label("images"),
+            study_state.label("state"), func.count(Instance.id).label("images"),
             func.max(Prediction.model_version).label("model_version"),
         )
         .join(Series, Series.study_id == Study.id)
@@ -133,14 +130,8 @@ def worklist(
         stmt = stmt.where(Study.received_at < received_until)
     if flagged_only:
         stmt = stmt.having(flagged == 1)
-    if state is StudyState.IN_PROGRESS:
-        stmt = stmt.having(open_count > 0)
-    elif state is StudyState.SCREENED:
-        stmt = stmt.having((open_count == 0) & (predicted_count > 0))
-    elif state is StudyState.FAILED:
-        stmt = stmt.having((open_count == 0) & (predicted_count == 0) & (failed_count > 0))
-    elif state is StudyState.NOT_SCREENED:
-        stmt = stmt.having((open_count == 0) & (predicted_count == 0) & (failed_count == 0))
+    if state is not None:
+        stmt = stmt.having(study_state == state.value)
     if offset:
         stmt = stmt.offset(offset)
     if limit is not None:
@@ -150,7 +141,7 @@ def worklist(
             "study_instance_uid": r.StudyInstanceUID, "accession_number": r.AccessionNumber,
             "priority": int(r.priority), "flagged": bool(r.flagged),
             "max_probability": None if r.max_probability is None else round(float(r.max_probability), 6),
-            "state": _study_state(r.open_count, r.predicted_count, r.failed_count).value,
+            "state": r.state,
             "received_at": _iso(r.received_at), "model_version": r.model_version,
             "study_date": r.StudyDate, "images": int(r.images),
         }
@@ -239,8 +230,7 @@ def rescreen_changes(session: Session, *, instance_ids: list[int], model_version
         return {**result, "changed_studies": []}
     answers: dict[int, list[Prediction]] = {}
     study_of: dict[int, tuple[str, str | None]] = {}
-    for chunk in range(0, len(instance_ids), 500):
-        ids = instance_ids[chunk:chunk + 500]
+    for ids in in_chunks(instance_ids):
         for p in session.scalars(select(Prediction).where(Prediction.instance_id.in_(ids)).order_by(Prediction.id)):
             answers.setdefault(p.instance_id, []).append(p)
         study_of.update((row.id, (row.StudyInstanceUID, row.AccessionNumber)) for row in session.execute(

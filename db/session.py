@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,3 +30,13 @@ def make_engine(url: str) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+IN_CLAUSE_CHUNK = 500
+"""Ids per ``IN (...)`` list: well below every backend's limit on bound parameters."""
+
+
+def in_chunks(ids: Sequence[int], size: int = IN_CLAUSE_CHUNK) -> Iterator[Sequence[int]]:
+    """``ids`` in slices of at most ``size``, one ``IN (...)`` query each."""
+    for start in range(0, len(ids), size):
+        yield ids[start:start + size]

@@ -9,27 +9,24 @@ from pydicom.dataset import Dataset
 
 LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL", "LLO", "RLO"})
 
-#: BodyPartExamined values taken as chest by default (also as words of a longer value: "CHEST PA").
-CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "CXR", "PORTABLE CHEST"})
-
 _WORD = re.compile(r"[A-Z0-9]+")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EligibilityPolicy:
-    """What is screened: the defaults follow chest radiography practice; every
-    field is configurable (``PNEUMOSCREEN_ELIGIBLE_MODALITIES`` and friends)."""
+    """What is screened. Built from the settings (``worker.runtime.eligibility_policy``), which hold
+    the defaults (chest radiography practice) and read ``PNEUMOSCREEN_ELIGIBLE_MODALITIES`` and friends."""
 
-    modalities: frozenset[str] = frozenset({"CR", "DX"})
+    modalities: frozenset[str]
     """Modality values screened, also on Secondary Capture objects (public chest
     X-ray sets such as RSNA's and NIH's are SC-wrapped CR)."""
-    chest_body_parts: frozenset[str] = CHEST_BODY_PARTS
+    chest_body_parts: frozenset[str]
     """BodyPartExamined values taken as chest, whole or as one word of the value ("CHEST_PA",
     "PORT CHEST"); an absent value is accepted. A lateral word in it ("CHEST LAT") is refused."""
+    min_side: int
+    """Smallest accepted Rows / Columns."""
     lateral_views: frozenset[str] = field(default=LATERAL_VIEWS)
     """ViewPosition values refused: the model reads frontal (PA/AP) films."""
-    min_side: int = 128
-    """Smallest accepted Rows / Columns."""
 
     def __post_init__(self) -> None:
         if not self.modalities:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.pixels import get_decoder
@@ -41,27 +41,29 @@ def decodable_transfer_syntaxes() -> list[str]:
     return found
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ListenerConfig:
-    """How the listener talks to the network; values are checked by the settings object."""
+    """How the listener talks to the network. Built from the settings (``worker.runtime.listener_config``),
+    which hold every default and check every value."""
 
-    host: str = "127.0.0.1"
-    port: int = 11112
-    ae_title: str = "PNEUMOSCREEN"
-    allowed_aes: frozenset[str] = field(default_factory=frozenset)
-    max_associations: int = 16
-    max_pdu_size: int = 262144
-    artim_timeout: float = 5.0
+    host: str
+    port: int
+    ae_title: str
+    allowed_aes: frozenset[str]
+    """Calling AE titles accepted; empty: any."""
+    max_associations: int
+    max_pdu_size: int
+    artim_timeout: float
     """A connection must complete its association this long after it was accepted (ARTIM)."""
-    max_pending_connections: int = 64
+    max_pending_connections: int
     """Connections not yet associated; when full, the oldest is closed."""
-    max_dataset_bytes: int = 2048 << 20
+    max_dataset_bytes: int
     """Largest data set a C-STORE may bring."""
+    network_timeout: float
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls_client_ca: Path | None
     dimse_timeout: float = 60.0
-    network_timeout: float = 60.0
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
     reuse_port: bool = False
     """Bind with SO_REUSEPORT, so that several listener processes share the port
     and the kernel spreads associations across them."""

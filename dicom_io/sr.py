@@ -70,13 +70,13 @@ _SR_CLASSES = {Comprehensive3DSRStorage: Comprehensive3DSR, ComprehensiveSRStora
 
 @dataclass(frozen=True)
 class AlgorithmInfo:
-    """The model that produced a result: named in every report (DESIGN.md, hard rules)."""
+    """The model that produced a result: named in every report (results name the exact model)."""
 
     name: str
     version: str
     weights_sha256: str
     threshold: float
-    """Probabilities at or above it are flagged."""
+    """The model's threshold, reported beside each probability (the flags themselves come with the results)."""
 
     def __post_init__(self) -> None:
         if not self.name.strip() or not self.version.strip():
@@ -85,9 +85,6 @@ class AlgorithmInfo:
             raise ValueError(f"weights_sha256 must be 64 lower-case hex digits, got {self.weights_sha256!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be within [0, 1], got {self.threshold}")
-
-    def flags(self, probability: float) -> bool:
-        return probability >= self.threshold
 
     def identification(self) -> AlgorithmIdentification:
         """TID 4019, with the weights' digest as a parameter."""
@@ -141,11 +138,12 @@ def _header(ds: Dataset) -> Dataset:
     return header
 
 
-def _check_sources(sources: Sequence[Dataset], probabilities: Sequence[float]) -> list[Dataset]:
+def _check_sources(sources: Sequence[Dataset], probabilities: Sequence[float],
+                   flags: Sequence[bool]) -> list[Dataset]:
     if not sources:
         raise ValueError("no source images: a screening report needs at least one")
-    if len(sources) != len(probabilities):
-        raise ValueError(f"{len(sources)} source images but {len(probabilities)} probabilities")
+    if not len(sources) == len(probabilities) == len(flags):
+        raise ValueError(f"{len(sources)} source images, {len(probabilities)} probabilities and {len(flags)} flags")
     headers = [_header(ds) for ds in sources]
     studies = sorted({str(h.StudyInstanceUID) for h in headers})
     if len(studies) > 1:
@@ -157,9 +155,9 @@ def _check_sources(sources: Sequence[Dataset], probabilities: Sequence[float]) -
     return headers
 
 
-def _group(tracking: str, tracking_uid: str, probability: float, algorithm: AlgorithmInfo,
+def _group(tracking: str, tracking_uid: str, probability: float, flagged: bool, algorithm: AlgorithmInfo,
            sources: Sequence[Dataset], derivation: Code | None = None) -> MeasurementsAndQualitativeEvaluations:
-    flag = PRESENT if algorithm.flags(probability) else ABSENT
+    flag = PRESENT if flagged else ABSENT
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=tracking),
         finding_type=PNEUMONIA,
@@ -175,24 +173,25 @@ def _group(tracking: str, tracking_uid: str, probability: float, algorithm: Algo
 
 
 def build_screening_report(
-    sources: Sequence[Dataset], probabilities: Sequence[float], *, algorithm: AlgorithmInfo,
+    sources: Sequence[Dataset], probabilities: Sequence[float], flags: Sequence[bool], *, algorithm: AlgorithmInfo,
     sop_instance_uid: str, series_instance_uid: str | None = None, series_number: int = 9001,
     instance_number: int = 1,
 ) -> Dataset:
     """A Comprehensive 3D SR holding a TID 1500 Measurement Report for one study.
 
     ``sources`` are the screened images (full datasets or headers), ``probabilities``
-    the model's output for each, in the same order.
+    the model's output for each and ``flags`` whether it was flagged (as recorded, by the model
+    card's rule), in the same order. The study summary is flagged when any image is.
     """
-    headers = _check_sources(sources, probabilities)
+    headers = _check_sources(sources, probabilities, flags)
     values = [_check_probability(p) for p in probabilities]
     groups = [
         _group(str(h.SOPInstanceUID), generate_uid(entropy_srcs=[sop_instance_uid, str(h.SOPInstanceUID)]),
-               p, algorithm, [h])
-        for h, p in zip(headers, values)
+               p, bool(f), algorithm, [h])
+        for h, p, f in zip(headers, values, flags)
     ]
     groups.append(_group(STUDY_SUMMARY, generate_uid(entropy_srcs=[sop_instance_uid, STUDY_SUMMARY]),
-                         max(values), algorithm, headers, derivation=codes.SCT.Maximum))
+                         max(values), any(flags), algorithm, headers, derivation=codes.SCT.Maximum))
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(

@@ -46,6 +46,10 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
+    def flags(self, probability: float) -> bool:
+        """The one flag rule: a probability at or above the card's threshold is flagged."""
+        return bool(probability >= self.threshold)
+
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")

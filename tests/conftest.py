@@ -1,81 +1,29 @@
-"""Shared test fixtures: real PostgreSQL, real Redis, real processes.
+"""Shared fixtures: a fresh PostgreSQL database, a flushed Redis db, an upgraded SQLite
+database and its sessions, the pneumoscreen processes a test started (stopped after it).
 
-PostgreSQL and Redis are expected at ``PNEUMOSCREEN_TEST_POSTGRES`` (default
-``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``) and
-``PNEUMOSCREEN_TEST_REDIS`` (default ``redis://127.0.0.1:6379/13``). Each
-test gets its own database (dropped afterwards) and the Redis db is flushed
-after use.
+Each test gets its own database (dropped afterwards); the Redis db is flushed before and
+after use. Helpers that are not fixtures live in ``tests.helpers``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import uuid
+import functools
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import redis
-from sqlalchemy import create_engine, text
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-PG_ADMIN_URL = os.environ.get("PNEUMOSCREEN_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("PNEUMOSCREEN_TEST_REDIS", "redis://127.0.0.1:6379/13")
-PNEUMOSCREEN = [sys.executable, "-m", "worker.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listening on {port} after {timeout}s")
+from db.migrate import upgrade
+from db.session import make_engine, make_sessionmaker
+from tests.helpers.processes import PG_ADMIN_URL, REDIS_URL, Process, flushed_redis, start_production
+from tests.helpers.services import scratch_database
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test."""
-    name = f"pneumoscreen_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@contextmanager
-def flushed_redis(url: str) -> Iterator[str]:
-    """The Redis database at ``url``, emptied before and after use."""
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    try:
+    with scratch_database(PG_ADMIN_URL) as url:
         yield url
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @pytest.fixture
@@ -89,55 +37,28 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'pneumoscreen.db'}"
 
 
-def cli_env(**settings: str) -> dict[str, str]:
-    """The environment for a pneumoscreen process: this one's, less stray PNEUMOSCREEN_* settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PNEUMOSCREEN_")}
-    env.update({f"PNEUMOSCREEN_{k.upper()}": str(v) for k, v in settings.items()})
-    env["TCP_NODELAY"] = "1"
-    return env
+@pytest.fixture
+def database_url(sqlite_url) -> str:
+    """An upgraded database; a module that needs PostgreSQL too overrides this fixture."""
+    upgrade(sqlite_url)
+    return sqlite_url
 
 
-def run_cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([*PNEUMOSCREEN, *args], env=env, capture_output=True, text=True, timeout=120,
-                          check=check)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database_url(request, sqlite_url) -> str:
+    """An upgraded database on each backend in turn; a module runs on both with
+    ``database_url`` overridden to return this one."""
+    url = sqlite_url if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    upgrade(url)
+    return url
 
 
-def cli_json(*args: str, env: dict[str, str]):
-    result = run_cli(*args, "--json", env=env)
-    return json.loads(result.stdout)
-
-
-def wait_until(predicate, *, timeout: float, interval: float = 0.5, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise TimeoutError(f"{what} not met within {timeout}s (last: {last!r})")
-
-
-class Process:
-    """A pneumoscreen subprocess whose output goes to a log file."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([*PNEUMOSCREEN, *args], env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
+@pytest.fixture
+def sessions(database_url):
+    """The session factory of ``database_url``."""
+    engine = make_engine(database_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
 
 
 @pytest.fixture
@@ -148,30 +69,8 @@ def processes() -> Iterator[list[Process]]:
         p.stop()
 
 
-def storescu(port: int, *files: Path, jpeg_as_is: bool = False, aet: str = "STORESCU",
-             aec: str = "PNEUMOSCREEN") -> subprocess.CompletedProcess:
-    exe = shutil.which("storescu")
-    if exe is None:
-        pytest.fail("dcmtk's storescu is not installed (apt-get install dcmtk)")
-    args = [exe, "-aet", aet, "-aec", aec]
-    if jpeg_as_is:
-        args.append("-xy")
-    args += ["127.0.0.1", str(port), *map(str, files)]
-    return subprocess.run(args, capture_output=True, text=True, timeout=60, env={**os.environ, "TCP_NODELAY": "1"})
-
-
-def start_production(tmp_path: Path, processes: list[Process], *, pg_url: str, redis_url: str,
-                     **settings) -> tuple[dict[str, str], int, Process, Process]:
-    """The production topology on PostgreSQL and Redis: schema, `listen`, one worker on every queue.
-
-    Returns the environment, the DICOM port, the listener and the worker.
-    """
-    port = free_port()
-    env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", port=port, **settings)
-    run_cli("db", "upgrade", env=env)
-    listener = Process(["listen"], env, tmp_path / "listen.log")
-    processes.append(listener)
-    worker = Process(["worker", "--queues", "preprocess,inference,maintenance"], env, tmp_path / "worker.log")
-    processes.append(worker)
-    wait_for_port(port, listener.proc)
-    return env, port, listener, worker
+@pytest.fixture
+def production(tmp_path, processes, pg_url, redis_url):
+    """``production(**settings)`` starts the production topology on this test's PostgreSQL database and
+    Redis db (``tests.helpers.processes.start_production``): (env, DICOM port, listener, worker)."""
+    return functools.partial(start_production, tmp_path, processes, pg_url=pg_url, redis_url=redis_url)

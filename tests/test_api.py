@@ -16,15 +16,16 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, select, text, update
 
-from conftest import Process, cli_env, flushed_redis, free_port, run_cli, wait_for_port
-from db.audit import record_audit, recent_audit
+from db.audit import recent_audit, record_audit
 from db.deliveries import claim_delivery, finish_delivery, release_delivery, request_delivery
 from db.metrics import pipeline_snapshot
 from db.migrate import alembic_config, upgrade
 from db.models import Instance, InstanceState, Prediction, Study
-from db.queries import record_predictions, record_received, set_state
+from db.queries import set_state
 from db.session import make_engine, make_sessionmaker
 from model.artifact import read_card
+from tests.helpers.processes import Process, cli_env, flushed_redis, free_port, run_cli, wait_for_port
+from tests.helpers.records import answer, model_card, receive
 
 TOKEN = "4f1c2e9a7b3d5f60718293a4b5c6d7e8"
 WRONG_TOKEN = "0000000000000000wrong"
@@ -54,39 +55,32 @@ def populate(sessions) -> None:
     bound) and 200 s; an image never queued and an answer older than its
     image's last queueing (a rescreen) have none.
     """
-    def receive(s, study: str, n: int) -> int:
-        instance_id, _ = record_received(
-            s, StudyInstanceUID=study, SeriesInstanceUID=f"{study}.1", SOPInstanceUID=f"{study}.1.{n}",
-            SOPClassUID="1.2.840.10008.5.1.4.1.1.1", TransferSyntaxUID="1.2.840.10008.1.2.1",
-            AccessionNumber=ACCESSION[study], Modality="CR", path=f"/spool/{study}.1.{n}.dcm", size_bytes=10,
-            calling_ae="PACS", StudyDate="20261101",
-        )
-        return instance_id
+    def receive_image(s, study: str, n: int) -> int:
+        return receive(s, study, f"{study}.1.{n}", ACCESSION[study], "20261101")[0]
 
     def predict(s, instance_id: int, p: float, *, queued: datetime | None, after: float, version: str = "1.0"):
         if queued is not None:
             s.execute(update(Instance).where(Instance.id == instance_id).values(queued_at=queued))
-        record_predictions(s, model_name="cnn", model_version=version, weights_sha256="0" * 64, threshold=0.5,
-                           results=[(instance_id, p)])
+        answer(s, [(instance_id, p)], model_card(version))
         s.execute(update(Prediction).where(Prediction.instance_id == instance_id, Prediction.model_version == version)
                   .values(created_at=(queued or _at(1, 0)) + timedelta(seconds=after)))
 
     arrival = {FLAG_EARLY: _at(1, 8), ROUTINE: _at(2, 9), RESCREENED: _at(2, 10), FLAG_LATE: _at(3, 23, 30),
                FAILED: _at(3, 10), PENDING: _at(4, 12), SKIPPED: _at(4, 13)}
     with sessions.begin() as s:
-        predict(s, receive(s, FLAG_EARLY, 1), 0.70, queued=_at(1, 8, 1), after=0.3)
-        predict(s, receive(s, ROUTINE, 1), 0.10, queued=_at(2, 9, 1), after=45)
-        predict(s, receive(s, ROUTINE, 2), 0.05, queued=None, after=1)
-        rescreened = receive(s, RESCREENED, 1)
+        predict(s, receive_image(s, FLAG_EARLY, 1), 0.70, queued=_at(1, 8, 1), after=0.3)
+        predict(s, receive_image(s, ROUTINE, 1), 0.10, queued=_at(2, 9, 1), after=45)
+        predict(s, receive_image(s, ROUTINE, 2), 0.05, queued=None, after=1)
+        rescreened = receive_image(s, RESCREENED, 1)
         predict(s, rescreened, 0.80, queued=_at(2, 10, 1), after=2)
         predict(s, rescreened, 0.30, queued=_at(20, 1), after=200, version="2.0")
-        predict(s, receive(s, FLAG_LATE, 1), 0.95, queued=_at(3, 23, 31), after=1.5)
-        predict(s, receive(s, FLAG_LATE, 2), 0.20, queued=_at(3, 23, 31), after=5.0)
-        set_state(s, instance_id=receive(s, FAILED, 1), state=InstanceState.FAILED, reason="bad codestream")
-        receive(s, PENDING, 1)
-        set_state(s, instance_id=receive(s, PENDING, 2), state=InstanceState.QUEUED)
-        set_state(s, instance_id=receive(s, PENDING, 3), state=InstanceState.PREPROCESSED)
-        set_state(s, instance_id=receive(s, SKIPPED, 1), state=InstanceState.SKIPPED, reason="lateral view")
+        predict(s, receive_image(s, FLAG_LATE, 1), 0.95, queued=_at(3, 23, 31), after=1.5)
+        predict(s, receive_image(s, FLAG_LATE, 2), 0.20, queued=_at(3, 23, 31), after=5.0)
+        set_state(s, instance_id=receive_image(s, FAILED, 1), state=InstanceState.FAILED, reason="bad codestream")
+        receive_image(s, PENDING, 1)
+        set_state(s, instance_id=receive_image(s, PENDING, 2), state=InstanceState.QUEUED)
+        set_state(s, instance_id=receive_image(s, PENDING, 3), state=InstanceState.PREPROCESSED)
+        set_state(s, instance_id=receive_image(s, SKIPPED, 1), state=InstanceState.SKIPPED, reason="lateral view")
         for study, at in arrival.items():
             s.execute(update(Study).where(Study.StudyInstanceUID == study).values(received_at=at))
         study_id = dict(s.execute(select(Study.StudyInstanceUID, Study.id)).all())
@@ -105,18 +99,9 @@ def populate(sessions) -> None:
 EXPECTED_LATENCY = {"buckets": (1, 1, 2, 3, 3, 3, 4, 4, 5, 5), "count": 5, "sum": 0.3 + 45 + 200 + 1.5 + 5.0}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path) -> str:
-    url = request.getfixturevalue("sqlite_url") if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    upgrade(url)
-    return url
-
-
 @pytest.fixture
-def sessions(database_url):
-    engine = make_engine(database_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
+def database_url(any_database_url):
+    return any_database_url
 
 
 def test_pipeline_snapshot_counts_every_state_flag_model_and_latency(sessions):
@@ -204,6 +189,7 @@ def broker_url(redis_url) -> Iterator[str]:
         yield url
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, order, zone", [("postgresql", "probability", "UTC"),
                                                   ("sqlite", "received", "Europe/Berlin")])
 def test_api_answers_with_the_token_refuses_without_and_audits_every_query(
@@ -354,6 +340,7 @@ def test_api_answers_with_the_token_refuses_without_and_audits_every_query(
     assert f"GET /worklist 200 rows=7 by api:{_fingerprint(TOKEN)} from 127.0.0.1" in api.log()
 
 
+@pytest.mark.slow
 def test_healthz_says_503_when_the_schema_falls_behind_or_the_database_goes(tmp_path, pg_url, processes):
     from alembic import command
 
@@ -398,6 +385,7 @@ def test_healthz_says_503_when_the_schema_falls_behind_or_the_database_goes(tmp_
     assert "pw-never-shown" not in gone.text and "pw-never-shown" not in api.log()
 
 
+@pytest.mark.slow
 def test_api_will_not_start_without_a_token_or_on_an_old_schema(tmp_path, sqlite_url):
     no_token = run_cli("api", env=cli_env(database_url=sqlite_url), check=False)
     assert no_token.returncode != 0

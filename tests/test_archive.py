@@ -16,19 +16,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from conftest import (
-    Process,
-    cli_env,
-    cli_json,
-    free_port,
-    run_cli,
-    start_production,
-    storescu,
-    wait_for_port,
-    wait_until,
-)
-from dicom_factory import NORMAL_JPEG, PLANTED_PATIENT_ID, PNEUMONIA_JPEG, write_chest_dicom
 from model.artifact import CARD_FILE, DEFAULT_MODEL_DIR, read_card
+from tests.helpers.dicom_factory import NORMAL_JPEG, PLANTED_PATIENT_ID, PNEUMONIA_JPEG, write_chest_dicom
+from tests.helpers.processes import Process, cli_env, cli_json, free_port, run_cli, start_run, storescu, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -79,10 +69,7 @@ def test_ingest_then_rescreen_with_a_new_model_on_the_embedded_default(tmp_path,
     assert {r["sop_instance_uid"] for r in rows} >= {pneumonia.SOPInstanceUID, normal.SOPInstanceUID}
     assert all(r["state"] in ("RECEIVED", "FAILED") for r in rows)
 
-    port = free_port()
-    runner = Process(["run", "--port", str(port)], env, tmp_path / "run.log")
-    processes.append(runner)
-    wait_for_port(port, runner.proc)
+    runner = start_run({**env, "PNEUMOSCREEN_PORT": str(free_port())}, processes, tmp_path / "run.log")
     rows = wait_until(lambda: _all_terminal(env, len(rows)), timeout=120, what="imported instances screened")
     states = {r["sop_instance_uid"]: r for r in rows}
     assert states[pneumonia.SOPInstanceUID]["state"] == "PREDICTED"
@@ -117,10 +104,9 @@ def test_ingest_then_rescreen_with_a_new_model_on_the_embedded_default(tmp_path,
     assert "queued" in table and "9.0.0-eager" in table
 
 
-def test_rescreen_and_nightly_job_through_celery_workers_on_redis_and_postgresql(tmp_path, pg_url, redis_url,
-                                                                                 processes):
-    env, port, _, worker = start_production(tmp_path, processes, pg_url=pg_url, redis_url=redis_url,
-                                            study_quiet_seconds=0.5)
+def test_rescreen_and_nightly_job_through_celery_workers_on_redis_and_postgresql(tmp_path, redis_url, processes,
+                                                                                 production):
+    env, port, _, worker = production(study_quiet_seconds=0.5)
     files = [tmp_path / "p.dcm", tmp_path / "n.dcm"]
     pneumonia = write_chest_dicom(files[0], PNEUMONIA_JPEG, transfer_syntax=ExplicitVRLittleEndian)
     normal = write_chest_dicom(files[1], NORMAL_JPEG, transfer_syntax=ExplicitVRLittleEndian)

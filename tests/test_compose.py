@@ -3,12 +3,14 @@ runs a real command with options that parse, configured by environment only."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
 import yaml
 
 from worker.cli import cli
+from worker.settings import Settings
 
 COMPOSE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
 
@@ -69,3 +71,12 @@ def test_api_token_and_report_destination_come_from_the_environment():
     # the preprocess workers (maintenance queue) send the reports, from the spool beside them
     assert "maintenance" in services["preprocess-worker"]["command"][3].split(",")
     assert "PNEUMOSCREEN_RESULTS_DESTINATION" in services["preprocess-worker"]["environment"]
+
+
+def test_the_compose_file_repeats_no_default_of_the_settings():
+    """A value the compose file gives only when the shell has none must differ from the application's
+    default: the defaults live in one place (the settings)."""
+    fallbacks = re.findall(r"\$\{PNEUMOSCREEN_([A-Z_]+):-([^}]*)\}", COMPOSE.read_text())
+    for name, fallback in fallbacks:
+        default = Settings.model_fields[name.lower()].default
+        assert str(default) != fallback, f"PNEUMOSCREEN_{name}: the compose file repeats the default {fallback!r}"

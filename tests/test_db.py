@@ -6,17 +6,8 @@ import pytest
 from sqlalchemy import inspect, text
 
 from db.migrate import is_current, upgrade
-from db.models import InstanceState
-from db.models import utcnow
-from db.queries import (
-    claim_quiet_instances,
-    record_predictions,
-    record_received,
-    requeue_for_model,
-    set_state,
-    stale_instances,
-    touch_instances,
-)
+from db.models import InstanceState, utcnow
+from db.queries import claim_quiet_instances, requeue_for_model, set_state, stale_instances, touch_instances
 from db.results import (
     PRIORITY_FLAGGED,
     PRIORITY_PENDING,
@@ -27,36 +18,16 @@ from db.results import (
     worklist,
 )
 from db.session import make_engine, make_sessionmaker
+from tests.helpers.records import answer, model_card, receive
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def sessions(request, tmp_path):
-    url = (f"sqlite:///{tmp_path / 'q.db'}" if request.param == "sqlite"
-           else request.getfixturevalue("pg_url"))
-    assert not is_current(url)
-    upgrade(url)
-    assert is_current(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
+@pytest.fixture
+def database_url(any_database_url):
+    return any_database_url
 
 
-def _receive(s, study: str, sop: str, accession: str = "A1", study_date: str | None = "20261102"):
-    instance_id, created = record_received(
-        s, StudyInstanceUID=study, SeriesInstanceUID=study + ".1", SOPInstanceUID=sop,
-        SOPClassUID="1.2.840.10008.5.1.4.1.1.1", TransferSyntaxUID="1.2.840.10008.1.2.1",
-        AccessionNumber=accession, Modality="CR", path=f"/spool/{sop}.dcm", size_bytes=10, calling_ae="PACS",
-        StudyDate=study_date,
-    )
-    return instance_id, created
-
-
-def _predict(s, instance_id: int, p: float, version: str = "1.0"):
-    record_predictions(s, model_name="cnn", model_version=version, weights_sha256="0" * 64, threshold=0.5,
-                       results=[(instance_id, p)])
-
-
-def test_migration_creates_the_tables(sessions):
+def test_migration_creates_the_tables(sessions, database_url):
+    assert is_current(database_url)
     with sessions() as s:
         names = set(inspect(s.get_bind()).get_table_names())
     assert {"study", "series", "instance", "prediction", "model_version", "result_delivery", "audit_log",
@@ -65,10 +36,10 @@ def test_migration_creates_the_tables(sessions):
 
 def test_record_received_is_idempotent_per_sop_instance(sessions):
     with sessions.begin() as s:
-        first, created = _receive(s, "1.2.3", "1.2.3.1.1")
+        first, created = receive(s, "1.2.3", "1.2.3.1.1")
         assert created
     with sessions.begin() as s:
-        again, created = _receive(s, "1.2.3", "1.2.3.1.1")
+        again, created = receive(s, "1.2.3", "1.2.3.1.1")
         assert not created and again == first
     with sessions() as s:
         assert len(list_instances(s)) == 1
@@ -76,8 +47,8 @@ def test_record_received_is_idempotent_per_sop_instance(sessions):
 
 def test_quiet_studies_are_claimed_once(sessions):
     with sessions.begin() as s:
-        _receive(s, "1.2.3", "1.2.3.1.1")
-        _receive(s, "1.2.3", "1.2.3.1.2")
+        receive(s, "1.2.3", "1.2.3.1.1")
+        receive(s, "1.2.3", "1.2.3.1.2")
     with sessions.begin() as s:
         assert claim_quiet_instances(s, quiet_since=utcnow().replace(year=2000)) == []
     with sessions.begin() as s:
@@ -94,8 +65,8 @@ def test_concurrent_rounds_do_not_claim_or_resend_the_same_instances(pg_url):
     sessions = make_sessionmaker(engine)
     try:
         with sessions.begin() as s:
-            _receive(s, "1.2.9", "1.2.9.1.1")
-            _receive(s, "1.2.9", "1.2.9.1.2")
+            receive(s, "1.2.9", "1.2.9.1.1")
+            receive(s, "1.2.9", "1.2.9.1.2")
         with sessions.begin() as first, sessions.begin() as second:
             second.execute(text("SET LOCAL lock_timeout = '2s'"))  # waiting on the first would be a failure
             assert len(claim_quiet_instances(first, quiet_since=utcnow())) == 2
@@ -114,10 +85,10 @@ def test_concurrent_rounds_do_not_claim_or_resend_the_same_instances(pg_url):
 
 def test_prediction_is_recorded_once_per_model_version(sessions):
     with sessions.begin() as s:
-        instance, _ = _receive(s, "1.2.3", "1.2.3.1.1")
-        _predict(s, instance, 0.8)
+        instance, _ = receive(s, "1.2.3", "1.2.3.1.1")
+        answer(s, [(instance, 0.8)])
     with sessions.begin() as s:
-        _predict(s, instance, 0.1)  # a redelivered message: the first answer stands
+        answer(s, [(instance, 0.1)])  # a redelivered message: the first answer stands
     with sessions() as s:
         [row] = list_instances(s)
     assert row["state"] == "PREDICTED" and row["probability"] == pytest.approx(0.8)
@@ -125,12 +96,11 @@ def test_prediction_is_recorded_once_per_model_version(sessions):
 
 def test_a_batch_of_predictions_is_recorded_once_each_and_says_which_were_new(sessions):
     with sessions.begin() as s:
-        ids = [_receive(s, "1.2.3", f"1.2.3.1.{n}")[0] for n in range(1, 5)]
-        _predict(s, ids[0], 0.9)  # answered before the batch
+        ids = [receive(s, "1.2.3", f"1.2.3.1.{n}")[0] for n in range(1, 5)]
+        answer(s, [(ids[0], 0.9)])  # answered before the batch
     batch = [(ids[0], 0.1), (ids[1], 0.7), (ids[2], 0.2), (ids[1], 0.3), (ids[3], 0.6)]  # ids[1] twice
     with sessions.begin() as s:
-        created = record_predictions(s, model_name="cnn", model_version="1.0", weights_sha256="0" * 64,
-                                     threshold=0.5, results=batch)
+        created = answer(s, batch)
     assert created == {ids[1], ids[2], ids[3]}
     with sessions() as s:
         rows = {row["sop_instance_uid"]: row for row in list_instances(s)}
@@ -139,15 +109,13 @@ def test_a_batch_of_predictions_is_recorded_once_each_and_says_which_were_new(se
     assert [rows[f"1.2.3.1.{n}"]["probability"] for n in range(1, 5)] == pytest.approx([0.9, 0.7, 0.2, 0.6])
     assert {row["state"] for row in rows.values()} == {"PREDICTED"}
     with sessions.begin() as s:  # another model version answers the same instances anew
-        assert record_predictions(s, model_name="cnn", model_version="2.0", weights_sha256="1" * 64,
-                                  threshold=0.5, results=batch[:3]) == set(ids[:3])
-        assert record_predictions(s, model_name="cnn", model_version="2.0", weights_sha256="1" * 64,
-                                  threshold=0.5, results=[]) == set()
+        assert answer(s, batch[:3], model_card("2.0", sha256="1" * 64)) == set(ids[:3])
+        assert answer(s, [], model_card("2.0", sha256="1" * 64)) == set()
 
 
 def test_terminal_state_is_never_left(sessions):
     with sessions.begin() as s:
-        instance, _ = _receive(s, "1.2.3", "1.2.3.1.1")
+        instance, _ = receive(s, "1.2.3", "1.2.3.1.1")
         assert set_state(s, instance_id=instance, state=InstanceState.SKIPPED, reason="lateral")
         assert not set_state(s, instance_id=instance, state=InstanceState.QUEUED)
     with sessions() as s:
@@ -157,13 +125,13 @@ def test_terminal_state_is_never_left(sessions):
 
 def test_worklist_puts_flagged_studies_first_by_probability(sessions):
     with sessions.begin() as s:
-        routine, _ = _receive(s, "1.1", "1.1.1.1", "ROUTINE")
-        high, _ = _receive(s, "1.2", "1.2.1.1", "HIGH")
-        higher, _ = _receive(s, "1.3", "1.3.1.1", "HIGHER")
-        _receive(s, "1.4", "1.4.1.1", "PENDING")
-        _predict(s, routine, 0.2)
-        _predict(s, high, 0.7)
-        _predict(s, higher, 0.95)
+        routine, _ = receive(s, "1.1", "1.1.1.1", "ROUTINE")
+        high, _ = receive(s, "1.2", "1.2.1.1", "HIGH")
+        higher, _ = receive(s, "1.3", "1.3.1.1", "HIGHER")
+        receive(s, "1.4", "1.4.1.1", "PENDING")
+        answer(s, [(routine, 0.2)])
+        answer(s, [(high, 0.7)])
+        answer(s, [(higher, 0.95)])
     with sessions() as s:
         rows = worklist(s)
         flagged = worklist(s, flagged_only=True)
@@ -184,7 +152,7 @@ def test_a_good_copy_replaces_an_unparseable_one_but_never_the_reverse(sessions)
         assert record_unreadable(s, SOPInstanceUID="1.2.3.1.1", SOPClassUID="1.2", TransferSyntaxUID="1.2.840.10008.1.2.1",
                                  path="/quarantine/x.dcm", size_bytes=5, calling_ae="PACS", reason="truncated") is not None
     with sessions.begin() as s:
-        instance_id, created = _receive(s, "1.2.3", "1.2.3.1.1")
+        instance_id, created = receive(s, "1.2.3", "1.2.3.1.1")
         assert created
     with sessions.begin() as s:
         assert record_unreadable(s, SOPInstanceUID="1.2.3.1.1", SOPClassUID="1.2", TransferSyntaxUID="1.2.840.10008.1.2.1",
@@ -196,13 +164,13 @@ def test_a_good_copy_replaces_an_unparseable_one_but_never_the_reverse(sessions)
 
 def test_worklist_filters_by_state_and_received_date_and_orders_by_choice(sessions):
     with sessions.begin() as s:
-        low, _ = _receive(s, "1.1", "1.1.1.1", "LOW")
-        high, _ = _receive(s, "1.2", "1.2.1.1", "HIGH")
-        _receive(s, "1.3", "1.3.1.1", "PENDING")
-        skipped, _ = _receive(s, "1.4", "1.4.1.1", "SKIPPED")
-        failed, _ = _receive(s, "1.5", "1.5.1.1", "FAILED")
-        _predict(s, low, 0.6)
-        _predict(s, high, 0.9)
+        low, _ = receive(s, "1.1", "1.1.1.1", "LOW")
+        high, _ = receive(s, "1.2", "1.2.1.1", "HIGH")
+        receive(s, "1.3", "1.3.1.1", "PENDING")
+        skipped, _ = receive(s, "1.4", "1.4.1.1", "SKIPPED")
+        failed, _ = receive(s, "1.5", "1.5.1.1", "FAILED")
+        answer(s, [(low, 0.6)])
+        answer(s, [(high, 0.9)])
         set_state(s, instance_id=skipped, state=InstanceState.SKIPPED, reason="lateral")
         set_state(s, instance_id=failed, state=InstanceState.FAILED, reason="bad codestream")
     now = utcnow()
@@ -224,13 +192,13 @@ def test_worklist_filters_by_state_and_received_date_and_orders_by_choice(sessio
 
 def test_rescreen_requeues_what_the_new_model_has_not_answered_and_reports_changes(sessions):
     with sessions.begin() as s:
-        a, _ = _receive(s, "1.1", "1.1.1.1", "A")
-        b, _ = _receive(s, "1.2", "1.2.1.1", "B")
-        c, _ = _receive(s, "1.3", "1.3.1.1", "C")
-        skipped, _ = _receive(s, "1.4", "1.4.1.1", "D")
-        _predict(s, a, 0.2, version="1.0")
-        _predict(s, b, 0.8, version="1.0")
-        _predict(s, c, 0.9, version="2.0")  # already screened by the new model
+        a, _ = receive(s, "1.1", "1.1.1.1", "A")
+        b, _ = receive(s, "1.2", "1.2.1.1", "B")
+        c, _ = receive(s, "1.3", "1.3.1.1", "C")
+        skipped, _ = receive(s, "1.4", "1.4.1.1", "D")
+        answer(s, [(a, 0.2)], model_card("1.0"))
+        answer(s, [(b, 0.8)], model_card("1.0"))
+        answer(s, [(c, 0.9)], model_card("2.0"))  # already screened by the new model
         set_state(s, instance_id=skipped, state=InstanceState.SKIPPED, reason="lateral")
     with sessions.begin() as s:
         ids = requeue_for_model(s, model_version="2.0")
@@ -242,8 +210,8 @@ def test_rescreen_requeues_what_the_new_model_has_not_answered_and_reports_chang
         assert worklist(s, flagged_only=True)[0]["accession_number"] in {"B", "C"}
         assert rescreen_changes(s, instance_ids=ids, model_version="2.0")["pending"] == 2
     with sessions.begin() as s:
-        _predict(s, a, 0.7, version="2.0")
-        _predict(s, b, 0.3, version="2.0")
+        answer(s, [(a, 0.7)], model_card("2.0"))
+        answer(s, [(b, 0.3)], model_card("2.0"))
     with sessions() as s:
         changes = rescreen_changes(s, instance_ids=ids, model_version="2.0")
         rows = {r["accession_number"]: r for r in worklist(s)}
@@ -264,8 +232,8 @@ def test_rescreen_requeues_what_the_new_model_has_not_answered_and_reports_chang
 
 def test_requeue_for_model_honours_the_received_window(sessions):
     with sessions.begin() as s:
-        a, _ = _receive(s, "1.1", "1.1.1.1", "A")
-        _predict(s, a, 0.2, version="1.0")
+        a, _ = receive(s, "1.1", "1.1.1.1", "A")
+        answer(s, [(a, 0.2)], model_card("1.0"))
     now = utcnow()
     with sessions.begin() as s:
         assert requeue_for_model(s, model_version="2.0", received_since=now) == []
@@ -273,45 +241,35 @@ def test_requeue_for_model_honours_the_received_window(sessions):
 
 
 def test_a_study_report_is_claimed_by_one_sender_and_requested_again_when_the_study_grows(sessions):
-    from db.deliveries import (
-        claim_delivery,
-        completed_studies,
-        delivery_counts,
-        delivery_job,
-        fail_delivery,
-        finish_delivery,
-        release_delivery,
-        request_delivery,
-        stale_deliveries,
-    )
+    from db import deliveries
 
     with sessions.begin() as s:
-        first, _ = _receive(s, "1.1", "1.1.1.1", "A")
-        second, _ = _receive(s, "1.1", "1.1.1.2", "A")
-        _predict(s, first, 0.9)
-        assert completed_studies(s, instance_ids=[first]) == [], "an image of the study is still open"
-        _predict(s, second, 0.1)
-        [study_id] = completed_studies(s, instance_ids=[first, second])
-        delivery = request_delivery(s, study_id=study_id, model_version="1.0", destination="PACS@pacs:104")
+        first, _ = receive(s, "1.1", "1.1.1.1", "A")
+        second, _ = receive(s, "1.1", "1.1.1.2", "A")
+        answer(s, [(first, 0.9)])
+        assert deliveries.completed_studies(s, instance_ids=[first]) == [], "an image of the study is still open"
+        answer(s, [(second, 0.1)])
+        [study_id] = deliveries.completed_studies(s, instance_ids=[first, second])
+        delivery = deliveries.request_delivery(s, study_id=study_id, model_version="1.0", destination="PACS@pacs:104")
     past, future = utcnow().replace(year=2000), utcnow().replace(year=2999)
     with sessions.begin() as s:
-        assert claim_delivery(s, delivery_id=delivery, stale_before=past)
-        assert not claim_delivery(s, delivery_id=delivery, stale_before=past), "one sender at a time"
-        job = delivery_job(s, delivery_id=delivery)
+        assert deliveries.claim_delivery(s, delivery_id=delivery, stale_before=past)
+        assert not deliveries.claim_delivery(s, delivery_id=delivery, stale_before=past), "one sender at a time"
+        job = deliveries.delivery_job(s, delivery_id=delivery)
         assert job.StudyInstanceUID == "1.1" and [i.SOPInstanceUID for i in job.images] == ["1.1.1.1", "1.1.1.2"]
         assert [i.flagged for i in job.images] == [True, False] and job.attempts == 1
-        release_delivery(s, delivery_id=delivery, reason="PACS down", final=False)
-        assert stale_deliveries(s, older_than=future) == [delivery]
-        assert claim_delivery(s, delivery_id=delivery, stale_before=past)
-        assert finish_delivery(s, delivery_id=delivery, sr_sop_instance_uid="1.2.3.4", instance_count=2)
-        assert delivery_counts(s) == {"SENT": 1}
-        assert stale_deliveries(s, older_than=future) == []
+        deliveries.release_delivery(s, delivery_id=delivery, reason="PACS down", final=False)
+        assert deliveries.stale_deliveries(s, older_than=future) == [delivery]
+        assert deliveries.claim_delivery(s, delivery_id=delivery, stale_before=past)
+        assert deliveries.finish_delivery(s, delivery_id=delivery, sr_sop_instance_uid="1.2.3.4", instance_count=2)
+        assert deliveries.delivery_counts(s) == {"SENT": 1}
+        assert deliveries.stale_deliveries(s, older_than=future) == []
     with sessions.begin() as s:  # a late image: the same row asks for a new report
-        assert request_delivery(s, study_id=study_id, model_version="1.0", destination="PACS@pacs:104") == delivery
-        assert delivery_counts(s) == {"PENDING": 1}
-        assert claim_delivery(s, delivery_id=delivery, stale_before=past)
-        fail_delivery(s, delivery_id=delivery, reason="gave up")
-        assert delivery_counts(s) == {"FAILED": 1}
+        assert deliveries.request_delivery(s, study_id=study_id, model_version="1.0", destination="PACS@pacs:104") == delivery
+        assert deliveries.delivery_counts(s) == {"PENDING": 1}
+        assert deliveries.claim_delivery(s, delivery_id=delivery, stale_before=past)
+        deliveries.fail_delivery(s, delivery_id=delivery, reason="gave up")
+        assert deliveries.delivery_counts(s) == {"FAILED": 1}
 
 
 def test_received_window_turns_local_days_into_utc_bounds():

@@ -13,18 +13,15 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
 
-from conftest import (
-    Process,
-    cli_env,
-    cli_json,
-    free_port,
-    start_production,
-    storescu,
-    wait_for_port,
-    wait_until,
-)
-from dicom_factory import NORMAL_JPEG, PLANTED_PATIENT_ID, PLANTED_PATIENT_NAME, PNEUMONIA_JPEG, write_chest_dicom
 from model.artifact import read_card
+from tests.helpers.dicom_factory import (
+    NORMAL_JPEG,
+    PLANTED_PATIENT_ID,
+    PLANTED_PATIENT_NAME,
+    PNEUMONIA_JPEG,
+    write_chest_dicom,
+)
+from tests.helpers.processes import Process, cli_env, cli_json, free_port, storescu, wait_for_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -75,10 +72,9 @@ def _send_with_pynetdicom(port: int, path: Path) -> int:
 
 
 def test_study_from_storescu_and_pynetdicom_is_predicted_with_redis_postgres_and_worker_process(
-    tmp_path, pg_url, redis_url, processes
+    tmp_path, processes, production
 ):
-    env, port, _, _ = start_production(tmp_path, processes, pg_url=pg_url, redis_url=redis_url,
-                                       study_quiet_seconds=1)
+    env, port, _, _ = production(study_quiet_seconds=1)
 
     pneumonia = write_chest_dicom(tmp_path / "pneumonia.dcm", PNEUMONIA_JPEG, transfer_syntax=ExplicitVRLittleEndian)
     normal = write_chest_dicom(tmp_path / "normal_jpeg.dcm", NORMAL_JPEG, transfer_syntax=JPEGBaseline8Bit)

@@ -9,10 +9,12 @@ import cv2
 import pytest
 from pydicom.uid import JPEGBaseline8Bit
 
-from conftest import cli_env, run_cli
-from dicom_factory import FIXTURES, NORMAL_JPEG, PNEUMONIA_JPEG, write_chest_dicom
 from model.artifact import read_card
 from model.preprocessing import read_image_file
+from tests.helpers.dicom_factory import FIXTURES, NORMAL_JPEG, PNEUMONIA_JPEG, write_chest_dicom
+from tests.helpers.processes import cli_env, run_cli
+
+pytestmark = pytest.mark.slow  # pneumoscreen processes
 
 EVALUATE_KEYS = {"n", "auc", "sensitivity", "specificity", "precision", "f1", "accuracy", "threshold",
                  "tn", "fp", "fn", "tp", "model_version"}

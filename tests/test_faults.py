@@ -16,10 +16,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import create_engine, func, select, text
 
-from conftest import Process, cli_env, free_port, run_cli, wait_for_port, wait_until
 from db.models import Instance, Prediction
-from dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG, chest_dataset
-from services import PrivatePostgres, PrivateRedis
+from tests.helpers.dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG, chest_dataset
+from tests.helpers.processes import Process, cli_env, free_port, run_cli, wait_for_port, wait_until
+from tests.helpers.services import PrivatePostgres, PrivateRedis
 
 pytestmark = pytest.mark.slow
 COUNT = 40

@@ -5,10 +5,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG
 from model.artifact import get_model
 from model.gradcam import OVERLAY_MAX_SIDE, gradcam, overlay
 from model.preprocessing import INPUT_SIZE, prepare, read_image_file
+from tests.helpers.dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG
 
 
 def test_the_heat_map_is_normalised_and_differs_between_films():

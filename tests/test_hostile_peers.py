@@ -11,7 +11,6 @@ is recorded.
 
 from __future__ import annotations
 
-import logging
 import random
 import socket
 import struct
@@ -26,14 +25,22 @@ import pytest
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dsutils import encode
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from sqlalchemy import create_engine, select
 
-from conftest import REDIS_URL, Process, cli_env, flushed_redis, free_port, run_cli, wait_for_port, wait_until
 from db.models import Instance
-from dicom_factory import chest_dataset, write_chest_dicom
-from dicom_io.wire import PeerLog
+from tests.helpers.dicom_factory import chest_dataset, write_chest_dicom
+from tests.helpers.processes import (
+    REDIS_URL,
+    Process,
+    cli_env,
+    flushed_redis,
+    free_port,
+    run_cli,
+    wait_for_port,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -282,16 +289,3 @@ def test_a_data_set_cut_off_midway_leaves_no_file(target):
     assoc.abort()
     target.assert_healthy()
     assert str(ds.SOPInstanceUID) not in target.recorded()
-
-
-def test_refused_peers_are_logged_at_most_a_burst_per_window(caplog):
-    logger = logging.getLogger("test.peerlog")
-    peer_log = PeerLog(logger, burst=5, window=0.5)
-    with caplog.at_level(logging.WARNING, logger="test.peerlog"):
-        for n in range(50):
-            peer_log.refused(f"10.0.0.{n}:104", "unknown PDU type 0x47")
-        assert len(caplog.records) == 5
-        time.sleep(0.6)
-        peer_log.refused("10.0.0.99:104", "unknown PDU type 0x47")
-    assert len(caplog.records) == 6
-    assert "45 more refused peers not logged" in caplog.records[-1].getMessage()

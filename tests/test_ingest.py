@@ -12,12 +12,13 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE, _config
 
-from conftest import Process, cli_env, cli_json, free_port, storescu, wait_for_port, wait_until
-from corpus import ORIGINAL, build_malformed, build_pixel_corpus
-from dicom_factory import PLANTED_PATIENT_ID, PLANTED_PATIENT_NAME, PNEUMONIA_JPEG, chest_dataset
-from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.pixels import display_image
 from dicom_io.status import StoreStatus
+from tests.helpers.corpus import ORIGINAL, build_malformed, build_pixel_corpus
+from tests.helpers.dicom_factory import PLANTED_PATIENT_ID, PLANTED_PATIENT_NAME, PNEUMONIA_JPEG, chest_dataset
+from tests.helpers.processes import Process, cli_env, cli_json, free_port, storescu, wait_for_port, wait_until
+from worker.runtime import eligibility_policy
+from worker.settings import Settings
 
 TERMINAL = {"PREDICTED", "SKIPPED", "FAILED"}
 
@@ -67,7 +68,7 @@ def test_real_chest_cr_in_three_encodings_decodes_alike():
 
 
 def test_real_files_are_judged_by_the_eligibility_policy():
-    policy = EligibilityPolicy()
+    policy = eligibility_policy(Settings(_env_file=None))
     assert policy.judge(dcmread(real_file("RG1_UNCI.dcm"))).eligible
     verdict = policy.judge(dcmread(real_file("RG3_UNCI.dcm")))
     assert not verdict.eligible and "EXTREMITY" in verdict.reason
@@ -214,7 +215,7 @@ def test_late_instances_and_an_aborted_association_lose_nothing(tmp_path, proces
 
 @pytest.mark.slow
 def test_orthanc_sends_studies_through_its_rest_api(tmp_path, processes):
-    from orthanc import Orthanc
+    from tests.helpers.orthanc import Orthanc
 
     port = free_port()
     data_dir = tmp_path / "data"

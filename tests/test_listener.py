@@ -12,37 +12,15 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, SecondaryCaptureImageStorage
-from sqlalchemy import select
 
-from conftest import free_port, storescu
 from db.migrate import upgrade
-from db.models import Instance, InstanceState
-from db.session import make_engine, make_sessionmaker
-from dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG, chest_dataset, write_chest_dicom
-from dicom_io.server import ListenerConfig, start_listener
-from dicom_io.spool import Spool
+from db.models import InstanceState
 from dicom_io.status import StoreStatus
+from tests.helpers.dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG, chest_dataset, write_chest_dicom
+from tests.helpers.listener import Listener
+from tests.helpers.processes import storescu
 
-
-class Listener:
-    def __init__(self, tmp_path: Path, database_url: str, *, spool_root: Path | None = None,
-                 min_free_bytes: int = 0, allowed_aes=(), **listener_kwargs) -> None:
-        self.port = free_port()
-        self.database_url = database_url
-        self.engine = make_engine(database_url)
-        self.sessions = make_sessionmaker(self.engine)
-        self.spool = Spool(spool_root or tmp_path / "spool", quarantine_root=tmp_path / "quarantine",
-                           min_free_bytes=min_free_bytes)
-        config = ListenerConfig(port=self.port, allowed_aes=frozenset(allowed_aes), **listener_kwargs)
-        self.server = start_listener(config, spool=self.spool, sessions=self.sessions)
-
-    def instances(self) -> list[Instance]:
-        with self.sessions() as s:
-            return list(s.scalars(select(Instance).order_by(Instance.id)))
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.engine.dispose()
+pytestmark = pytest.mark.slow  # a listener on a port, dcmtk peers
 
 
 @pytest.fixture

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Process, cli_env, cli_json, free_port, run_cli, storescu, wait_for_port, wait_until
-from dicom_factory import write_chest_dicom
+from tests.helpers.dicom_factory import write_chest_dicom
+from tests.helpers.processes import Process, cli_env, cli_json, free_port, run_cli, storescu, wait_for_port, wait_until
+
+pytestmark = pytest.mark.slow  # pneumoscreen listen processes
 
 
 def receivers_of(pid: int) -> list[int]:

@@ -8,9 +8,17 @@ import shutil
 import numpy as np
 import pytest
 
-from dicom_factory import FIXTURES
-from model.artifact import CARD_FILE, DEFAULT_MODEL_DIR, WEIGHTS_FILE, ModelArtifactError, get_model, read_card, sha256_file
+from model.artifact import (
+    CARD_FILE,
+    DEFAULT_MODEL_DIR,
+    WEIGHTS_FILE,
+    ModelArtifactError,
+    get_model,
+    read_card,
+    sha256_file,
+)
 from model.preprocessing import PREPROCESSING_VERSION, prepare_file
+from tests.helpers.dicom_factory import FIXTURES
 
 
 def test_shipped_card_names_the_weights_and_the_validation():

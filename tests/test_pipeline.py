@@ -12,38 +12,29 @@ import redis
 from celery import Celery
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from sqlalchemy import text
 
-from conftest import Process, cli_env, run_cli, wait_until
-from db.migrate import upgrade
 from db.models import InstanceState
-from db.queries import record_received
 from db.results import list_instances
 from db.session import make_engine, make_sessionmaker
-from dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG, chest_dataset, write_chest_dicom
-from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.pixels import display_image
 from model.artifact import get_model
 from model.preprocessing import INPUT_SIZE, prepare, read_image_file
+from tests.helpers.dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG, chest_dataset, write_chest_dicom
+from tests.helpers.processes import Process, cli_env, run_cli, wait_until
+from tests.helpers.records import receive_file
 from worker import pipeline
-
-
-@pytest.fixture
-def sessions(sqlite_url):
-    upgrade(sqlite_url)
-    engine = make_engine(sqlite_url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
+from worker.runtime import eligibility_policy
+from worker.settings import Settings
 
 
 def _receive(sessions, path: Path, ds) -> int:
     with sessions.begin() as s:
-        instance_id, _ = record_received(
-            s, StudyInstanceUID=ds.StudyInstanceUID, SeriesInstanceUID=ds.SeriesInstanceUID,
-            SOPInstanceUID=ds.SOPInstanceUID, SOPClassUID=ds.SOPClassUID,
-            TransferSyntaxUID=ds.file_meta.TransferSyntaxUID, AccessionNumber="A", Modality=ds.Modality,
-            path=str(path), size_bytes=path.stat().st_size, calling_ae="T",
-        )
-        return instance_id
+        return receive_file(s, path, ds)
+
+
+POLICY = eligibility_policy(Settings(_env_file=None))
+"""What the settings' defaults screen."""
 
 
 def _state(sessions) -> tuple[str, str | None]:
@@ -54,7 +45,7 @@ def _state(sessions) -> tuple[str, str | None]:
 
 def test_eligible_instance_is_prepared(sessions, tmp_path):
     ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG)
-    prepared = pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds))
+    prepared = pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds), policy=POLICY)
     assert prepared.shape == (INPUT_SIZE, INPUT_SIZE)
     assert _state(sessions) == ("PREPROCESSED", None)
     assert np.array_equal(pipeline.decode_prepared(pipeline.encode_prepared(prepared)), prepared)
@@ -70,7 +61,7 @@ def test_eligible_instance_is_prepared(sessions, tmp_path):
 ])
 def test_ineligible_instance_is_skipped_with_a_reason(sessions, tmp_path, kwargs, reason):
     ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG, **kwargs)
-    assert pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds)) is None
+    assert pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds), policy=POLICY) is None
     state, why = _state(sessions)
     assert state == "SKIPPED" and reason in why
 
@@ -79,7 +70,7 @@ def test_ineligible_instance_is_skipped_with_a_reason(sessions, tmp_path, kwargs
                                        "LUNGS"])
 def test_chest_like_body_parts_are_screened(sessions, tmp_path, body_part):
     ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG, body_part=body_part)
-    assert pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds)) is not None
+    assert pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds), policy=POLICY) is not None
     assert _state(sessions) == ("PREPROCESSED", None)
 
 
@@ -100,7 +91,7 @@ def test_a_film_without_view_position_is_known_as_lateral_by_its_other_attribute
     ds = chest_dataset(PNEUMONIA_JPEG, view_position=None)
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
-    verdict = EligibilityPolicy().judge(ds)
+    verdict = POLICY.judge(ds)
     assert not verdict.eligible and verdict.reason.startswith(reason) and "lateral view" in verdict.reason
 
 
@@ -116,20 +107,20 @@ def test_a_frontal_film_without_view_position_is_screened(attributes):
     ds = chest_dataset(PNEUMONIA_JPEG, view_position=None)
     for keyword, value in attributes.items():
         setattr(ds, keyword, value)
-    assert EligibilityPolicy().judge(ds).eligible
+    assert POLICY.judge(ds).eligible
 
 
 def test_view_position_decides_when_present():
     ds = chest_dataset(PNEUMONIA_JPEG, view_position="PA")
     ds.SeriesDescription = "THORAX LAT"  # a description that contradicts ViewPosition does not win
-    assert EligibilityPolicy().judge(ds).eligible
+    assert POLICY.judge(ds).eligible
 
 
 def test_truncated_file_fails_with_a_reason(sessions, tmp_path):
     ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG)
     data = (tmp_path / "a.dcm").read_bytes()
     (tmp_path / "a.dcm").write_bytes(data[: len(data) // 2])
-    assert pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds)) is None
+    assert pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds), policy=POLICY) is None
     state, why = _state(sessions)
     assert state == "FAILED" and why
 
@@ -138,7 +129,7 @@ def test_missing_spool_file_fails_with_a_reason(sessions, tmp_path):
     ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG)
     instance_id = _receive(sessions, tmp_path / "a.dcm", ds)
     (tmp_path / "a.dcm").unlink()
-    assert pipeline.preprocess_instance(sessions, instance_id) is None
+    assert pipeline.preprocess_instance(sessions, instance_id, policy=POLICY) is None
     state, why = _state(sessions)
     assert state == "FAILED" and "could not be read" in why
 
@@ -163,19 +154,21 @@ class _TinyModel:
         return [float(p) for p in np.asarray(self.keras_model(to_model_input(prepared))).reshape(-1)]
 
 
-def test_infer_records_prediction_and_is_idempotent(sessions, tmp_path):
+def test_predict_and_record_stores_the_flagged_answer_once(sessions, tmp_path):
     ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG)
     instance_id = _receive(sessions, tmp_path / "a.dcm", ds)
-    prepared = pipeline.preprocess_instance(sessions, instance_id)
+    prepared = pipeline.preprocess_instance(sessions, instance_id, policy=POLICY)
     model = _TinyModel()
-    [p] = pipeline.infer(sessions, model, [(instance_id, prepared)])
-    pipeline.infer(sessions, model, [(instance_id, prepared)])  # redelivered
+    [p] = pipeline.predict_and_record(sessions, model, [(instance_id, prepared)])
+    pipeline.predict_and_record(sessions, model, [(instance_id, prepared)])  # redelivered
     with sessions() as s:
         [row] = list_instances(s)
+        [flagged] = s.execute(text("SELECT flagged FROM prediction")).scalars().all()
     assert row["state"] == InstanceState.PREDICTED.value
     assert row["probability"] == pytest.approx(p, abs=1e-6) and row["model_version"] == "t1"
+    assert bool(flagged) is model.card.flags(p)
     # a terminal instance is not processed again
-    assert pipeline.preprocess_instance(sessions, instance_id) is None
+    assert pipeline.preprocess_instance(sessions, instance_id, policy=POLICY) is None
 
 
 def test_a_task_that_gives_up_marks_the_instance_failed_with_the_reason(sessions, sqlite_url, tmp_path):

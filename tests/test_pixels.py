@@ -7,8 +7,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from dicom_factory import PNEUMONIA_JPEG, chest_dataset
 from dicom_io.pixels import PixelDecodeError, display_image
+from tests.helpers.dicom_factory import PNEUMONIA_JPEG, chest_dataset
 
 
 def test_missing_pixel_data_is_a_decode_error():

@@ -11,16 +11,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from dicom_factory import PNEUMONIA_JPEG, write_chest_dicom
 from dicom_io.pixels import display_image
-from model.preprocessing import (
-    INPUT_SIZE,
-    normalize_contrast,
-    prepare,
-    prepare_file,
-    read_image_file,
-    to_model_input,
-)
+from model.preprocessing import INPUT_SIZE, normalize_contrast, prepare, prepare_file, read_image_file, to_model_input
+from tests.helpers.dicom_factory import PNEUMONIA_JPEG, write_chest_dicom
 
 # sha256 of prepare()'s bytes for the fixture: a change here changes what the
 # shipped model sees, and needs a new PREPROCESSING_VERSION and a retrained model.

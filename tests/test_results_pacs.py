@@ -17,23 +17,19 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
-from conftest import (
-    Process,
-    cli_env,
-    cli_json,
-    free_port,
-    run_cli,
-    start_production,
-    storescu,
-    wait_for_port,
-    wait_until,
-)
 from db.models import DeliveryState, ResultDelivery
 from db.session import make_engine, make_sessionmaker
-from dicom_factory import NORMAL_JPEG, PLANTED_PATIENT_ID, PLANTED_PATIENT_NAME, PNEUMONIA_JPEG, chest_dataset
 from dicom_io.sr import read_screening_report
 from model.artifact import read_card
-from orthanc import Orthanc
+from tests.helpers.dicom_factory import (
+    NORMAL_JPEG,
+    PLANTED_PATIENT_ID,
+    PLANTED_PATIENT_NAME,
+    PNEUMONIA_JPEG,
+    chest_dataset,
+)
+from tests.helpers.orthanc import Orthanc
+from tests.helpers.processes import cli_env, cli_json, free_port, run_cli, start_run, storescu, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -71,12 +67,11 @@ def _deliveries(db_url: str) -> list[ResultDelivery]:
 
 
 def test_screened_studies_go_back_to_the_pacs_as_sr_and_heatmaps_even_when_it_is_down_at_first(
-    tmp_path, pg_url, redis_url, processes
+    tmp_path, pg_url, processes, production
 ):
     pacs_port = free_port()
-    env, port, _, _ = start_production(tmp_path, processes, pg_url=pg_url, redis_url=redis_url,
-                                       study_quiet_seconds=0.5, results_destination=f"ORTHANC@127.0.0.1:{pacs_port}",
-                                       results_heatmaps="flagged")
+    env, port, _, _ = production(study_quiet_seconds=0.5, results_destination=f"ORTHANC@127.0.0.1:{pacs_port}",
+                                 results_heatmaps="flagged")
 
     study = generate_uid()
     files = [_write(tmp_path / "send", PNEUMONIA_JPEG, study_uid=study, sop_class="CR"),
@@ -147,9 +142,7 @@ def test_rescreen_from_pacs_pulls_the_cr_dx_studies_of_a_date_range_and_screens_
         orthanc.upload(upload / "ct.dcm")
 
         env = cli_env(data_dir=tmp_path / "data", port=port, study_quiet_seconds=0.5)
-        runner = Process(["run"], env, tmp_path / "run.log")
-        processes.append(runner)
-        wait_for_port(port, runner.proc)
+        runner = start_run(env, processes, tmp_path / "run.log")
         pacs = f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
 
         pulled = cli_json("rescreen", "--from-pacs", pacs, "--since", "2026-11-01", "--until", "2026-11-30",

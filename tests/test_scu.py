@@ -25,11 +25,13 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from conftest import free_port, wait_for_port, wait_until
-from dicom_factory import PLANTED_PATIENT_ID, PLANTED_PATIENT_NAME, chest_dataset
 from dicom_io.scu import DeliveryError, MoveResult, Peer, StudyMatch, find_studies, move_study, send_datasets
 from dicom_io.sr import AlgorithmInfo, build_heatmap_capture, build_screening_report, read_screening_report
-from orthanc import Orthanc
+from tests.helpers.dicom_factory import PLANTED_PATIENT_ID, PLANTED_PATIENT_NAME, chest_dataset
+from tests.helpers.orthanc import Orthanc
+from tests.helpers.processes import free_port, wait_for_port, wait_until
+
+pytestmark = pytest.mark.slow  # Orthanc, storescp and pynetdicom SCPs on ports
 
 CALLING_AE = "PNEUMOSCREEN"
 ALGORITHM = AlgorithmInfo(name="pneumonet", version="1.4.2", weights_sha256="ab" * 32, threshold=0.5)
@@ -90,7 +92,8 @@ def test_peer_parses_and_validates():
 def test_report_and_heatmap_sent_to_orthanc_read_back_through_its_rest_api(orthanc, peer):
     sources = [chest_dataset(), chest_dataset()]
     sources[1].StudyInstanceUID = sources[0].StudyInstanceUID
-    report = build_screening_report(sources, [0.83, 0.12], algorithm=ALGORITHM, sop_instance_uid=generate_uid())
+    report = build_screening_report(sources, [0.83, 0.12], [True, False], algorithm=ALGORITHM,
+                                    sop_instance_uid=generate_uid())
     overlay = np.random.default_rng(3).integers(0, 256, size=(64, 48, 3), dtype=np.uint8)
     heatmap = build_heatmap_capture(sources[0], overlay, algorithm=ALGORITHM, probability=0.83,
                                     sop_instance_uid=generate_uid(), series_instance_uid=generate_uid())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from conftest import cli_env, run_cli
+from tests.helpers.processes import cli_env, run_cli
 from worker.settings import Settings
 
 
@@ -13,9 +13,15 @@ def test_defaults_match_the_design():
     s = Settings(_env_file=None)
     assert (s.host, s.port, s.ae_title, s.study_quiet_seconds) == ("127.0.0.1", 11112, "PNEUMOSCREEN", 10.0)
     assert s.effective_database_url.startswith("sqlite:///") and s.effective_database_url.endswith("pneumoscreen.db")
-    from dicom_io.eligibility import CHEST_BODY_PARTS, EligibilityPolicy
+    from worker.runtime import eligibility_policy, listener_config
 
-    assert s.chest_body_part_set == CHEST_BODY_PARTS == EligibilityPolicy().chest_body_parts
+    policy = eligibility_policy(s)
+    assert policy.modalities == {"CR", "DX"} and policy.min_side == 128
+    assert policy.chest_body_parts == {"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "CXR", "PORTABLE CHEST"}
+    config = listener_config(s)
+    assert (config.host, config.port, config.ae_title, config.max_pdu_size) == ("127.0.0.1", 11112, "PNEUMOSCREEN",
+                                                                                  262144)
+    assert (config.artim_timeout, config.max_pending_connections, config.max_dataset_bytes) == (5.0, 64, 2048 << 20)
 
 
 def test_environment_variables_are_read(monkeypatch):
@@ -37,12 +43,14 @@ def test_bad_values_fail_with_a_clear_message(kwargs, message):
         Settings(**kwargs)
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_start_on_bad_settings():
     result = run_cli("instances", env=cli_env(port="99999"), check=False)
     assert result.returncode == 2
     assert "invalid settings" in result.stderr and "port" in result.stderr
 
 
+@pytest.mark.slow
 def test_run_refuses_to_start_without_a_valid_model(tmp_path):
     (tmp_path / "model").mkdir()
     result = run_cli("run", "--data-dir", str(tmp_path / "data"), "--port", "11",
@@ -52,7 +60,7 @@ def test_run_refuses_to_start_without_a_valid_model(tmp_path):
 
 
 def test_eligibility_policy_follows_the_settings(monkeypatch):
-    from dicom_factory import PNEUMONIA_JPEG, chest_dataset
+    from tests.helpers.dicom_factory import PNEUMONIA_JPEG, chest_dataset
     from worker import runtime
 
     monkeypatch.setenv("PNEUMOSCREEN_ELIGIBLE_MODALITIES", "DX")
@@ -68,6 +76,7 @@ def test_eligibility_policy_follows_the_settings(monkeypatch):
         runtime.configure(Settings())
 
 
+@pytest.mark.slow
 def test_a_busy_port_is_a_clear_error_not_a_traceback(tmp_path):
     import socket
 

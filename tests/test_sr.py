@@ -12,7 +12,6 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, generate_uid
 
-from dicom_factory import NORMAL_JPEG, PLANTED_PATIENT_ID, PLANTED_PATIENT_NAME, PNEUMONIA_JPEG, chest_dataset
 from dicom_io.sr import (
     NOT_FOR_DIAGNOSIS,
     AlgorithmInfo,
@@ -20,6 +19,13 @@ from dicom_io.sr import (
     build_heatmap_capture,
     build_screening_report,
     read_screening_report,
+)
+from tests.helpers.dicom_factory import (
+    NORMAL_JPEG,
+    PLANTED_PATIENT_ID,
+    PLANTED_PATIENT_NAME,
+    PNEUMONIA_JPEG,
+    chest_dataset,
 )
 
 ALGORITHM = AlgorithmInfo(name="pneumonet", version="1.4.2", weights_sha256="0123456789abcdef" * 4, threshold=0.5)
@@ -52,7 +58,8 @@ def study() -> list[Dataset]:
 
 def test_report_reads_back_with_every_field(study):
     uid = generate_uid()
-    ds = round_trip(build_screening_report(study, [0.91, 0.2, 0.49], algorithm=ALGORITHM, sop_instance_uid=uid))
+    ds = round_trip(build_screening_report(study, [0.91, 0.2, 0.49], [True, False, False], algorithm=ALGORITHM,
+                                           sop_instance_uid=uid))
     report = read_screening_report(ds)
 
     assert ds.SOPClassUID == Comprehensive3DSRStorage and ds.SOPInstanceUID == uid and ds.Modality == "SR"
@@ -69,7 +76,7 @@ def test_report_reads_back_with_every_field(study):
 
 
 def test_report_copies_the_patient_and_study_modules_and_lists_the_sources_as_evidence(study):
-    ds = round_trip(build_screening_report(study, [0.1, 0.2, 0.3], algorithm=ALGORITHM,
+    ds = round_trip(build_screening_report(study, [0.1, 0.2, 0.3], [False, False, False], algorithm=ALGORITHM,
                                            sop_instance_uid=generate_uid(), series_number=9001))
     assert str(ds.PatientName) == PLANTED_PATIENT_NAME and ds.PatientID == PLANTED_PATIENT_ID
     assert (ds.PatientBirthDate, ds.PatientSex, ds.StudyID) == ("20190101", "F", "S1")
@@ -84,7 +91,8 @@ def test_report_copies_the_patient_and_study_modules_and_lists_the_sources_as_ev
 
 
 def test_report_names_the_device_observer_and_chest_radiograph_procedure(study):
-    ds = round_trip(build_screening_report(study[:1], [0.7], algorithm=ALGORITHM, sop_instance_uid=generate_uid()))
+    ds = round_trip(build_screening_report(study[:1], [0.7], [True], algorithm=ALGORITHM,
+                                           sop_instance_uid=generate_uid()))
     content = hd.sr.Comprehensive3DSR.from_dataset(ds).content
     [observer] = content.get_observer_contexts(observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"))
     device = observer.observer_identifying_attributes
@@ -104,7 +112,8 @@ def test_report_names_the_device_observer_and_chest_radiograph_procedure(study):
 @pytest.mark.parametrize(("probabilities", "flagged"), [((0.1, 0.2, 0.3), False), ((0.1, 0.5, 0.3), True)])
 def test_study_is_flagged_when_any_image_reaches_the_threshold(study, probabilities, flagged):
     report = read_screening_report(round_trip(build_screening_report(
-        study, probabilities, algorithm=ALGORITHM, sop_instance_uid=generate_uid())))
+        study, probabilities, [p >= ALGORITHM.threshold for p in probabilities], algorithm=ALGORITHM,
+        sop_instance_uid=generate_uid())))
     assert report.flagged is flagged
     assert report.max_probability == pytest.approx(max(probabilities))
     assert [image.flagged for image in report.images] == [p >= 0.5 for p in probabilities]
@@ -112,18 +121,22 @@ def test_study_is_flagged_when_any_image_reaches_the_threshold(study, probabilit
 
 def test_report_keeps_probabilities_to_the_precision_of_a_decimal_string(study):
     report = read_screening_report(round_trip(build_screening_report(
-        study[:1], [0.123456789012345], algorithm=ALGORITHM, sop_instance_uid=generate_uid())))
+        study[:1], [0.123456789012345], [False], algorithm=ALGORITHM, sop_instance_uid=generate_uid())))
     assert report.images[0].probability == pytest.approx(0.123456789012345, abs=1e-12)
 
 
 def test_report_refuses_invalid_input(study):
-    def build(sources, probabilities):
-        return build_screening_report(sources, probabilities, algorithm=ALGORITHM, sop_instance_uid=generate_uid())
+    def build(sources, probabilities, flags=None):
+        flags = [False] * len(sources) if flags is None else flags
+        return build_screening_report(sources, probabilities, flags, algorithm=ALGORITHM,
+                                      sop_instance_uid=generate_uid())
 
     with pytest.raises(ValueError, match="no source images"):
         build([], [])
-    with pytest.raises(ValueError, match="3 source images but 2 probabilities"):
+    with pytest.raises(ValueError, match="3 source images, 2 probabilities and 3 flags"):
         build(study, [0.1, 0.2])
+    with pytest.raises(ValueError, match="3 source images, 3 probabilities and 1 flags"):
+        build(study, [0.1, 0.2, 0.3], [True])
     with pytest.raises(ValueError, match=r"within \[0, 1\], got 1.5"):
         build(study, [0.1, 1.5, 0.2])
     with pytest.raises(ValueError, match=r"within \[0, 1\], got nan"):

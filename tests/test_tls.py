@@ -16,9 +16,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from db.migrate import upgrade
-from dicom_factory import PNEUMONIA_JPEG, chest_dataset, write_chest_dicom
 from dicom_io.status import StoreStatus
-from test_listener import Listener
+from tests.helpers.dicom_factory import PNEUMONIA_JPEG, chest_dataset, write_chest_dicom
+from tests.helpers.listener import Listener
+
+pytestmark = pytest.mark.slow  # a listener on a port
 
 
 def _openssl(*args: str, cwd: Path) -> None:

@@ -9,11 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG
 from model.preprocessing import INPUT_SIZE, prepare, read_image_file
-from model.validation import (
-    PERTURBATIONS, aggregate, fold_report, patient_folds, perturb, shifted_images,
-)
+from model.validation import PERTURBATIONS, aggregate, fold_report, patient_folds, perturb, shifted_images
+from tests.helpers.dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG
 
 
 @pytest.mark.parametrize("name", sorted(PERTURBATIONS))
@@ -119,6 +117,7 @@ def _tiny_dataset(root, patients_per_class: int = 6):
     return root
 
 
+@pytest.mark.slow
 def test_training_with_folds_writes_the_spread_into_the_card(tmp_path):
     from model.train import TrainingConfig, train
 
@@ -172,6 +171,7 @@ def test_acquisition_augmentation_keeps_shape_and_range():
     assert np.abs(y - x.numpy()).mean() > 0.01
 
 
+@pytest.mark.slow
 def test_train_command_runs_the_fold_check_and_prints_its_spread(tmp_path):
     from click.testing import CliRunner
 

@@ -12,7 +12,7 @@ import signal
 import pytest
 import redis
 
-from conftest import Process, cli_env, run_cli, wait_until
+from tests.helpers.processes import Process, cli_env, run_cli, wait_until
 from worker.celery_app import app
 
 pytestmark = pytest.mark.slow

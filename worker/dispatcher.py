@@ -59,31 +59,23 @@ def reconcile(sessions: sessionmaker[Session], *, older_than_seconds: float) -> 
 
 
 class Dispatcher(threading.Thread):
-    """Background loop: dispatch quiet studies every ``interval`` seconds and,
-    when ``reconcile_every`` is set, reconcile too (the embedded default has no beat)."""
+    """Background loop of the listener's process: dispatch quiet studies every ``interval`` seconds.
+    Reconciliation is beat's (``pneumoscreen beat``, and the embedded beat of ``pneumoscreen run``)."""
 
-    def __init__(self, sessions: sessionmaker[Session], *, quiet_seconds: float, interval: float = 1.0,
-                 reconcile_every: float | None = None, reconcile_after: float = 300.0) -> None:
+    def __init__(self, sessions: sessionmaker[Session], *, quiet_seconds: float, interval: float = 1.0) -> None:
         super().__init__(name="pneumoscreen-dispatcher", daemon=True)
         self.sessions = sessions
         self.quiet_seconds = quiet_seconds
         self.interval = interval
-        self.reconcile_every = reconcile_every
-        self.reconcile_after = reconcile_after
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
         self._stop_event.set()
 
     def run(self) -> None:
-        since_reconcile = 0.0
         while not self._stop_event.wait(self.interval):
             try:
                 dispatch_quiet(self.sessions, quiet_seconds=self.quiet_seconds)
-                since_reconcile += self.interval
-                if self.reconcile_every is not None and since_reconcile >= self.reconcile_every:
-                    since_reconcile = 0.0
-                    reconcile(self.sessions, older_than_seconds=self.reconcile_after)
             except (SQLAlchemyError, KombuError, OSError) as exc:
                 # the rows stay as they are; the next round (or the reconciler) picks them up
                 log.error("dispatch round failed, will retry: %s", exc)

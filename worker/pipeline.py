@@ -1,8 +1,9 @@
 """The work behind the tasks, as plain functions (testable without Celery).
 
 ``preprocess_instance``: spool file -> eligibility -> display pixels ->
-shared preprocessing; ``infer``: prepared images -> one batched forward pass
--> Prediction rows. Every instance that enters ends PREDICTED, SKIPPED or
+shared preprocessing; ``predict_and_record``: prepared images -> one batched
+forward pass -> Prediction rows (the inference worker's batcher, the embedded
+rescreen and the tests all go through it). Every instance that enters ends PREDICTED, SKIPPED or
 FAILED with a reason.
 """
 
@@ -21,12 +22,11 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import InstanceState
-from db.queries import get_instance, record_predictions as store_predictions, register_model, set_state
+from db.queries import get_instance, record_predictions, register_model, set_state
 from dicom_io.eligibility import EligibilityPolicy
-from dicom_io.pixels import PixelDecodeError, display_image
 from dicom_io.spool import Spool
-from model.artifact import LoadedModel, ModelCard
-from model.preprocessing import prepare
+from model.artifact import LoadedModel
+from worker.images import UnreadableInput, prepare_film
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,7 @@ def _fail(sessions: sessionmaker[Session], spool: Spool | None, instance_id: int
 
 
 def preprocess_instance(sessions: sessionmaker[Session], instance_id: int, *,
-                        policy: EligibilityPolicy = EligibilityPolicy(),
-                        spool: Spool | None = None) -> np.ndarray | None:
+                        policy: EligibilityPolicy, spool: Spool | None = None) -> np.ndarray | None:
     """The prepared image for ``instance_id``, or None if it ended SKIPPED/FAILED (or already had).
 
     With ``spool``, the file of a FAILED instance is moved to its quarantine.
@@ -90,8 +89,8 @@ def preprocess_instance(sessions: sessionmaker[Session], instance_id: int, *,
         finish_instance(sessions, instance_id, InstanceState.SKIPPED, eligibility.reason or "not eligible")
         return None
     try:
-        prepared = prepare(display_image(ds))
-    except (PixelDecodeError, ValueError, TypeError, MemoryError) as exc:
+        _, prepared = prepare_film(ds)
+    except (UnreadableInput, MemoryError) as exc:
         _fail(sessions, spool, instance_id, path, str(exc) or type(exc).__name__)
         return None
     with sessions.begin() as session:
@@ -99,33 +98,32 @@ def preprocess_instance(sessions: sessionmaker[Session], instance_id: int, *,
     return prepared
 
 
-def record_predictions(sessions: sessionmaker[Session], card: ModelCard,
-                       results: list[tuple[int, float]]) -> None:
-    """Store each (instance id, probability) under ``card``'s model, in one transaction."""
+def predict_and_record(sessions: sessionmaker[Session], model: LoadedModel,
+                       items: list[tuple[int, np.ndarray]]) -> list[float]:
+    """The one path from prepared images to stored answers: one forward pass for ``items``
+    (instance id, prepared image), each answer flagged by the model card's rule and stored under
+    the card's model, in one transaction. Returns the probabilities, in order."""
+    if not items:
+        return []
+    probabilities = [float(p) for p in model.predict(np.stack([image for _, image in items]))]
+    card = model.card
+    answers = [(instance_id, p, card.flags(p)) for (instance_id, _), p in zip(items, probabilities)]
     with sessions.begin() as session:
         if card.version not in _registered:
             register_model(session, name=card.name, version=card.version, weights_sha256=card.sha256,
                            threshold=card.threshold, preprocessing_version=card.preprocessing_version,
                            card_json=json.dumps(asdict(card), sort_keys=True))
-        created = store_predictions(session, model_name=card.name, model_version=card.version,
-                                    weights_sha256=card.sha256, threshold=card.threshold, results=results)
+        created = record_predictions(session, model_name=card.name, model_version=card.version,
+                                     weights_sha256=card.sha256, threshold=card.threshold, results=answers)
     _registered.add(card.version)
-    for instance_id, probability in results:
+    for instance_id, probability, _ in answers:
         if instance_id in created:
             log.info("instance %d PREDICTED p=%.4f (%s %s)", instance_id, probability, card.name, card.version)
         else:
             log.info("instance %d: %s %s had already answered; kept the first answer", instance_id,
                      card.name, card.version)
+    return probabilities
 
 
 #: model versions this process has recorded in the model_version table
 _registered: set[str] = set()
-
-
-def infer(sessions: sessionmaker[Session], model: LoadedModel, items: list[tuple[int, np.ndarray]]) -> list[float]:
-    """One forward pass for ``items`` (instance id, prepared image); records each prediction."""
-    if not items:
-        return []
-    probabilities = model.predict(np.stack([image for _, image in items]))
-    record_predictions(sessions, model.card, [(i, p) for (i, _), p in zip(items, probabilities)])
-    return probabilities

@@ -19,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-import numpy as np
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import TERMINAL_STATES, Instance, utcnow
 from db.queries import requeue_for_model
+from db.session import IN_CLAUSE_CHUNK, in_chunks
 from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.spool import Spool
 from model.artifact import ModelCard
@@ -48,7 +48,7 @@ class Requeued:
 
 def requeue(sessions: sessionmaker[Session], *, model_card: ModelCard, model_dir: str | None,
             since: datetime | None = None, until: datetime | None = None, window_days: int | None = None,
-            send: bool = True, batch: int = 500, progress: Progress | None = None) -> Requeued:
+            send: bool = True, batch: int = IN_CLAUSE_CHUNK, progress: Progress | None = None) -> Requeued:
     """Queue again what ``model_card``'s version has not answered (received in [since, until), or
     in the last ``window_days`` days).
 
@@ -90,9 +90,7 @@ def screen_here(sessions: sessionmaker[Session], ids: list[int], *, model, polic
             prepared = pipeline.preprocess_instance(sessions, instance_id, policy=policy, spool=spool)
             if prepared is not None:
                 items.append((instance_id, prepared))
-        if items:
-            probabilities = model.predict(np.stack([image for _, image in items]))
-            pipeline.record_predictions(sessions, model.card, [(i, p) for (i, _), p in zip(items, probabilities)])
+        pipeline.predict_and_record(sessions, model, items)
         if progress is not None:
             progress(len(chunk))
 
@@ -101,8 +99,7 @@ def open_count(sessions: sessionmaker[Session], ids: list[int]) -> int:
     """How many of ``ids`` have not ended yet."""
     left = 0
     with sessions() as session:
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+        for chunk in in_chunks(ids):
             left += session.scalar(select(func.count()).select_from(Instance)
                                    .where(Instance.id.in_(chunk), Instance.state.not_in(TERMINAL_STATES)))
     return left

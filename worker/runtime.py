@@ -1,5 +1,6 @@
 """Process-wide resources, made once per process on first use: the settings,
-the database engine and session factory, the inference micro-batcher. Worker child processes make their
+the database engine and session factory, the spool, the eligibility policy and
+the listener's configuration (from the settings), the model and its micro-batcher. Worker child processes make their
 own (an engine must not cross a fork)."""
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dicom_io.spool import Spool
 from worker.settings import Settings
 
 if TYPE_CHECKING:
-    from model.serving import BatchPredictor
+    from dicom_io.server import ListenerConfig
+    from worker.batching import BatchPredictor
 
 _lock = threading.RLock()
 _settings: Settings | None = None
@@ -54,27 +56,38 @@ def spool() -> Spool:
                  min_free_bytes=current.min_free_mb * 1024 * 1024)
 
 
-def eligibility_policy() -> EligibilityPolicy:
-    current = settings()
+def eligibility_policy(current: Settings | None = None) -> EligibilityPolicy:
+    """Which instances are screened, from ``current`` (default: this process's settings)."""
+    current = current or settings()
     return EligibilityPolicy(modalities=current.eligible_modality_set, chest_body_parts=current.chest_body_part_set,
                              min_side=current.min_image_side)
 
 
+def listener_config(current: Settings | None = None, *, reuse_port: bool = False) -> "ListenerConfig":
+    """How the listener talks to the network, from ``current`` (default: this process's settings)."""
+    from dicom_io.server import ListenerConfig
+
+    current = current or settings()
+    return ListenerConfig(
+        host=current.host, port=current.port, ae_title=current.ae_title, allowed_aes=current.allowed_ae_titles,
+        max_associations=current.max_associations, max_pdu_size=current.max_pdu_size,
+        network_timeout=current.network_timeout, artim_timeout=current.artim_timeout,
+        max_pending_connections=current.max_pending_connections, max_dataset_bytes=current.max_dataset_mb << 20,
+        tls_cert=current.tls_cert, tls_key=current.tls_key, tls_client_ca=current.tls_client_ca,
+        reuse_port=reuse_port,
+    )
+
+
 def batch_predictor(model_dir: str | None = None) -> "BatchPredictor":
-    """This process's micro-batcher around the model in ``model_dir`` (default: the configured one);
-    each batch's predictions are stored in one transaction, keyed by instance id."""
-    from model.serving import BatchPredictor
+    """This process's micro-batcher around the model in ``model_dir`` (default: the configured one)."""
+    from worker.batching import BatchPredictor
 
     current = settings()
     key = (os.getpid(), str(model_dir or current.model_dir or ""))
     with _lock:
         if key not in _batchers:
-            from worker.pipeline import record_predictions
-
-            model = load_model(model_dir)
-            _batchers[key] = BatchPredictor(
-                model.predict, max_batch=current.inference_batch_size, max_wait_ms=current.inference_batch_ms,
-                record=lambda results: record_predictions(sessions(), model.card, results))
+            _batchers[key] = BatchPredictor(sessions(), load_model(model_dir), max_batch=current.inference_batch_size,
+                                            max_wait_ms=current.inference_batch_ms)
         return _batchers[key]
 
 

@@ -1,5 +1,5 @@
 """Celery tasks: thin wrappers that deserialize, call ``worker.pipeline`` (or
-``worker.results``, ``worker.rescreen``) and retry.
+``worker.delivery``, ``worker.rescreen``) and retry.
 
 Transient errors (database or broker unreachable) are retried with backoff
 (when the broker is down the retry cannot be queued either: the message is
@@ -23,7 +23,7 @@ from db.queries import set_state
 from dicom_io.scu import DeliveryError
 from model.artifact import read_card
 from model.preprocessing import PREPROCESSING_VERSION
-from worker import dispatcher, pipeline, rescreen, results, runtime
+from worker import delivery, dispatcher, pipeline, rescreen, runtime
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,10 @@ def infer(instance_id: int, prepared: str, model_dir: str | None = None, preproc
         return
     image = pipeline.decode_prepared(prepared)
     # stored with the rest of its batch before it returns
-    runtime.batch_predictor(model_dir).predict_one(image, key=instance_id)
+    runtime.batch_predictor(model_dir).predict_one(instance_id, image)
     destination = runtime.settings().results_destination
     if destination:
-        for delivery_id in results.request_reports(runtime.sessions(), instance_ids=[instance_id],
+        for delivery_id in delivery.request_reports(runtime.sessions(), instance_ids=[instance_id],
                                                    model_version=model.card.version, destination=destination):
             deliver_results.delay(delivery_id)
 
@@ -100,12 +100,12 @@ def deliver_results(self, delivery_id: int) -> str:
     """Send one study's report to the PACS; retried with backoff up to PNEUMOSCREEN_RESULTS_MAX_RETRIES."""
     settings = runtime.settings()
     try:
-        return results.deliver(runtime.sessions(), delivery_id, calling_ae=settings.ae_title,
+        return delivery.deliver(runtime.sessions(), delivery_id, calling_ae=settings.ae_title,
                                heatmaps=settings.results_heatmaps,
                                keras_model=lambda: runtime.load_model().keras_model)
     except DeliveryError as exc:
         if self.request.retries >= settings.results_max_retries:
-            results.give_up(runtime.sessions(), delivery_id, f"gave up after {self.request.retries} retries: {exc}")
+            delivery.give_up(runtime.sessions(), delivery_id, f"gave up after {self.request.retries} retries: {exc}")
             return "failed"
         log.warning("delivery %d: %s; retry %d of %d", delivery_id, exc, self.request.retries + 1,
                     settings.results_max_retries)
@@ -116,7 +116,7 @@ def deliver_results(self, delivery_id: int) -> str:
 def reconcile() -> int:
     after = runtime.settings().reconcile_after_seconds
     resent = dispatcher.reconcile(runtime.sessions(), older_than_seconds=after)
-    for delivery_id in results.stale_reports(runtime.sessions(), older_than_seconds=after):
+    for delivery_id in delivery.stale_reports(runtime.sessions(), older_than_seconds=after):
         deliver_results.delay(delivery_id)
     return resent
 

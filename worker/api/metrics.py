@@ -24,7 +24,7 @@ LATENCY_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 IN_FLIGHT_STATES = (InstanceState.RECEIVED, InstanceState.QUEUED, InstanceState.PREPROCESSED)
 
 
-def _broker_client(broker_url: str) -> redis.Redis | None:
+def broker_client(broker_url: str) -> redis.Redis | None:
     """A client for the broker's queue lengths when the broker is Redis (none for memory:// and others)."""
     if not broker_url.startswith(("redis://", "rediss://")):
         return None

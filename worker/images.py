@@ -1,5 +1,5 @@
-"""Files given on the command line (DICOM or PNG/JPEG) to prepared images,
-through the same decoding and preprocessing as the listener's path."""
+"""From a DICOM dataset or file, or a PNG/JPEG, to the film as displayed and to the model's
+input: one path for the pipeline, the heatmaps sent to the PACS and the command line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_io.pixels import PixelDecodeError, display_image
@@ -40,8 +40,15 @@ def iter_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             raise FileNotFoundError(f"{path}: no such file or folder")
 
 
-def read_any(path: Path) -> np.ndarray:
-    """The grey film of a PNG/JPEG or DICOM file, as displayed (before :func:`prepare`)."""
+def display_film(source: Path | Dataset) -> np.ndarray:
+    """The grey film as a viewer displays it (before :func:`prepare`), of a DICOM dataset, a DICOM
+    file or a PNG/JPEG file; ``UnreadableInput`` says why not."""
+    if isinstance(source, Dataset):
+        try:
+            return display_image(source)
+        except (PixelDecodeError, ValueError, TypeError, AttributeError) as exc:
+            raise UnreadableInput(str(exc) or type(exc).__name__) from exc
+    path = Path(source)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         try:
             return read_image_file(path)
@@ -53,10 +60,12 @@ def read_any(path: Path) -> np.ndarray:
         raise UnreadableInput(f"{path}: {exc}") from exc
 
 
-def prepare_any(path: Path) -> np.ndarray:
-    """The prepared 224x224 uint8 image of a PNG/JPEG or DICOM file."""
-    film = read_any(path)
+def prepare_film(source: Path | Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The one way from a received file, a dataset or an image file to the model's input: the film
+    as displayed and its prepared 224x224 uint8 image. ``UnreadableInput`` says why not."""
+    film = display_film(source)
     try:
-        return prepare(film)
+        return film, prepare(film)
     except ValueError as exc:  # too small to screen
-        raise UnreadableInput(f"{path}: {exc}") from exc
+        where = "" if isinstance(source, Dataset) else f"{source}: "
+        raise UnreadableInput(f"{where}{exc}") from exc

@@ -1,4 +1,5 @@
-"""Private Redis and PostgreSQL servers on free ports, for tests that stop and restart them."""
+"""Databases and servers of one test or run: a scratch PostgreSQL database, dropped afterwards;
+private Redis and PostgreSQL servers on free ports, for tests that stop and restart them."""
 
 from __future__ import annotations
 
@@ -6,13 +7,32 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
+from sqlalchemy import create_engine, text
 
-from conftest import free_port, wait_for_port
+from tests.helpers.processes import free_port, wait_for_port
 
 PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+
+
+@contextmanager
+def scratch_database(admin_url: str, *, prefix: str = "pneumoscreen_test") -> Iterator[str]:
+    """A new PostgreSQL database on the server of ``admin_url``, dropped afterwards; yields its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{admin_url.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 class PrivateRedis:

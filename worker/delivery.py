@@ -32,10 +32,10 @@ from db.deliveries import (
     stale_deliveries,
 )
 from db.models import utcnow
-from dicom_io.pixels import display_image
+from db.session import in_chunks
 from dicom_io.scu import DeliveryError, Peer, send_datasets
 from dicom_io.sr import AlgorithmInfo, build_heatmap_capture, build_screening_report
-from model.preprocessing import prepare
+from worker.images import prepare_film
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ def request_reports(sessions: sessionmaker[Session], *, instance_ids: list[int],
     """Ask for the reports of the studies that ``instance_ids`` (just answered) left with no image
     in flight; returns the delivery ids to send."""
     with sessions.begin() as session:
-        studies = {study_id for start in range(0, len(instance_ids), 500)
-                   for study_id in completed_studies(session, instance_ids=instance_ids[start:start + 500])}
+        studies = {study_id for chunk in in_chunks(instance_ids)
+                   for study_id in completed_studies(session, instance_ids=chunk)}
         return [request_delivery(session, study_id=study_id, model_version=model_version, destination=destination)
                 for study_id in sorted(studies)]
 
@@ -70,7 +70,8 @@ def build_report(job: DeliveryJob) -> Dataset:
     sources = [dcmread(image.path, stop_before_pixels=True) for image in job.images]
     sop_uids = sorted(image.SOPInstanceUID for image in job.images)
     return build_screening_report(
-        sources, [image.probability for image in job.images], algorithm=_algorithm(job),
+        sources, [image.probability for image in job.images], [image.flagged for image in job.images],
+        algorithm=_algorithm(job),
         sop_instance_uid=generate_uid(entropy_srcs=[job.StudyInstanceUID, job.model_version, *sop_uids]),
         series_instance_uid=generate_uid(entropy_srcs=[job.StudyInstanceUID, job.model_version, "SR"]),
     )
@@ -86,8 +87,8 @@ def build_heatmaps(job: DeliveryJob, keras_model, *, which: str) -> list[Dataset
         if which == "flagged" and not image.flagged:
             continue
         source = dcmread(image.path)
-        film = display_image(source)
-        rgb = cv2.cvtColor(overlay(film, gradcam(keras_model, prepare(film))), cv2.COLOR_BGR2RGB)
+        film, prepared = prepare_film(source)
+        rgb = cv2.cvtColor(overlay(film, gradcam(keras_model, prepared)), cv2.COLOR_BGR2RGB)
         captures.append(build_heatmap_capture(
             source, rgb, algorithm=_algorithm(job), probability=image.probability,
             sop_instance_uid=generate_uid(entropy_srcs=[image.SOPInstanceUID, job.model_version, "GRADCAM"]),

@@ -10,7 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port
+from tests.helpers.processes import free_port
 
 
 class Orthanc:

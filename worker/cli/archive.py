@@ -11,20 +11,16 @@ from pathlib import Path
 
 import click
 
-from worker.cli import _load_settings, _require_current_schema, _sessions, cli
-from worker.cli_results import day_bounds
-from worker.render import progress_bar
+from worker.cli.context import DATE, cli, day_bounds, load_settings, require_current_schema, sessions
+from worker.cli.render import progress_bar
 
 log = logging.getLogger("pneumoscreen")
-
-_DATE = click.DateTime(["%Y-%m-%d"])
-
 
 def _emit(summary: dict, as_json: bool, title: str) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    from worker.render import summary_table
+    from worker.cli.render import summary_table
 
     summary_table(title, summary)
 
@@ -39,8 +35,8 @@ def ingest(folder: Path, as_json: bool) -> None:
     the running service (`run`, or `listen` + workers) screens them once each
     study has been quiet for PNEUMOSCREEN_STUDY_QUIET_SECONDS. FOLDER is not changed.
     """
-    settings = _load_settings()
-    _require_current_schema(settings)
+    settings = load_settings()
+    require_current_schema(settings)
     from dicom_io.handlers import StoreContext
     from dicom_io.ingest import candidate_files, ingest_file
     from dicom_io.status import StoreStatus
@@ -48,7 +44,7 @@ def ingest(folder: Path, as_json: bool) -> None:
 
     logging.getLogger("dicom_io.handlers").setLevel(logging.WARNING)  # one line per file: the summary says it
     files = list(candidate_files(folder))
-    context = StoreContext.for_database(runtime.spool(), _sessions())
+    context = StoreContext.for_database(runtime.spool(), sessions())
     counts: Counter[str] = Counter()
     refused: list[dict] = []
     with progress_bar("importing") as progress:
@@ -77,8 +73,8 @@ def ingest(folder: Path, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--since", type=_DATE, help="received (with --from-pacs: study date) on or after this day")
-@click.option("--until", type=_DATE, help="received (with --from-pacs: study date) on or before this day")
+@click.option("--since", type=DATE, help="received (with --from-pacs: study date) on or after this day")
+@click.option("--until", type=DATE, help="received (with --from-pacs: study date) on or before this day")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="model artifact folder [default: the configured model]; inference workers must be able to read it")
 @click.option("--from-pacs", "pacs", metavar="AET@HOST:PORT",
@@ -99,8 +95,8 @@ def rescreen(since: datetime | None, until: datetime | None, model_dir: Path | N
     the PACS's CR/DX studies of that study-date range are moved to our listener
     (the PACS must know our AE title as a modality) and screened as they arrive.
     """
-    settings = _load_settings()
-    _require_current_schema(settings)
+    settings = load_settings()
+    require_current_schema(settings)
     if pacs:
         if model_dir is not None:
             raise click.UsageError("--model does not apply to --from-pacs (studies are screened by the workers' model)")
@@ -127,7 +123,7 @@ def _rescreen_stored(settings, since, until, model_dir, wait, timeout, as_json) 
     model_arg = str(model_dir.resolve()) if model_dir else None
     with progress_bar(f"queueing for model {card.version}") as progress:
         task = progress.add_task("queue", total=None)
-        queued = rescreen.requeue(_sessions(), model_card=card, model_dir=model_arg, since=received_since,
+        queued = rescreen.requeue(sessions(), model_card=card, model_dir=model_arg, since=received_since,
                                   until=received_until, send=not here,
                                   progress=lambda n: progress.advance(task, n))
     left = queued.count
@@ -136,18 +132,18 @@ def _rescreen_stored(settings, since, until, model_dir, wait, timeout, as_json) 
         model = runtime.load_model(model_arg)
         with progress_bar(f"screening with {card.version}") as progress:
             task = progress.add_task("screen", total=queued.count)
-            rescreen.screen_here(_sessions(), queued.ids, model=model,
+            rescreen.screen_here(sessions(), queued.ids, model=model,
                                              policy=runtime.eligibility_policy(), spool=runtime.spool(),
                                              batch_size=settings.inference_batch_size,
                                              progress=lambda n: progress.advance(task, n))
-        left = rescreen.open_count(_sessions(), queued.ids)
+        left = rescreen.open_count(sessions(), queued.ids)
         _send_reports_here(settings, queued.ids, card.version)
     elif queued.count and wait:
         with progress_bar(f"workers screening with {card.version}") as progress:
             task = progress.add_task("screen", total=queued.count)
-            left = rescreen.wait(_sessions(), queued.ids, timeout=timeout,
+            left = rescreen.wait(sessions(), queued.ids, timeout=timeout,
                                  progress=lambda n: progress.advance(task, n))
-    with _sessions().begin() as session:
+    with sessions().begin() as session:
         changes = rescreen_changes(session, instance_ids=queued.ids, model_version=card.version)
     summary = {"model_version": card.version, "queued": queued.count, "still_open": left, **changes}
     _emit(summary, as_json, f"Rescreen with model {card.version}")
@@ -160,12 +156,12 @@ def _send_reports_here(settings, instance_ids: list[int], model_version: str) ->
     if not settings.results_destination or not instance_ids:
         return
     from dicom_io.scu import DeliveryError
-    from worker import results, runtime
+    from worker import delivery, runtime
 
-    for delivery_id in results.request_reports(_sessions(), instance_ids=instance_ids, model_version=model_version,
+    for delivery_id in delivery.request_reports(sessions(), instance_ids=instance_ids, model_version=model_version,
                                                destination=settings.results_destination):
         try:
-            results.deliver(_sessions(), delivery_id, calling_ae=settings.ae_title,
+            delivery.deliver(sessions(), delivery_id, calling_ae=settings.ae_title,
                             heatmaps=settings.results_heatmaps, keras_model=lambda: runtime.load_model().keras_model)
         except DeliveryError as exc:
             log.warning("report %d not taken (%s); the service re-sends it", delivery_id, exc)
@@ -196,7 +192,7 @@ def _rescreen_from_pacs(settings, pacs, since, until, include_known, wait, timeo
                                until=until and until.date())
     except DeliveryError as exc:
         raise click.ClickException(f"C-FIND on {pacs}: {exc}") from None
-    with _sessions().begin() as session:
+    with sessions().begin() as session:
         known = set(session.scalars(select(Study.StudyInstanceUID).where(
             Study.StudyInstanceUID.in_([m.study_instance_uid for m in matches])))) if matches else set()
     todo = [m for m in matches if include_known or m.study_instance_uid not in known]
@@ -219,9 +215,9 @@ def _rescreen_from_pacs(settings, pacs, since, until, include_known, wait, timeo
     if wait and uids:
         with progress_bar("screening the pulled studies") as progress:
             task = progress.add_task("screen", total=moved["instances"] or None)
-            still_open = rescreen.wait_for_studies(_sessions(), uids, expected=moved["instances"], timeout=timeout,
+            still_open = rescreen.wait_for_studies(sessions(), uids, expected=moved["instances"], timeout=timeout,
                                                    progress=lambda n: progress.advance(task, n))
-    with _sessions().begin() as session:
+    with sessions().begin() as session:
         rows = worklist(session, study_instance_uids=uids) if uids else []
     summary = {"found": len(matches), "already_received": len(matches) - len(todo), "moved_studies": moved["studies"],
                "moved_instances": moved["instances"], "failed_instances": moved["failed"],

@@ -1,4 +1,4 @@
-"""``pneumoscreen``: the one command line entry point."""
+"""The service's processes: `run` (all in one), `listen`, `worker`, `beat`, `db upgrade`."""
 
 from __future__ import annotations
 
@@ -12,52 +12,9 @@ import time
 from pathlib import Path
 
 import click
-from pydantic import ValidationError
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from worker.settings import Settings  # noqa: E402
-
-log = logging.getLogger("pneumoscreen")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("pynetdicom", "absl", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _load_settings(**overrides) -> Settings:
-    """Settings from the environment, flags on top; a bad value stops here with a clear message."""
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        lines = [f"  {'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()]
-        raise click.UsageError("invalid settings:\n" + "\n".join(lines)) from None
-    from worker import runtime
-
-    runtime.configure(settings)
-    return settings
-
-
-def _sessions():
-    from worker import runtime
-
-    return runtime.sessions()
-
-
-def _require_current_schema(settings: Settings) -> None:
-    from db.migrate import is_current
-
-    if not is_current(settings.effective_database_url):
-        raise click.ClickException(
-            "the database schema is not at the current version: run `pneumoscreen db upgrade` first"
-        )
+from worker.cli.context import cli, load_settings, log, require_current_schema, sessions
+from worker.settings import Settings
 
 
 def _load_model(settings: Settings, *, load: bool = True) -> None:
@@ -74,20 +31,12 @@ def _load_model(settings: Settings, *, load: bool = True) -> None:
 
 
 def _start_listener(settings: Settings, *, reuse_port: bool = False):
-    from dicom_io.server import ListenerConfig, start_listener
+    from dicom_io.server import start_listener
     from worker import runtime
 
-    config = ListenerConfig(
-        host=settings.host, port=settings.port, ae_title=settings.ae_title,
-        allowed_aes=settings.allowed_ae_titles, max_associations=settings.max_associations,
-        max_pdu_size=settings.max_pdu_size, network_timeout=settings.network_timeout,
-        artim_timeout=settings.artim_timeout, max_pending_connections=settings.max_pending_connections,
-        max_dataset_bytes=settings.max_dataset_mb << 20,
-        tls_cert=settings.tls_cert, tls_key=settings.tls_key, tls_client_ca=settings.tls_client_ca,
-        reuse_port=reuse_port,
-    )
     try:
-        return start_listener(config, spool=runtime.spool(), sessions=_sessions())
+        return start_listener(runtime.listener_config(settings, reuse_port=reuse_port), spool=runtime.spool(),
+                              sessions=sessions())
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
 
@@ -135,13 +84,6 @@ def with_options(options):
     return decorate
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="INFO", show_default=True, envvar="PNEUMOSCREEN_LOG_LEVEL")
-@click.version_option(package_name="pneumoscreen")
-def cli(log_level: str) -> None:
-    """pneumoscreen: DICOM/PACS-integrated pneumonia screening for chest X-rays."""
-    _setup_logging(log_level)
-
 
 @cli.command()
 @with_options(listener_options)
@@ -149,7 +91,7 @@ def cli(log_level: str) -> None:
               help="worker threads (concurrent inference requests form one batch)")
 def run(data_dir, host, port, ae_title, concurrency) -> None:
     """All in one: listener + workers + in-process broker + SQLite under the data dir."""
-    settings = _load_settings(data_dir=data_dir, host=host, port=port, ae_title=ae_title, broker_url="memory://localhost/")
+    settings = load_settings(data_dir=data_dir, host=host, port=port, ae_title=ae_title, broker_url="memory://localhost/")
     from db.migrate import upgrade
     from worker.celery_app import ALL_QUEUES, configure_app
     from worker.dispatcher import Dispatcher, reconcile
@@ -161,11 +103,11 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
     upgrade(settings.effective_database_url)
     app = configure_app(settings)
     # the in-process broker starts empty: whatever was in flight when the last run stopped goes again
-    resent = reconcile(_sessions(), older_than_seconds=0)
+    resent = reconcile(sessions(), older_than_seconds=0)
     if resent:
         log.info("re-sent %d instance(s) left in flight by the previous run", resent)
     server = _start_listener(settings)
-    dispatcher = Dispatcher(_sessions(), quiet_seconds=settings.study_quiet_seconds)
+    dispatcher = Dispatcher(sessions(), quiet_seconds=settings.study_quiet_seconds)
     dispatcher.start()
     # beat (reconciler, nightly rescreen) in a thread of this process: the in-process broker
     # is not shared with another one
@@ -200,10 +142,10 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
               help="an extra listener process started by `listen` (PNEUMOSCREEN_LISTENER_PROCESSES > 1)")
 def listen(data_dir, host, port, ae_title, receiver) -> None:
     """The DICOM listener and study dispatcher (production: one, with PNEUMOSCREEN_LISTENER_PROCESSES processes)."""
-    settings = _load_settings(data_dir=data_dir, host=host, port=port, ae_title=ae_title)
+    settings = load_settings(data_dir=data_dir, host=host, port=port, ae_title=ae_title)
     from worker.receivers import Receivers, serve_until_orphaned_or_stopped
 
-    _require_current_schema(settings)
+    require_current_schema(settings)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     if receiver:
@@ -225,7 +167,7 @@ def listen(data_dir, host, port, ae_title, receiver) -> None:
         stack.callback(_lock_data_dir(settings).close)
         _receive_into_data_dir(settings, clear=True)
         configure_app(settings)
-        reconcile(_sessions(), older_than_seconds=settings.reconcile_after_seconds)
+        reconcile(sessions(), older_than_seconds=settings.reconcile_after_seconds)
         shared = settings.listener_processes > 1
         if shared and settings.effective_database_url.startswith("sqlite"):
             log.warning("%d listener processes on SQLite: its writers take turns across processes; "
@@ -239,7 +181,7 @@ def listen(data_dir, host, port, ae_title, receiver) -> None:
         if shared:
             log.info("%d listener processes share port %d (receivers: pids %s)", settings.listener_processes,
                      settings.port, ", ".join(map(str, receivers.pids)))
-        dispatcher = Dispatcher(_sessions(), quiet_seconds=settings.study_quiet_seconds)
+        dispatcher = Dispatcher(sessions(), quiet_seconds=settings.study_quiet_seconds)
         dispatcher.start()
         stack.callback(dispatcher.stop)
         try:
@@ -250,15 +192,15 @@ def listen(data_dir, host, port, ae_title, receiver) -> None:
         log.info("stopping the listener")
 
 
-@cli.command()
+@cli.command("worker")
 @click.option("--queues", default="preprocess,inference,maintenance", show_default=True,
               help="comma-separated queues to consume")
 @click.option("--concurrency", type=int, help="worker threads/processes [inference: PNEUMOSCREEN_INFERENCE_BATCH_SIZE "
               "threads, whose concurrent requests form one batch; otherwise 2]")
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads", show_default=True)
-def worker(queues: str, concurrency: int | None, pool: str) -> None:
+def worker_command(queues: str, concurrency: int | None, pool: str) -> None:
     """A Celery worker process (production: preprocess on CPU, inference on GPU)."""
-    settings = _load_settings()
+    settings = load_settings()
     if concurrency is None:
         concurrency = settings.inference_batch_size if "inference" in queues.split(",") and pool == "threads" else 2
     from worker.celery_app import ALL_QUEUES, configure_app
@@ -266,7 +208,7 @@ def worker(queues: str, concurrency: int | None, pool: str) -> None:
     unknown = set(queues.split(",")) - set(ALL_QUEUES)
     if unknown:
         raise click.UsageError(f"unknown queue(s) {', '.join(sorted(unknown))}; known: {', '.join(ALL_QUEUES)}")
-    _require_current_schema(settings)
+    require_current_schema(settings)
     if "inference" in queues.split(","):
         # prefork children load it themselves: TensorFlow must not cross a fork
         _load_model(settings, load=pool != "prefork")
@@ -312,7 +254,7 @@ def _restart_after_crash(code, *, ran_seconds: float, max_quick_restarts: int = 
 @cli.command()
 def beat() -> None:
     """The scheduler: reconciliation every minute, rescreening at PNEUMOSCREEN_RESCREEN_SCHEDULE (01:00)."""
-    settings = _load_settings()
+    settings = load_settings()
     from worker.celery_app import configure_app
 
     app = configure_app(settings)
@@ -321,33 +263,18 @@ def beat() -> None:
     app.Beat(schedule=str(schedule), loglevel=logging.getLevelName(logging.getLogger().level)).run()
 
 
-@cli.group()
-def db() -> None:
+@cli.group("db")
+def database() -> None:
     """Database schema."""
 
 
-@db.command("upgrade")
+@database.command("upgrade")
 def db_upgrade() -> None:
     """Apply Alembic migrations up to the current schema."""
-    settings = _load_settings()
+    settings = load_settings()
     from db.migrate import upgrade
 
     if settings.database_url is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.effective_database_url)
     click.echo("database schema is current")
-
-
-# the other commands register themselves on `cli`
-from worker import cli_api, cli_archive, cli_model, cli_results  # noqa: E402,F401
-
-
-def main() -> None:
-    cli(prog_name="pneumoscreen")
-
-
-if __name__ == "__main__":
-    # run through the importable module, where the other command modules registered themselves
-    from worker.cli import main as _main
-
-    _main()

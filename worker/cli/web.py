@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from worker.cli import _load_settings, _require_current_schema, cli, log
+from worker.cli.context import cli, load_settings, log, require_current_schema
 from worker.settings import is_loopback
 
 NO_TOKEN = "set PNEUMOSCREEN_API_TOKEN to a secret of at least 16 characters, e.g. `openssl rand -hex 32`"
@@ -15,13 +15,13 @@ NO_TOKEN = "set PNEUMOSCREEN_API_TOKEN to a secret of at least 16 characters, e.
 @click.option("--port", type=int, help="HTTP port [PNEUMOSCREEN_API_PORT, 8080]")
 def api(host: str | None, port: int | None) -> None:
     """The HTTP API; every endpoint but /healthz needs `Authorization: Bearer $PNEUMOSCREEN_API_TOKEN`."""
-    settings = _load_settings(api_host=host, api_port=port)
+    settings = load_settings(api_host=host, api_port=port)
     if settings.api_token is None:
         raise click.ClickException(NO_TOKEN)
-    _require_current_schema(settings)
+    require_current_schema(settings)
     import uvicorn
 
-    from worker.api import MAX_CONNECTIONS, MAX_HEADER_BYTES, create_app
+    from worker.api.app import MAX_CONNECTIONS, MAX_HEADER_BYTES, create_app
 
     app = create_app(settings)
     if not is_loopback(settings.api_host):

@@ -27,9 +27,9 @@ from db.migrate import applied_revisions, head_revisions
 from db.models import InstanceState
 from db.results import StudyState, list_instances, received_window, study_detail, worklist
 from worker import runtime
-from worker.api_auth import AuditMiddleware, BearerAuth
-from worker.api_metrics import PipelineCollector, _broker_client
-from worker.api_schemas import ErrorDetail, Health, InstanceRow, StudyDetail, WorklistRow
+from worker.api.auth import AuditMiddleware, BearerAuth
+from worker.api.metrics import PipelineCollector, broker_client
+from worker.api.schemas import ErrorDetail, Health, InstanceRow, StudyDetail, WorklistRow
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _operations_router(settings: Settings, auth: BearerAuth) -> APIRouter:
     heads = head_revisions(settings.effective_database_url)
     model_version = _configured_model_version(settings)
     registry = CollectorRegistry(auto_describe=False)
-    broker = _broker_client(settings.broker_url) if settings.shares_broker else None
+    broker = broker_client(settings.broker_url) if settings.shares_broker else None
     registry.register(PipelineCollector(runtime.sessions, broker))
 
     @router.get("/healthz", response_model=Health, summary="Can this API answer?",

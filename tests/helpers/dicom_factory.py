@@ -15,16 +15,16 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
     PYDICOM_IMPLEMENTATION_UID,
-    SecondaryCaptureImageStorage,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    SecondaryCaptureImageStorage,
     generate_uid,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "images"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "images"
 NORMAL_JPEG = FIXTURES / "NORMAL" / "IM-0115-0001.jpeg"
 PNEUMONIA_JPEG = FIXTURES / "PNEUMONIA" / "person1003_virus_1685.jpeg"
 PLANTED_PATIENT_NAME = "Zyxwvut^Plantedname"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from worker.cli import _load_settings, cli
-from worker.render import progress_bar
+from worker.cli.context import cli, load_settings
+from worker.cli.render import progress_bar
 
 log = logging.getLogger("pneumoscreen")
 
@@ -36,7 +36,8 @@ log = logging.getLogger("pneumoscreen")
 def train(data_dir: Path, out_dir: Path, epochs: int, seed: int, model_version: str, folds: int,
           augmentation: str, label_smoothing: float, stretch: float) -> None:
     """Train the screening CNN and write a model artifact."""
-    from model.train import TrainingConfig, train as run_training
+    from model.train import TrainingConfig
+    from model.train import train as run_training
 
     if folds == 1:
         raise click.BadParameter("use 0 (no check) or at least 2", param_hint="--folds")
@@ -59,7 +60,7 @@ def _score_files(files: list[Path], model, *, batch_size: int = 32):
     """(path, probability or None, error or None) for each file, in batches of ``batch_size``."""
     import numpy as np
 
-    from worker.inputs import UnreadableInput, prepare_any
+    from worker.images import UnreadableInput, prepare_film
 
     results: list[tuple[Path, float | None, str | None]] = []
     with progress_bar("screening") as progress:
@@ -68,7 +69,7 @@ def _score_files(files: list[Path], model, *, batch_size: int = 32):
             batch, prepared = [], []
             for path in files[start:start + batch_size]:
                 try:
-                    prepared.append(prepare_any(path))
+                    prepared.append(prepare_film(path)[1])
                     batch.append(path)
                 except UnreadableInput as exc:
                     results.append((path, None, str(exc)))
@@ -93,9 +94,9 @@ def evaluate(folder: Path, model_dir: Path | None, as_json: bool, plots_dir: Pat
     from model.artifact import get_model
     from model.metrics import binary_report
 
-    settings = _load_settings()
+    settings = load_settings()
     model = get_model(model_dir or settings.model_dir)
-    from worker.inputs import iter_files
+    from worker.images import iter_files
 
     labelled = []
     for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
@@ -122,7 +123,7 @@ def evaluate(folder: Path, model_dir: Path | None, as_json: bool, plots_dir: Pat
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    from worker.render import evaluation_table
+    from worker.cli.render import evaluation_table
 
     evaluation_table(report, unreadable=len(unreadable))
 
@@ -136,9 +137,9 @@ def evaluate(folder: Path, model_dir: Path | None, as_json: bool, plots_dir: Pat
 def predict(paths: tuple[Path, ...], model_dir: Path | None, as_json: bool, heatmap_dir: Path | None) -> None:
     """Screen files or folders of DICOM or PNG/JPEG images."""
     from model.artifact import get_model
-    from worker.inputs import iter_files
+    from worker.images import iter_files
 
-    settings = _load_settings()
+    settings = load_settings()
     model = get_model(model_dir or settings.model_dir)
     try:
         files = list(iter_files(paths))
@@ -147,27 +148,26 @@ def predict(paths: tuple[Path, ...], model_dir: Path | None, as_json: bool, heat
     results = _score_files(files, model)
     card = model.card
     rows = [{"path": str(p), "probability": None if s is None else round(s, 6),
-             "flagged": None if s is None else s >= card.threshold, "threshold": round(card.threshold, 6),
+             "flagged": None if s is None else card.flags(s), "threshold": round(card.threshold, 6),
              "model_version": card.version, "error": e} for p, s, e in results]
     if heatmap_dir is not None:
         import cv2
 
         from model.gradcam import gradcam, overlay
-        from model.preprocessing import prepare
-        from worker.inputs import read_any
+        from worker.images import prepare_film
 
         heatmap_dir.mkdir(parents=True, exist_ok=True)
         for row in rows:
             if row["probability"] is None:
                 continue
-            film = read_any(Path(row["path"]))
+            film, prepared = prepare_film(Path(row["path"]))
             out = heatmap_dir / f"{Path(row['path']).stem}_gradcam.png"
-            cv2.imwrite(str(out), overlay(film, gradcam(model.keras_model, prepare(film))))
+            cv2.imwrite(str(out), overlay(film, gradcam(model.keras_model, prepared)))
             row["heatmap"] = str(out)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        from worker.render import predictions_table
+        from worker.cli.render import predictions_table
 
         predictions_table(rows)
     if any(r["error"] for r in rows):

@@ -22,9 +22,11 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
-    JPEG2000,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -32,12 +34,10 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    DeflatedExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     generate_uid,
 )
 
-from dicom_factory import PNEUMONIA_JPEG, chest_dataset
+from tests.helpers.dicom_factory import PNEUMONIA_JPEG, chest_dataset
 
 ORIGINAL = cv2.imread(str(PNEUMONIA_JPEG), cv2.IMREAD_GRAYSCALE)
 

@@ -1,0 +1,48 @@
+"""Rows a test needs in the database, written as the listener and the inference worker write
+them: a received instance, a model's answer (flagged by the model card's rule)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from db.queries import record_predictions, record_received
+from model.artifact import ModelCard
+
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+
+def receive(session: Session, study: str, sop: str, accession: str = "A1", study_date: str | None = "20261102",
+            *, series: str | None = None, path: str | None = None) -> tuple[int, bool]:
+    """A CR instance of ``study`` received from a PACS: (instance id, whether it is new)."""
+    return record_received(
+        session, StudyInstanceUID=study, SeriesInstanceUID=series or f"{study}.1", SOPInstanceUID=sop,
+        SOPClassUID=CR_IMAGE_STORAGE, TransferSyntaxUID=EXPLICIT_VR_LITTLE_ENDIAN, AccessionNumber=accession,
+        Modality="CR", path=path or f"/spool/{sop}.dcm", size_bytes=10, calling_ae="PACS", StudyDate=study_date,
+    )
+
+
+def receive_file(session: Session, path: Path, ds) -> int:
+    """The instance of a DICOM file written for the test, received as the listener records it."""
+    instance_id, _ = record_received(
+        session, StudyInstanceUID=ds.StudyInstanceUID, SeriesInstanceUID=ds.SeriesInstanceUID,
+        SOPInstanceUID=ds.SOPInstanceUID, SOPClassUID=ds.SOPClassUID,
+        TransferSyntaxUID=ds.file_meta.TransferSyntaxUID, AccessionNumber="A", Modality=ds.Modality,
+        path=str(path), size_bytes=path.stat().st_size, calling_ae="T",
+    )
+    return instance_id
+
+
+def model_card(version: str = "1.0", *, threshold: float = 0.5, sha256: str = "0" * 64) -> ModelCard:
+    return ModelCard(name="cnn", version=version, sha256=sha256, threshold=threshold, input_size=224,
+                     preprocessing_version="2")
+
+
+def answer(session: Session, results: list[tuple[int, float]], card: ModelCard | None = None) -> set[int]:
+    """``card``'s answers, (instance id, probability) each, flagged by its rule; the ids answered anew."""
+    card = card or model_card()
+    return record_predictions(session, model_name=card.name, model_version=card.version,
+                              weights_sha256=card.sha256, threshold=card.threshold,
+                              results=[(i, p, card.flags(p)) for i, p in results])
