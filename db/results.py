@@ -16,7 +16,17 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session
 
-from db.models import TERMINAL_STATES, Instance, InstanceState, Prediction, Series, Study
+from db.models import (
+    TERMINAL_STATES,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    ModelVersion,
+    Prediction,
+    ResultDelivery,
+    Series,
+    Study,
+)
 from db.session import in_chunks
 
 #: Worklist priority: 1 = flagged (read first), 2 = not yet screened or some
@@ -150,8 +160,9 @@ def worklist(
 
 
 def list_instances(session: Session, *, state: InstanceState | None = None, limit: int | None = None,
-                   offset: int = 0, study_instance_uid: str | None = None) -> list[dict[str, Any]]:
-    """Every received instance with its state, reason and latest probability."""
+                   offset: int = 0, study_instance_uid: str | None = None,
+                   newest_first: bool = False) -> list[dict[str, Any]]:
+    """Every received instance with its state, reason and latest probability (oldest first, or newest)."""
     latest = _latest_prediction_ids()
     stmt = (
         select(Instance, Series.SeriesInstanceUID, Study.StudyInstanceUID, Prediction.probability,
@@ -160,7 +171,7 @@ def list_instances(session: Session, *, state: InstanceState | None = None, limi
         .outerjoin(Study, Series.study_id == Study.id)
         .outerjoin(latest, latest.c.instance_id == Instance.id)
         .outerjoin(Prediction, Prediction.id == latest.c.prediction_id)
-        .order_by(Instance.id)
+        .order_by(Instance.id.desc() if newest_first else Instance.id)
     )
     if state is not None:
         stmt = stmt.where(Instance.state == state)
@@ -175,7 +186,7 @@ def list_instances(session: Session, *, state: InstanceState | None = None, limi
             "sop_instance_uid": inst.SOPInstanceUID, "study_instance_uid": study_uid,
             "series_instance_uid": series_uid, "state": inst.state.value, "reason": inst.reason,
             "probability": None if probability is None else round(float(probability), 6),
-            "model_version": model_version,
+            "model_version": model_version, "updated_at": _iso(inst.updated_at),
         }
         for inst, series_uid, study_uid, probability, model_version in session.execute(stmt)
     ]
@@ -263,3 +274,28 @@ def rescreen_changes(session: Session, *, instance_ids: list[int], model_version
                 "flagged_before": before_by_study[study], "flagged_after": after}
                for study, after in sorted(after_by_study.items()) if after != before_by_study[study]]
     return {**result, "changed_studies": changed}
+
+
+def model_versions(session: Session) -> dict[str, dict[str, Any]]:
+    """Every model version that has answered: version -> name, weights sha256, threshold, first use."""
+    return {m.version: {"name": m.name, "version": m.version, "weights_sha256": m.weights_sha256,
+                        "threshold": m.threshold, "preprocessing_version": m.preprocessing_version,
+                        "first_used_at": _iso(m.first_used_at)}
+            for m in session.scalars(select(ModelVersion).order_by(ModelVersion.id))}
+
+
+def deliveries(session: Session, *, study_instance_uid: str | None = None, state: DeliveryState | None = None,
+               limit: int = 50) -> list[dict[str, Any]]:
+    """Reports to the PACS, newest first: of one study, or in one state."""
+    stmt = (select(ResultDelivery, Study.StudyInstanceUID, Study.AccessionNumber)
+            .join(Study, ResultDelivery.study_id == Study.id)
+            .order_by(ResultDelivery.updated_at.desc(), ResultDelivery.id.desc()).limit(limit))
+    if study_instance_uid is not None:
+        stmt = stmt.where(Study.StudyInstanceUID == study_instance_uid)
+    if state is not None:
+        stmt = stmt.where(ResultDelivery.state == state)
+    return [{"study_instance_uid": study_uid, "accession_number": accession, "model_version": d.model_version,
+             "destination": d.destination, "state": d.state.value, "attempts": d.attempts, "reason": d.reason,
+             "sr_sop_instance_uid": d.sr_sop_instance_uid, "instance_count": d.instance_count,
+             "updated_at": _iso(d.updated_at)}
+            for d, study_uid, accession in session.execute(stmt)]

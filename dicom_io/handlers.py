@@ -57,24 +57,24 @@ def _read_header(path: Path) -> dict[str, str]:
     return {k: str(ds.get(k, "") or "").strip() for k in _HEADER_KEYWORDS}
 
 
-def _refuse(context: StoreContext, received: Path, status: StoreStatus, reason: str, *, sop_uid: str | None,
-            sop_class_uid: str, transfer_syntax_uid: str, calling_ae: str | None) -> StoreOutcome:
+def _refuse(context: StoreContext, received: Path, status: StoreStatus, reason: str, *, SOPInstanceUID: str | None,
+            SOPClassUID: str, TransferSyntaxUID: str, calling_ae: str | None) -> StoreOutcome:
     """Quarantine what cannot be understood, record it FAILED, answer ``status``."""
     try:
-        sop_uid = valid_uid(sop_uid or "")
+        SOPInstanceUID = valid_uid(SOPInstanceUID or "")
     except ValueError:
-        sop_uid = None
+        SOPInstanceUID = None
     try:
-        quarantined = context.spool.quarantine(received, reason, name=sop_uid)
-        if sop_uid is not None:
+        quarantined = context.spool.quarantine(received, reason, name=SOPInstanceUID)
+        if SOPInstanceUID is not None:
             with context.write_lock, context.sessions.begin() as session:
-                record_unreadable(session, SOPInstanceUID=sop_uid, SOPClassUID=sop_class_uid,
-                                  TransferSyntaxUID=transfer_syntax_uid, path=str(quarantined),
+                record_unreadable(session, SOPInstanceUID=SOPInstanceUID, SOPClassUID=SOPClassUID,
+                                  TransferSyntaxUID=TransferSyntaxUID, path=str(quarantined),
                                   size_bytes=quarantined.stat().st_size, calling_ae=calling_ae, reason=reason)
     except (SQLAlchemyError, OSError) as exc:
         log.error("could not quarantine a refused instance: %s", exc)
-    log.warning("C-STORE %s from %s refused (0x%04X): %s", sop_uid, calling_ae, status, reason)
-    return StoreOutcome(status, sop_uid, reason)
+    log.warning("C-STORE %s from %s refused (0x%04X): %s", SOPInstanceUID, calling_ae, status, reason)
+    return StoreOutcome(status, SOPInstanceUID, reason)
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,8 @@ class StoreOutcome:
     created: bool = False
 
 
-def store_received(received: Path, context: StoreContext, *, sop_uid: str | None, sop_class_uid: str,
-                   transfer_syntax_uid: str, calling_ae: str | None) -> StoreOutcome:
+def store_received(received: Path, context: StoreContext, *, SOPInstanceUID: str | None, SOPClassUID: str,
+                   TransferSyntaxUID: str, calling_ae: str | None) -> StoreOutcome:
     """Move a received file (a temporary file of ours) into the spool and record it.
 
     The one path for everything that enters: the C-STORE handler and ``pneumoscreen ingest``.
@@ -98,11 +98,11 @@ def store_received(received: Path, context: StoreContext, *, sop_uid: str | None
     try:
         context.spool.check_space(size)
     except OSError as exc:  # SpoolFullError, or the spool folder cannot be made
-        log.error("C-STORE %s refused: %s", sop_uid, exc)
+        log.error("C-STORE %s refused: %s", SOPInstanceUID, exc)
         received.unlink(missing_ok=True)
-        return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, sop_uid, str(exc))
+        return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, SOPInstanceUID, str(exc))
 
-    refuse = {"sop_uid": sop_uid, "sop_class_uid": sop_class_uid, "transfer_syntax_uid": transfer_syntax_uid,
+    refuse = {"SOPInstanceUID": SOPInstanceUID, "SOPClassUID": SOPClassUID, "TransferSyntaxUID": TransferSyntaxUID,
               "calling_ae": calling_ae}
     try:
         header = _read_header(received)
@@ -115,7 +115,7 @@ def store_received(received: Path, context: StoreContext, *, sop_uid: str | None
     except ValueError as exc:
         return _refuse(context, received, StoreStatus.MISSING_UIDS, f"missing or invalid UID: {exc}", **refuse)
 
-    sop_uid = header["SOPInstanceUID"]
+    SOPInstanceUID = header["SOPInstanceUID"]
     # the file's fsync (about 2 ms for 2 MB here, more on a slow disk) runs while the rows are written
     adopting = context.io.submit(context.spool.adopt, received, final)
     tmp: Path | None = None
@@ -124,8 +124,8 @@ def store_received(received: Path, context: StoreContext, *, sop_uid: str | None
         with context.write_lock, context.sessions.begin() as session:
             _, created = record_received(
                 session, StudyInstanceUID=header["StudyInstanceUID"],
-                SeriesInstanceUID=header["SeriesInstanceUID"], SOPInstanceUID=sop_uid,
-                SOPClassUID=sop_class_uid, TransferSyntaxUID=transfer_syntax_uid,
+                SeriesInstanceUID=header["SeriesInstanceUID"], SOPInstanceUID=SOPInstanceUID,
+                SOPClassUID=SOPClassUID, TransferSyntaxUID=TransferSyntaxUID,
                 AccessionNumber=header["AccessionNumber"] or None, Modality=header["Modality"] or None,
                 StudyDate=header["StudyDate"] or None, path=str(final), size_bytes=size, calling_ae=calling_ae,
             )
@@ -134,10 +134,10 @@ def store_received(received: Path, context: StoreContext, *, sop_uid: str | None
                 context.spool.commit(tmp, final)  # named, folder fsync'd, before the row commits
                 moved = True
     except (SQLAlchemyError, OSError) as exc:
-        log.error("C-STORE %s refused, could not store and record it: %s", sop_uid, exc)
+        log.error("C-STORE %s refused, could not store and record it: %s", SOPInstanceUID, exc)
         if moved:
             final.unlink(missing_ok=True)
-        return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, sop_uid, f"could not store and record it: {exc}")
+        return StoreOutcome(StoreStatus.OUT_OF_RESOURCES, SOPInstanceUID, f"could not store and record it: {exc}")
     finally:
         if tmp is None:
             with contextlib.suppress(OSError):
@@ -146,15 +146,15 @@ def store_received(received: Path, context: StoreContext, *, sop_uid: str | None
             tmp.unlink(missing_ok=True)
 
     if created:
-        log.info("stored %s (%d bytes) from %s", sop_uid, size, calling_ae)
+        log.info("stored %s (%d bytes) from %s", SOPInstanceUID, size, calling_ae)
     else:
-        log.info("duplicate %s from %s: already stored, kept once", sop_uid, calling_ae)
-    return StoreOutcome(StoreStatus.SUCCESS, sop_uid, None if created else "duplicate: already stored", created)
+        log.info("duplicate %s from %s: already stored, kept once", SOPInstanceUID, calling_ae)
+    return StoreOutcome(StoreStatus.SUCCESS, SOPInstanceUID, None if created else "duplicate: already stored", created)
 
 
 def handle_store(event, context: StoreContext) -> int:
     return store_received(
-        Path(event.dataset_path), context, sop_uid=str(event.request.AffectedSOPInstanceUID),
-        sop_class_uid=str(event.request.AffectedSOPClassUID),
-        transfer_syntax_uid=str(event.context.transfer_syntax), calling_ae=event.assoc.requestor.ae_title,
+        Path(event.dataset_path), context, SOPInstanceUID=str(event.request.AffectedSOPInstanceUID),
+        SOPClassUID=str(event.request.AffectedSOPClassUID),
+        TransferSyntaxUID=str(event.context.transfer_syntax), calling_ae=event.assoc.requestor.ae_title,
     ).status

@@ -64,7 +64,7 @@ def ingest_file(path: Path, context: StoreContext) -> StoreOutcome | None:
         copy.unlink(missing_ok=True)
         raise
     try:
-        return store_received(copy, context, sop_uid=sop_uid, sop_class_uid=sop_class, transfer_syntax_uid=syntax,
+        return store_received(copy, context, SOPInstanceUID=sop_uid, SOPClassUID=sop_class, TransferSyntaxUID=syntax,
                               calling_ae=INGEST_SOURCE)
     finally:
         copy.unlink(missing_ok=True)  # moved into the spool or quarantine already, unless refused

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from sqlalchemy.exc import SQLAlchemyError
@@ -185,19 +186,28 @@ def create_app(settings: Settings) -> FastAPI:
         raise ValueError("the HTTP API needs a token: set PNEUMOSCREEN_API_TOKEN")
     runtime.configure(settings)
     auth = BearerAuth(settings.api_token.get_secret_value())
-    app = FastAPI(
+    # Swagger UI and ReDoc from the assets fastapi-offline ships, not from a CDN
+    app = FastAPIOffline(
         title="pneumoscreen", version=package_version("pneumoscreen"),
         description="Pneumonia screening results for chest X-rays: the worklist, studies, instances; "
-                    "health and metrics. Every endpoint but /healthz needs `Authorization: Bearer <token>`.",
+                    "health and metrics. Every endpoint but /healthz needs `Authorization: Bearer <token>`. "
+                    "The web pages for people are at /web/worklist.",
         openapi_tags=[{"name": "results", "description": "what the model said, for people and RIS systems"},
                       {"name": "operations", "description": "health and Prometheus metrics"}],
-        docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
+        docs_url="/docs", redoc_url="/redoc", openapi_url="/openapi.json", static_url="/static-offline-docs",
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.include_router(_results_router(settings, auth))
     app.include_router(_operations_router(settings, auth))
+    from worker import web
+
+    web.install(app, settings)
 
     def is_audited(route: Any) -> bool:
-        return isinstance(route, APIRoute) and any(d.dependency is auth for d in route.dependencies)
+        """Every endpoint that needs the token, and every page (their sign-in included)."""
+        if not isinstance(route, APIRoute):
+            return False
+        return route.path.startswith("/web/") or any(d.dependency is auth for d in route.dependencies)
 
     app.add_middleware(AuditMiddleware, is_audited=is_audited)
     app.add_middleware(RequestBounds)

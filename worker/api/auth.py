@@ -45,6 +45,12 @@ class BearerAuth:
 
 
 def _actor(scope: Scope) -> str:
+    """Who asked: the web session's actor (set by the pages' auth), else the bearer token's fingerprint."""
+    actor = (scope.get("state") or {}).get("actor")
+    if actor:
+        return actor
+    if scope.get("path", "").startswith("/web/"):
+        return "web:anonymous"
     scheme, token = get_authorization_scheme_param(Headers(scope=scope).get("authorization"))
     if scheme.lower() == "bearer" and token:
         return f"api:{token_fingerprint(token)}"
@@ -98,7 +104,7 @@ class AuditMiddleware:
             raise
 
     async def _send_audited(self, scope: Scope, held: list[Message], send: Send) -> None:
-        status = held[0]["status"]
+        status = next(m["status"] for m in held if m["type"] == "http.response.start")
         if not await run_in_threadpool(self._write, scope, status) and status < 400:
             refusal = JSONResponse({"detail": "the request could not be recorded in the audit log"}, status_code=503)
             await refusal(scope, _no_receive, send)

@@ -83,19 +83,28 @@ class PipelineCollector(Collector):
         return metrics
 
     def _queue_depth(self) -> GaugeMetricFamily | None:
-        if self._broker is None:
-            return None
-        try:
-            with self._broker.pipeline(transaction=False) as pipe:
-                for queue in ALL_QUEUES:
-                    for suffix in _PRIORITY_SUFFIXES:
-                        pipe.llen(queue + suffix)
-                lengths = pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("queue depth left out of the metrics: the broker did not answer (%s)", exc)
+        depths = queue_depths(self._broker)
+        if depths is None:
             return None
         depth = GaugeMetricFamily("pneumoscreen_queue_depth", "Messages waiting in the broker, by queue",
                                   labels=["queue"])
-        for i, queue in enumerate(ALL_QUEUES):
-            depth.add_metric([queue], sum(lengths[i * len(_PRIORITY_SUFFIXES):(i + 1) * len(_PRIORITY_SUFFIXES)]))
+        for queue, count in depths.items():
+            depth.add_metric([queue], count)
         return depth
+
+
+def queue_depths(broker: redis.Redis | None) -> dict[str, int] | None:
+    """Messages waiting in each queue (every priority), or None without a Redis broker or when it does not answer."""
+    if broker is None:
+        return None
+    try:
+        with broker.pipeline(transaction=False) as pipe:
+            for queue in ALL_QUEUES:
+                for suffix in _PRIORITY_SUFFIXES:
+                    pipe.llen(queue + suffix)
+            lengths = pipe.execute()
+    except redis.RedisError as exc:
+        log.warning("queue depth left out of the metrics: the broker did not answer (%s)", exc)
+        return None
+    n = len(_PRIORITY_SUFFIXES)
+    return {queue: sum(lengths[i * n:(i + 1) * n]) for i, queue in enumerate(ALL_QUEUES)}

@@ -1,0 +1,126 @@
+"""Images for the pages, rendered on demand from the spool and kept in a bounded cache in memory
+(never written into the database): the film as a viewer displays it, and its Grad-CAM overlay;
+and the model card's plot.
+
+The overlay is drawn for the model this API process is configured with (it loads the model
+on the first overlay asked for, a few seconds).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from worker.images import prepare_film
+
+MAX_SIDE = 1024
+"""Films are scaled down to this on their longest side, as in the heatmaps sent to the PACS."""
+CACHE_ENTRIES = 64
+
+
+class RenderCache:
+    """PNG bytes by key, least recently used dropped first."""
+
+    def __init__(self, entries: int = CACHE_ENTRIES) -> None:
+        self._entries = entries
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_render(self, key: tuple, render) -> bytes:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        png = render()
+        with self._lock:
+            self._items[key] = png
+            while len(self._items) > self._entries:
+                self._items.popitem(last=False)
+        return png
+
+
+_model_lock = threading.Lock()
+
+
+def _png(image: np.ndarray) -> bytes:
+    ok, buffer = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError("the image could not be encoded as PNG")
+    return buffer.tobytes()
+
+
+def _scaled(image: np.ndarray) -> np.ndarray:
+    rows, columns = image.shape[:2]
+    scale = MAX_SIDE / max(rows, columns)
+    if scale >= 1:
+        return image
+    return cv2.resize(image, (max(1, round(columns * scale)), max(1, round(rows * scale))),
+                      interpolation=cv2.INTER_AREA)
+
+
+def film_png(path: Path) -> bytes:
+    """The film as displayed (windowed, MONOCHROME1 inverted), scaled down."""
+    film, _ = prepare_film(path)
+    return _png(_scaled(film))
+
+
+def gradcam_png(path: Path, keras_model) -> bytes:
+    """The Grad-CAM overlay of the model on the film, in the film's own proportions, scaled down."""
+    from model.gradcam import gradcam, overlay
+
+    film, prepared = prepare_film(path)
+    with _model_lock:  # one forward and backward pass at a time in this process
+        heat = gradcam(keras_model, prepared)
+    return _png(_scaled(overlay(film, heat)))
+
+
+def card_plot_png(card) -> bytes:
+    """Specificity at the card's operating point on each check the card records (patient split, folds
+    clean and shifted, official val/), with the fold spread: what a reader should expect of the model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    validation = card.validation or {}
+    labels, values, errors = [], [], []
+
+    def add(label: str, value, sd=0.0) -> None:
+        if isinstance(value, (int, float)):
+            labels.append(label)
+            values.append(float(value))
+            errors.append(float(sd or 0.0))
+
+    split = validation.get("patient_split", {})
+    add("patient split", split.get("specificity"))
+    folds = validation.get("cross_validation", {}).get("specificity", {})
+    add("folds, clean", folds.get("mean"), folds.get("sd"))
+    shifted = validation.get("shifted", {})
+    add("folds, shifted (mean)", shifted.get("mean", {}).get("specificity", {}).get("mean"),
+        shifted.get("mean", {}).get("specificity", {}).get("sd"))
+    add("folds, worst shift", shifted.get("worst", {}).get("specificity", {}).get("mean"),
+        shifted.get("worst", {}).get("specificity", {}).get("sd"))
+    add("official val/", validation.get("official_val", {}).get("specificity"))
+    figure, axis = plt.subplots(figsize=(6.4, 3.2), dpi=100)
+    if values:
+        positions = np.arange(len(values))
+        axis.barh(positions, values, xerr=errors, color="#3b6ea5", capsize=4)
+        axis.set_yticks(positions, labels)
+        axis.invert_yaxis()
+        for y, v in zip(positions, values):
+            axis.text(min(v + 0.01, 0.93), y, f"{v:.3f}", va="center")
+    else:
+        axis.text(0.5, 0.5, "the model card records no validation figures", ha="center", va="center")
+    axis.set_xlim(0, 1)
+    axis.set_xlabel(f"specificity at the operating point (sensitivity target, threshold {card.threshold:.3f})")
+    axis.set_title(f"{card.name} {card.version}: normal films left unflagged")
+    figure.tight_layout()
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    plt.close(figure)
+    return out.getvalue()
