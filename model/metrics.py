@@ -40,3 +40,28 @@ def binary_report(labels: np.ndarray, scores: np.ndarray, threshold: float) -> d
         "accuracy": ratio(tp + tn, len(labels)), "threshold": float(threshold),
         "tn": tn, "fp": fp, "fn": fn, "tp": tp,
     }
+
+
+def curves(labels: np.ndarray, scores: np.ndarray, *, points: int = 64, bins: int = 10) -> dict:
+    """What a card shows as plots: the ROC curve (at most ``points`` points, the ends kept), the
+    reliability of the probabilities (``bins`` equal-width bins: mean predicted, fraction positive,
+    count) and the Brier score."""
+    from sklearn.metrics import roc_curve
+
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=float)
+    if labels.size == 0 or labels.min() == labels.max():
+        raise ValueError("curves need examples of both classes")
+    fpr, tpr, _ = roc_curve(labels, scores)
+    keep = np.unique(np.round(np.linspace(0, len(fpr) - 1, min(points, len(fpr)))).astype(int))
+    reliability = []
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(scores, edges[1:-1]), 0, bins - 1)
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            reliability.append({"low": float(edges[b]), "high": float(edges[b + 1]),
+                                "mean_predicted": float(scores[members].mean()),
+                                "fraction_positive": float(labels[members].mean()), "count": int(members.sum())})
+    return {"roc": {"fpr": [round(float(v), 5) for v in fpr[keep]], "tpr": [round(float(v), 5) for v in tpr[keep]]},
+            "reliability": reliability, "brier": float(np.mean((scores - labels) ** 2))}

@@ -24,7 +24,7 @@ import numpy as np
 from model.artifact import ModelCard, save_artifact
 from model.augment import AUGMENTATIONS
 from model.dataset import LabelledImages, load_folder, patient_split
-from model.metrics import binary_report, threshold_for_sensitivity
+from model.metrics import binary_report, curves, threshold_for_sensitivity
 from model.preprocessing import INPUT_SIZE, to_model_input
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,8 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainingConfig = Tr
 
     val_scores = predict_prepared(model, va.images)
     threshold = threshold_for_sensitivity(va.labels, val_scores, config.target_sensitivity)
-    validation = {"patient_split": binary_report(va.labels, val_scores, threshold), **validation}
+    validation = {"patient_split": {**binary_report(va.labels, val_scores, threshold),
+                                    "curves": curves(va.labels, val_scores)}, **validation}
     if official_val is not None:
         validation["official_val"] = binary_report(official_val.labels, predict_prepared(model, official_val.images), threshold)
     card = save_artifact(
@@ -229,3 +230,21 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainingConfig = Tr
     log.info("wrote %s (threshold %.4f, validation AUC %.4f)", out_dir, threshold,
              validation["patient_split"]["auc"])
     return card
+
+
+def patient_split_curves(data_dir: str | Path, model_dir: str | Path | None = None, *,
+                         config: TrainingConfig = TrainingConfig(), cache_dir: str | Path | None = None) -> dict:
+    """The curves of a trained model on the patient split ``train`` held out of ``data_dir`` with
+    ``config``'s seed and fraction (those of the card that made it): for a card written before
+    cards carried them."""
+    from model.artifact import get_model
+
+    data_dir = Path(data_dir)
+    cache = Path(cache_dir) / f"train_{config.input_size}.npz" if cache_dir else None
+    full = load_folder(data_dir / "train", size=config.input_size, cache=cache)
+    _, val_idx = patient_split(full, val_fraction=config.val_fraction, seed=config.seed)
+    va = full.subset(val_idx)
+    model = get_model(model_dir)
+    scores = np.concatenate([model.predict(va.images[i:i + 64]) for i in range(0, len(va), 64)])
+    report = binary_report(va.labels, scores, model.card.threshold)
+    return {"n": report["n"], "auc": report["auc"], "curves": curves(va.labels, scores)}

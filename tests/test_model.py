@@ -75,3 +75,27 @@ def test_cached_arrays_of_another_preprocessing_are_rebuilt(tmp_path):
     assert np.array_equal(first.images[0], prepare_file(first.paths[0]))
     with np.load(cache) as z:
         assert str(z["preprocessing"]) == PREPROCESSING_VERSION
+
+
+def test_curves_give_the_roc_ends_the_reliability_bins_and_the_brier_score():
+    from model.metrics import curves
+
+    rng = np.random.default_rng(3)
+    labels = np.array([0] * 300 + [1] * 200)
+    scores = np.clip(np.where(labels == 1, rng.normal(0.7, 0.15, 500), rng.normal(0.3, 0.15, 500)), 0, 1)
+    found = curves(labels, scores, points=40, bins=10)
+    roc = found["roc"]
+    assert (roc["fpr"][0], roc["tpr"][0], roc["fpr"][-1], roc["tpr"][-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert len(roc["fpr"]) <= 40 and roc["fpr"] == sorted(roc["fpr"])
+    assert sum(b["count"] for b in found["reliability"]) == 500
+    assert all(b["low"] <= b["mean_predicted"] <= b["high"] for b in found["reliability"])
+    assert found["brier"] == pytest.approx(float(np.mean((scores - labels) ** 2)))
+    with pytest.raises(ValueError, match="both classes"):
+        curves(np.zeros(5), np.linspace(0, 1, 5))
+
+
+def test_the_shipped_card_carries_curves_that_agree_with_its_figures():
+    split = read_card().validation["patient_split"]
+    roc = split["curves"]["roc"]
+    assert abs(float(np.trapezoid(roc["tpr"], roc["fpr"])) - split["auc"]) < 0.01
+    assert sum(b["count"] for b in split["curves"]["reliability"]) == split["n"]

@@ -80,14 +80,48 @@ def gradcam_png(path: Path, keras_model) -> bytes:
 
 
 def card_plot_png(card) -> bytes:
-    """Specificity at the card's operating point on each check the card records (patient split, folds
-    clean and shifted, official val/), with the fold spread: what a reader should expect of the model."""
+    """The model card as plots: the ROC curve and the reliability of the probabilities on the patient
+    split (when the card carries them, with the operating point marked), and the specificity at the
+    operating point on each check the card records, with the fold spread."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     validation = card.validation or {}
+    split = validation.get("patient_split", {})
+    found = split.get("curves")
+    figure, axes = plt.subplots(1, 3 if found else 1, figsize=(15 if found else 6.4, 4.2), dpi=90, squeeze=False)
+    axes = list(axes[0])
+    if found:
+        roc, reliability = found["roc"], found["reliability"]
+        axis = axes.pop(0)
+        axis.plot(roc["fpr"], roc["tpr"], color="#3b6ea5", label=f"AUC {split.get('auc', float('nan')):.4f}")
+        axis.plot([0, 1], [0, 1], color="#999", linestyle=":", linewidth=1)
+        if "specificity" in split and "sensitivity" in split:
+            axis.plot([1 - split["specificity"]], [split["sensitivity"]], "o", color="#d9534f",
+                      label=f"threshold {card.threshold:.3f}")
+        axis.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01),
+                 title=f"ROC, patient split ({split.get('n', '?')} images)")
+        axis.legend(loc="lower right")
+        axis = axes.pop(0)
+        axis.plot([0, 1], [0, 1], color="#999", linestyle=":", linewidth=1)
+        axis.plot([b["mean_predicted"] for b in reliability], [b["fraction_positive"] for b in reliability], "o-",
+                  color="#3b6ea5")
+        for b in reliability:
+            axis.annotate(str(b["count"]), (b["mean_predicted"], b["fraction_positive"]), fontsize=7,
+                          textcoords="offset points", xytext=(3, -9))
+        axis.set(xlabel="mean predicted probability (bin)", ylabel="fraction with pneumonia", xlim=(0, 1),
+                 ylim=(0, 1.01), title=f"Reliability, Brier {found['brier']:.4f} (n per bin)")
+    _specificity_bars(axes.pop(0), card, validation)
+    figure.tight_layout()
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    plt.close(figure)
+    return out.getvalue()
+
+
+def _specificity_bars(axis, card, validation: dict) -> None:
     labels, values, errors = [], [], []
 
     def add(label: str, value, sd=0.0) -> None:
@@ -96,8 +130,7 @@ def card_plot_png(card) -> bytes:
             values.append(float(value))
             errors.append(float(sd or 0.0))
 
-    split = validation.get("patient_split", {})
-    add("patient split", split.get("specificity"))
+    add("patient split", validation.get("patient_split", {}).get("specificity"))
     folds = validation.get("cross_validation", {}).get("specificity", {})
     add("folds, clean", folds.get("mean"), folds.get("sd"))
     shifted = validation.get("shifted", {})
@@ -106,21 +139,15 @@ def card_plot_png(card) -> bytes:
     add("folds, worst shift", shifted.get("worst", {}).get("specificity", {}).get("mean"),
         shifted.get("worst", {}).get("specificity", {}).get("sd"))
     add("official val/", validation.get("official_val", {}).get("specificity"))
-    figure, axis = plt.subplots(figsize=(6.4, 3.2), dpi=100)
     if values:
         positions = np.arange(len(values))
         axis.barh(positions, values, xerr=errors, color="#3b6ea5", capsize=4)
         axis.set_yticks(positions, labels)
         axis.invert_yaxis()
         for y, v in zip(positions, values):
-            axis.text(min(v + 0.01, 0.93), y, f"{v:.3f}", va="center")
+            axis.text(v - 0.02, y, f"{v:.3f}", va="center", ha="right", color="white", fontweight="bold")
     else:
         axis.text(0.5, 0.5, "the model card records no validation figures", ha="center", va="center")
     axis.set_xlim(0, 1)
-    axis.set_xlabel(f"specificity at the operating point (sensitivity target, threshold {card.threshold:.3f})")
-    axis.set_title(f"{card.name} {card.version}: normal films left unflagged")
-    figure.tight_layout()
-    out = io.BytesIO()
-    figure.savefig(out, format="png")
-    plt.close(figure)
-    return out.getvalue()
+    axis.set_xlabel("specificity at the threshold")
+    axis.set_title(f"Normal films left unflagged ({card.version})")
