@@ -204,7 +204,12 @@ class ConnectionGate:
                     if connection.stage is not _Stage.WAITING:
                         continue  # evicted meanwhile: closed below with the evicted ones
                     connection.stage = _Stage.NEGOTIATING
-                self._dispatch(connection)
+                try:
+                    self._dispatch(connection)
+                except RuntimeError as exc:  # no thread to be had: this connection goes, the gate stays
+                    self.settle(connection)
+                    _close(connection.sock)
+                    peer_log.refused(connection.peer, f"no thread to serve it: {exc}")
             now = time.monotonic()
             for connection in [c for c in registered if c.deadline <= now]:
                 with self._lock:
