@@ -29,7 +29,8 @@ def valid_uid(uid: str) -> str:
     """``uid`` stripped of padding, or ValueError if it is not a DICOM UID."""
     uid = str(uid or "").strip().rstrip("\x00")
     if not uid or len(uid) > 64 or not _UID.match(uid):
-        raise ValueError(f"{uid!r} is not a valid DICOM UID")
+        shown = repr(uid[:64]) + (f" (and {len(uid) - 64} more characters)" if len(uid) > 64 else "")
+        raise ValueError(f"{shown} is not a valid DICOM UID")
     return uid
 
 

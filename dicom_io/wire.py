@@ -106,6 +106,29 @@ class PeerLog:
 peer_log = PeerLog(log)
 
 
+class PynetdicomNoise(logging.Filter):
+    """pynetdicom logs what a malformed PDU made it fail on, often with a traceback, once per PDU:
+    a peer sending garbage could fill the disk. Records are kept without their traceback, at most
+    ``burst`` per ``window`` seconds; the refusal itself is our own rate-limited line."""
+
+    def __init__(self, *, burst: int = 20, window: float = 10.0) -> None:
+        super().__init__("pynetdicom")
+        self._burst, self._window = burst, window
+        self._lock = threading.Lock()
+        self._window_start, self._written = 0.0, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        now = time.monotonic()
+        with self._lock:
+            if now - self._window_start >= self._window:
+                self._window_start, self._written = now, 0
+            self._written += 1
+            return self._written <= self._burst
+
+
 def bounds_of(assoc) -> PeerBounds:
     return getattr(assoc.ae, "peer_bounds", DEFAULT_BOUNDS)
 

@@ -31,16 +31,7 @@ from sqlalchemy import create_engine, select
 
 from db.models import Instance
 from tests.helpers.dicom_factory import chest_dataset, write_chest_dicom
-from tests.helpers.processes import (
-    REDIS_URL,
-    Process,
-    cli_env,
-    flushed_redis,
-    free_port,
-    run_cli,
-    wait_for_port,
-    wait_until,
-)
+from tests.helpers.processes import REDIS_URL, Process, flushed_redis, listening, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -108,20 +99,12 @@ class Target:
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
-    with flushed_redis(REDIS_URL) as redis_url:
-        port = free_port()
-        env = cli_env(data_dir=tmp / "data", broker_url=redis_url, port=port, study_quiet_seconds=86400,
-                      artim_timeout=ARTIM, max_dataset_mb=1, max_pdu_size=MAX_PDU)
-        run_cli("db", "upgrade", env=env)
-        listener = Process(["listen"], env, tmp / "listen.log")
-        try:
-            wait_for_port(port, listener.proc)
-            target = Target(port, listener, tmp / "data")
-            target.well_behaved()  # everything a store touches is loaded before the baseline
-            target.baseline_rss = target.rss()
-            yield target
-        finally:
-            listener.stop()
+    with flushed_redis(REDIS_URL) as redis_url, listening(tmp, redis_url, artim_timeout=ARTIM, max_dataset_mb=1,
+                                                          max_pdu_size=MAX_PDU) as (port, listener, data_dir):
+        target = Target(port, listener, data_dir)
+        target.well_behaved()  # everything a store touches is loaded before the baseline
+        target.baseline_rss = target.rss()
+        yield target
 
 
 @contextmanager

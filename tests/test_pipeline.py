@@ -248,3 +248,15 @@ def test_a_preprocess_worker_of_another_version_fails_an_instance_sent_back_inst
     assert state == "FAILED"
     assert "expects preprocessing 99" in reason and "upgrade the workers together" in reason
     assert (tmp_path / "a.dcm").is_file()  # not the file's fault: it stays where it is
+
+
+def test_an_element_whose_value_does_not_fit_its_vr_fails_the_instance_with_the_reason(sessions, tmp_path):
+    """Found by the dataset fuzzer: BodyPartExamined sent as UL made preprocessing raise."""
+    path = tmp_path / "a.dcm"
+    ds = write_chest_dicom(path, PNEUMONIA_JPEG, sop_class="CR")
+    data = path.read_bytes()
+    assert data.count(b"\x18\x00\x15\x00CS") == 1
+    path.write_bytes(data.replace(b"\x18\x00\x15\x00CS", b"\x18\x00\x15\x00UL"))
+    assert pipeline.preprocess_instance(sessions, _receive(sessions, path, ds), policy=POLICY) is None
+    state, why = _state(sessions)
+    assert state == "FAILED" and "could not be read" in why and len(why) <= 510

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from dicom_io.pixels import PixelDecodeError, display_image
 from model.preprocessing import IMAGE_SUFFIXES, prepare, read_image_file
@@ -46,7 +46,7 @@ def display_film(source: Path | Dataset) -> np.ndarray:
     if isinstance(source, Dataset):
         try:
             return display_image(source)
-        except (PixelDecodeError, ValueError, TypeError, AttributeError) as exc:
+        except (PixelDecodeError, BytesLengthException, ValueError, TypeError, AttributeError) as exc:
             raise UnreadableInput(str(exc) or type(exc).__name__) from exc
     path = Path(source)
     if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -56,7 +56,8 @@ def display_film(source: Path | Dataset) -> np.ndarray:
             raise UnreadableInput(str(exc)) from exc
     try:
         return display_image(dcmread(path))
-    except (InvalidDicomError, PixelDecodeError, OSError, ValueError, TypeError, AttributeError) as exc:
+    except (InvalidDicomError, BytesLengthException, PixelDecodeError, OSError, ValueError, TypeError,
+            AttributeError) as exc:
         raise UnreadableInput(f"{path}: {exc}") from exc
 
 

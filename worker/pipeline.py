@@ -18,12 +18,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import InstanceState
 from db.queries import get_instance, record_predictions, register_model, set_state
 from dicom_io.eligibility import EligibilityPolicy
+from dicom_io.handlers import MAX_REASON
 from dicom_io.spool import Spool
 from model.artifact import LoadedModel
 from worker.images import UnreadableInput, prepare_film
@@ -48,7 +49,10 @@ def decode_prepared(payload: str) -> np.ndarray:
 
 def finish_instance(sessions: sessionmaker[Session], instance_id: int, state: InstanceState, reason: str,
                     path: str | None = None, level: int = logging.INFO) -> None:
-    """End ``instance_id`` in ``state`` (SKIPPED or FAILED) with ``reason``, committed, and log it."""
+    """End ``instance_id`` in ``state`` (SKIPPED or FAILED) with ``reason``, committed, and log it. A reason
+    quoting what a file holds (a parser's message) is cut to ``MAX_REASON`` characters."""
+    if len(reason) > MAX_REASON:
+        reason = reason[:MAX_REASON] + " [...]"
     with sessions.begin() as session:
         set_state(session, instance_id=instance_id, state=state, reason=reason, path=path)
     log.log(level, "instance %d %s: %s", instance_id, state.value, reason)
@@ -82,7 +86,8 @@ def preprocess_instance(sessions: sessionmaker[Session], instance_id: int, *,
     try:
         ds = dcmread(path)
         eligibility = policy.judge(ds)
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (InvalidDicomError, BytesLengthException, OSError, EOFError, ValueError, TypeError, KeyError,
+            AttributeError) as exc:  # an element whose value does not fit its VR surfaces only when read
         _fail(sessions, spool, instance_id, path, f"file could not be read: {type(exc).__name__}: {exc}")
         return None
     if not eligibility.eligible:

@@ -145,3 +145,18 @@ def start_run(env: dict[str, str], processes: list[Process], log_path: Path, *ar
     processes.append(runner)
     wait_for_port(int(env["PNEUMOSCREEN_PORT"]), runner.proc)
     return runner
+
+
+@contextmanager
+def listening(workdir: Path, broker_url: str, **settings) -> Iterator[tuple[int, Process, Path]]:
+    """`pneumoscreen listen` on SQLite in ``workdir/data``, dispatching nothing (the studies stay
+    quiet): (DICOM port, the process, the data directory); stopped on leaving."""
+    port, data_dir = free_port(), workdir / "data"
+    env = cli_env(data_dir=data_dir, broker_url=broker_url, port=port, study_quiet_seconds=86400, **settings)
+    run_cli("db", "upgrade", env=env)
+    listener = Process(["listen"], env, workdir / "listen.log")
+    try:
+        wait_for_port(port, listener.proc)
+        yield port, listener, data_dir
+    finally:
+        listener.stop()

@@ -23,6 +23,11 @@ def setup_logging(level: str) -> None:
     )
     for noisy in ("pynetdicom", "absl", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from dicom_io.wire import PynetdicomNoise
+
+    quiet = PynetdicomNoise()
+    for handler in logging.getLogger().handlers:  # a filter on the handler sees pynetdicom's child loggers too
+        handler.addFilter(lambda record: quiet.filter(record) if record.name.startswith("pynetdicom") else True)
 
 
 def load_settings(**overrides) -> Settings:
