@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import TERMINAL_STATES, DeliveryState, Instance, Prediction, ResultDelivery, Series, Study, utcnow
-from db.queries import upsert
+from db.queries import iso_utc, upsert
 
 
 def completed_studies(session: Session, *, instance_ids: list[int]) -> list[int]:
@@ -146,3 +147,20 @@ def delivery_counts(session: Session) -> dict[str, int]:
     """How many deliveries are in each state."""
     rows = session.execute(select(ResultDelivery.state, func.count()).group_by(ResultDelivery.state)).all()
     return {state.value: count for state, count in rows}
+
+
+def list_deliveries(session: Session, *, study_instance_uid: str | None = None, state: DeliveryState | None = None,
+               limit: int = 50) -> list[dict[str, Any]]:
+    """Reports to the PACS, newest first: of one study, or in one state."""
+    stmt = (select(ResultDelivery, Study.StudyInstanceUID, Study.AccessionNumber)
+            .join(Study, ResultDelivery.study_id == Study.id)
+            .order_by(ResultDelivery.updated_at.desc(), ResultDelivery.id.desc()).limit(limit))
+    if study_instance_uid is not None:
+        stmt = stmt.where(Study.StudyInstanceUID == study_instance_uid)
+    if state is not None:
+        stmt = stmt.where(ResultDelivery.state == state)
+    return [{"study_instance_uid": study_uid, "accession_number": accession, "model_version": d.model_version,
+             "destination": d.destination, "state": d.state.value, "attempts": d.attempts, "reason": d.reason,
+             "sr_sop_instance_uid": d.sr_sop_instance_uid, "instance_count": d.instance_count,
+             "updated_at": iso_utc(d.updated_at)}
+            for d, study_uid, accession in session.execute(stmt)]

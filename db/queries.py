@@ -3,7 +3,7 @@ the commit to the caller (``with Session.begin() as s: ...``)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import select, update
@@ -229,3 +229,21 @@ def requeue_for_model(session: Session, *, model_version: str, received_since: d
             .values(state=InstanceState.QUEUED, queued_at=now, updated_at=now)
         )
     return ids
+
+
+def iso_utc(value: datetime | None) -> str | None:
+    """A stored time as ISO 8601 with its UTC offset (SQLite hands times back without one)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.isoformat()
+
+
+MAX_REASON = 500
+"""A reason is cut to this many characters: one built from what a peer sent (a parser's message
+quoting its bytes) could otherwise be as long as the file."""
+
+
+def bounded_reason(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON else reason[:MAX_REASON] + " [...]"

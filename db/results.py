@@ -16,17 +16,8 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Select, case, func, select
 from sqlalchemy.orm import Session
 
-from db.models import (
-    TERMINAL_STATES,
-    DeliveryState,
-    Instance,
-    InstanceState,
-    ModelVersion,
-    Prediction,
-    ResultDelivery,
-    Series,
-    Study,
-)
+from db.models import TERMINAL_STATES, Instance, InstanceState, ModelVersion, Prediction, Series, Study
+from db.queries import iso_utc
 from db.session import in_chunks
 
 #: Worklist priority: 1 = flagged (read first), 2 = not yet screened or some
@@ -54,14 +45,6 @@ class WorklistOrder(str, enum.Enum):
     """Highest probability first, then oldest first (the default)."""
     RECEIVED = "received"
     """Oldest first, whatever the probability."""
-
-
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.isoformat()
 
 
 def received_window(since: date | None, until: date | None, zone: str) -> tuple[datetime | None, datetime | None]:
@@ -152,7 +135,7 @@ def worklist(
             "priority": int(r.priority), "flagged": bool(r.flagged),
             "max_probability": None if r.max_probability is None else round(float(r.max_probability), 6),
             "state": r.state,
-            "received_at": _iso(r.received_at), "model_version": r.model_version,
+            "received_at": iso_utc(r.received_at), "model_version": r.model_version,
             "study_date": r.StudyDate, "images": int(r.images),
         }
         for r in session.execute(stmt)
@@ -186,7 +169,7 @@ def list_instances(session: Session, *, state: InstanceState | None = None, limi
             "sop_instance_uid": inst.SOPInstanceUID, "study_instance_uid": study_uid,
             "series_instance_uid": series_uid, "state": inst.state.value, "reason": inst.reason,
             "probability": None if probability is None else round(float(probability), 6),
-            "model_version": model_version, "updated_at": _iso(inst.updated_at),
+            "model_version": model_version, "updated_at": iso_utc(inst.updated_at),
         }
         for inst, series_uid, study_uid, probability, model_version in session.execute(stmt)
     ]
@@ -214,19 +197,19 @@ def study_detail(session: Session, *, study_instance_uid: str) -> dict[str, Any]
         instances.append({
             "sop_instance_uid": inst.SOPInstanceUID, "series_instance_uid": series_uid, "modality": modality,
             "sop_class_uid": inst.SOPClassUID, "state": inst.state.value, "reason": inst.reason,
-            "received_at": _iso(inst.received_at),
+            "received_at": iso_utc(inst.received_at),
             "probability": round(float(answers[-1].probability), 6) if answers else None,
             "model_version": answers[-1].model_version if answers else None,
             "predictions": [
                 {"model_name": p.model_name, "model_version": p.model_version, "weights_sha256": p.weights_sha256,
                  "probability": round(float(p.probability), 6), "threshold": p.threshold, "flagged": p.flagged,
-                 "created_at": _iso(p.created_at)}
+                 "created_at": iso_utc(p.created_at)}
                 for p in answers
             ],
         })
     return {**(summary or {}), "study_instance_uid": study.StudyInstanceUID,
             "accession_number": study.AccessionNumber, "study_date": study.StudyDate,
-            "received_at": _iso(study.received_at), "instances": instances}
+            "received_at": iso_utc(study.received_at), "instances": instances}
 
 
 def rescreen_changes(session: Session, *, instance_ids: list[int], model_version: str) -> dict[str, Any]:
@@ -280,22 +263,6 @@ def model_versions(session: Session) -> dict[str, dict[str, Any]]:
     """Every model version that has answered: version -> name, weights sha256, threshold, first use."""
     return {m.version: {"name": m.name, "version": m.version, "weights_sha256": m.weights_sha256,
                         "threshold": m.threshold, "preprocessing_version": m.preprocessing_version,
-                        "first_used_at": _iso(m.first_used_at)}
+                        "first_used_at": iso_utc(m.first_used_at)}
             for m in session.scalars(select(ModelVersion).order_by(ModelVersion.id))}
 
-
-def deliveries(session: Session, *, study_instance_uid: str | None = None, state: DeliveryState | None = None,
-               limit: int = 50) -> list[dict[str, Any]]:
-    """Reports to the PACS, newest first: of one study, or in one state."""
-    stmt = (select(ResultDelivery, Study.StudyInstanceUID, Study.AccessionNumber)
-            .join(Study, ResultDelivery.study_id == Study.id)
-            .order_by(ResultDelivery.updated_at.desc(), ResultDelivery.id.desc()).limit(limit))
-    if study_instance_uid is not None:
-        stmt = stmt.where(Study.StudyInstanceUID == study_instance_uid)
-    if state is not None:
-        stmt = stmt.where(ResultDelivery.state == state)
-    return [{"study_instance_uid": study_uid, "accession_number": accession, "model_version": d.model_version,
-             "destination": d.destination, "state": d.state.value, "attempts": d.attempts, "reason": d.reason,
-             "sr_sop_instance_uid": d.sr_sop_instance_uid, "instance_count": d.instance_count,
-             "updated_at": _iso(d.updated_at)}
-            for d, study_uid, accession in session.execute(stmt)]

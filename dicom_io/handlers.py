@@ -20,7 +20,7 @@ from pydicom import dcmread
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.queries import record_received, record_unreadable
+from db.queries import bounded_reason, record_received, record_unreadable
 from dicom_io.spool import Spool, valid_uid
 from dicom_io.status import EchoStatus, StoreStatus
 
@@ -57,15 +57,10 @@ def _read_header(path: Path) -> dict[str, str]:
     return {k: str(ds.get(k, "") or "").strip() for k in _HEADER_KEYWORDS}
 
 
-MAX_REASON = 500
-"""A reason built from what a peer sent (a parser's message quoting its bytes) is cut to this."""
-
-
 def _refuse(context: StoreContext, received: Path, status: StoreStatus, reason: str, *, SOPInstanceUID: str | None,
             SOPClassUID: str, TransferSyntaxUID: str, calling_ae: str | None) -> StoreOutcome:
     """Quarantine what cannot be understood, record it FAILED, answer ``status``."""
-    if len(reason) > MAX_REASON:
-        reason = reason[:MAX_REASON] + " [...]"
+    reason = bounded_reason(reason)
     try:
         SOPInstanceUID = valid_uid(SOPInstanceUID or "")
     except ValueError:

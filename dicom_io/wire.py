@@ -76,31 +76,42 @@ class PeerBounds:
 DEFAULT_BOUNDS = PeerBounds()
 
 
+class Burst:
+    """At most ``burst`` events per ``window`` seconds; ``allow()`` says whether this one may pass and
+    ``suppressed()`` how many did not since the last that did."""
+
+    def __init__(self, *, burst: int = 20, window: float = 10.0) -> None:
+        self._burst, self._window = burst, window
+        self._lock = threading.Lock()
+        self._window_start, self._passed, self._held_back = 0.0, 0, 0
+
+    def allow(self) -> tuple[bool, int]:
+        """(whether this event passes, how many were held back before it when it does)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._window_start >= self._window:
+                self._window_start, self._passed = now, 0
+            if self._passed >= self._burst:
+                self._held_back += 1
+                return False, 0
+            self._passed += 1
+            held_back, self._held_back = self._held_back, 0
+            return True, held_back
+
+
 class PeerLog:
     """One line per refused peer, at most ``burst`` per ``window`` seconds; the rest are counted
     and the count is logged with the next line let through."""
 
     def __init__(self, logger: logging.Logger, *, burst: int = 20, window: float = 10.0) -> None:
         self._log = logger
-        self._burst = burst
-        self._window = window
-        self._lock = threading.Lock()
-        self._window_start = 0.0
-        self._written = 0
-        self._suppressed = 0
+        self._limit = Burst(burst=burst, window=window)
 
     def refused(self, address: str, reason: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._window_start >= self._window:
-                self._window_start, self._written = now, 0
-            if self._written >= self._burst:
-                self._suppressed += 1
-                return
-            self._written += 1
-            suppressed, self._suppressed = self._suppressed, 0
-        more = f" ({suppressed} more refused peers not logged)" if suppressed else ""
-        self._log.warning("peer %s refused: %s%s", address, reason, more)
+        allowed, held_back = self._limit.allow()
+        if allowed:
+            more = f" ({held_back} more refused peers not logged)" if held_back else ""
+            self._log.warning("peer %s refused: %s%s", address, reason, more)
 
 
 peer_log = PeerLog(log)
@@ -108,25 +119,18 @@ peer_log = PeerLog(log)
 
 class PynetdicomNoise(logging.Filter):
     """pynetdicom logs what a malformed PDU made it fail on, often with a traceback, once per PDU:
-    a peer sending garbage could fill the disk. Records are kept without their traceback, at most
-    ``burst`` per ``window`` seconds; the refusal itself is our own rate-limited line."""
+    a peer sending garbage could fill the disk. Its errors are kept without their traceback, at
+    most ``burst`` per ``window`` seconds; the refusal itself is our own rate-limited line."""
 
     def __init__(self, *, burst: int = 20, window: float = 10.0) -> None:
-        super().__init__("pynetdicom")
-        self._burst, self._window = burst, window
-        self._lock = threading.Lock()
-        self._window_start, self._written = 0.0, 0
+        super().__init__()
+        self._limit = Burst(burst=burst, window=window)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
+        if not record.name.startswith("pynetdicom") or record.levelno < logging.ERROR:
             return True
         record.exc_info, record.exc_text, record.stack_info = None, None, None
-        now = time.monotonic()
-        with self._lock:
-            if now - self._window_start >= self._window:
-                self._window_start, self._written = now, 0
-            self._written += 1
-            return self._written <= self._burst
+        return self._limit.allow()[0]
 
 
 def bounds_of(assoc) -> PeerBounds:
@@ -142,7 +146,7 @@ def peer_address(assoc) -> str:
         return "unknown peer"
 
 
-def received_files(assoc) -> set[Path]:
+def received_files(assoc) -> set[str]:
     """Files a C-STORE data set was received into on this association (removed by the handler
     once stored; what is left after the association ended was cut off)."""
     return assoc.__dict__.setdefault("_received_files", set())
@@ -174,12 +178,15 @@ def drop(dul: DULServiceProvider, reason: str, *, abort_reason: int | None = Non
         dul.event_queue.put("Evt17")
 
 
-def _recv(raw: socket.socket, nr_bytes: int, deadline: float, *, step: int | None = None) -> bytearray:
-    """Up to ``nr_bytes`` from ``raw``, stopping at ``deadline`` (``time.monotonic()``) or when the
-    peer closes. One buffer filled in place (a 2 MB image is some 8 recv() calls, not 500); with
-    ``step``, the buffer grows by at most that much ahead of what arrived."""
-    buffer = bytearray(nr_bytes if step is None else min(nr_bytes, step))
-    filled = 0
+def _recv(raw: socket.socket, nr_bytes: int, deadline: float, *, step: int | None = None,
+          prefix: bytes = b"") -> bytearray:
+    """``prefix`` and then up to ``nr_bytes`` from ``raw``, stopping at ``deadline``
+    (``time.monotonic()``) or when the peer closes. One buffer filled in place (a 2 MB image is
+    some 8 recv() calls, not 500); with ``step``, it grows by at most that much ahead of what arrived."""
+    nr_bytes += len(prefix)
+    buffer = bytearray(nr_bytes if step is None else min(nr_bytes, max(step, len(prefix))))
+    buffer[:len(prefix)] = prefix
+    filled = len(prefix)
     previous = raw.gettimeout()
     try:
         raw.settimeout(max(deadline - time.monotonic(), 0.001))
@@ -257,12 +264,13 @@ def read_pdu(dul: DULServiceProvider) -> None:
         drop(dul, f"{name} of {length} bytes ({expected})", abort_reason=abort)
         return
 
-    body = _recv(raw, length, deadline, step=_READ_STEP if before else None)
-    if len(body) < length:
-        drop(dul, f"{name} cut off or too slow: {len(body)} of {length} bytes by the deadline", abort_reason=abort)
+    pdu_bytes = _recv(raw, length, deadline, step=_READ_STEP if before else None, prefix=bytes(header))
+    if len(pdu_bytes) < 6 + length:
+        drop(dul, f"{name} cut off or too slow: {len(pdu_bytes) - 6} of {length} bytes by the deadline",
+             abort_reason=abort)
         return
     try:
-        pdu, event = dul._decode_pdu(header + body)
+        pdu, event = dul._decode_pdu(pdu_bytes)
     except Exception as exc:  # pynetdicom's decoders raise many types on a malformed PDU
         peer_log.refused(peer_address(dul.assoc), f"{name} does not decode ({type(exc).__name__})")
         dul.event_queue.put("Evt19")
@@ -318,7 +326,7 @@ def decode_message(message: DIMSEMessage, primitive, assoc=None) -> bool:
             return False
     complete = _decode_msg(message, primitive, assoc)
     if assoc is not None and message._data_set_file is not None:
-        received_files(assoc).add(Path(message._data_set_file.name))
+        received_files(assoc).add(message._data_set_file.name)
     return complete
 
 
@@ -333,7 +341,8 @@ def discard_cut_off(assoc) -> int:
         except OSError:
             pass
     removed = 0
-    for path in received_files(assoc):
+    for name in received_files(assoc):
+        path = Path(name)
         try:
             path.unlink()
             removed += 1

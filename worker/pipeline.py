@@ -22,9 +22,8 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import InstanceState
-from db.queries import get_instance, record_predictions, register_model, set_state
+from db.queries import bounded_reason, get_instance, record_predictions, register_model, set_state
 from dicom_io.eligibility import EligibilityPolicy
-from dicom_io.handlers import MAX_REASON
 from dicom_io.spool import Spool
 from model.artifact import LoadedModel
 from worker.images import UnreadableInput, prepare_film
@@ -50,9 +49,8 @@ def decode_prepared(payload: str) -> np.ndarray:
 def finish_instance(sessions: sessionmaker[Session], instance_id: int, state: InstanceState, reason: str,
                     path: str | None = None, level: int = logging.INFO) -> None:
     """End ``instance_id`` in ``state`` (SKIPPED or FAILED) with ``reason``, committed, and log it. A reason
-    quoting what a file holds (a parser's message) is cut to ``MAX_REASON`` characters."""
-    if len(reason) > MAX_REASON:
-        reason = reason[:MAX_REASON] + " [...]"
+    quoting what a file holds (a parser's message) is cut to ``db.queries.MAX_REASON`` characters."""
+    reason = bounded_reason(reason)
     with sessions.begin() as session:
         set_state(session, instance_id=instance_id, state=state, reason=reason, path=path)
     log.log(level, "instance %d %s: %s", instance_id, state.value, reason)

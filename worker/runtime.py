@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -48,6 +49,12 @@ def sessions() -> sessionmaker[Session]:
         if _sessions is None or _sessions[0] != os.getpid():
             _sessions = (os.getpid(), make_sessionmaker(make_engine(current.effective_database_url)))
         return _sessions[1]
+
+
+def request_session() -> Iterator[Session]:
+    """A session per HTTP request (a FastAPI dependency of the API and the pages), closed afterwards."""
+    with sessions()() as session:
+        yield session
 
 
 def spool() -> Spool:

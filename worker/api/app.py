@@ -10,7 +10,6 @@ it, so any number of API processes give the same answers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import date
 from importlib.metadata import version as package_version
 from typing import Annotated, Any
@@ -30,12 +29,11 @@ from db.results import StudyState, list_instances, received_window, study_detail
 from worker import runtime
 from worker.api.auth import AuditMiddleware, BearerAuth
 from worker.api.metrics import PipelineCollector, broker_client
-from worker.api.schemas import ErrorDetail, Health, InstanceRow, StudyDetail, WorklistRow
+from worker.api.schemas import UID_PATTERN, ErrorDetail, Health, InstanceRow, StudyDetail, WorklistRow
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_UID = r"^[0-9]+(\.[0-9]+)*$"
 MAX_REQUEST_BODY = 64 << 10
 """No endpoint takes more; a request announcing more is refused before any route reads it."""
 MAX_HEADER_BYTES = 16 << 10
@@ -70,13 +68,7 @@ class RequestBounds:
         await self.app(scope, receive, send)
 
 
-def _session() -> Iterator[Session]:
-    """A session per request from the process's one session factory."""
-    with runtime.sessions()() as session:
-        yield session
-
-
-SessionDep = Annotated[Session, Depends(_session)]
+SessionDep = Annotated[Session, Depends(runtime.request_session)]
 Limit = Annotated[int, Query(ge=1, le=1000, description="at most this many rows")]
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1, description="skip this many rows first")]
 Since = Annotated[date | None, Query(description="received on or after this day (in PNEUMOSCREEN_TIMEZONE)")]
@@ -121,7 +113,7 @@ def _results_router(settings: Settings, auth: BearerAuth) -> APIRouter:
                 responses={404: {"model": ErrorDetail, "description": "no such study"}})
     def get_study(
         session: SessionDep,
-        study_instance_uid: Annotated[str, Path(max_length=64, pattern=_UID, description="StudyInstanceUID")],
+        study_instance_uid: Annotated[str, Path(max_length=64, pattern=UID_PATTERN, description="StudyInstanceUID")],
     ) -> dict[str, Any]:
         """The study's worklist row and each image with every model's answer."""
         detail = study_detail(session, study_instance_uid=study_instance_uid)
@@ -133,7 +125,7 @@ def _results_router(settings: Settings, auth: BearerAuth) -> APIRouter:
     def get_instances(
         request: Request, session: SessionDep,
         state: Annotated[InstanceState | None, Query(description="only images in this state")] = None,
-        study: Annotated[str | None, Query(max_length=64, pattern=_UID, description="only this study's images")] = None,
+        study: Annotated[str | None, Query(max_length=64, pattern=UID_PATTERN, description="only this study's images")] = None,
         limit: Limit = 100, offset: Offset = 0,
     ) -> list[dict[str, Any]]:
         """Every received image with its state, the reason it was skipped or failed, and its latest probability."""

@@ -11,6 +11,9 @@ from db.results import StudyState
 
 _DATE_TIME = {"format": "date-time"}
 
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+"""A DICOM UID as a path or query parameter."""
+
 
 class WorklistRow(BaseModel):
     """One study on the radiologists' worklist (a row of ``pneumoscreen worklist --json``)."""

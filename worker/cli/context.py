@@ -27,7 +27,7 @@ def setup_logging(level: str) -> None:
 
     quiet = PynetdicomNoise()
     for handler in logging.getLogger().handlers:  # a filter on the handler sees pynetdicom's child loggers too
-        handler.addFilter(lambda record: quiet.filter(record) if record.name.startswith("pynetdicom") else True)
+        handler.addFilter(quiet)
 
 
 def load_settings(**overrides) -> Settings:

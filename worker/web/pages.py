@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from datetime import date
 from pathlib import Path as FilePath
-from typing import Annotated, Any
+from typing import Annotated
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Path, Query, Request
@@ -19,9 +19,11 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db.deliveries import list_deliveries
 from db.models import DeliveryState, Instance, InstanceState
-from db.results import StudyState, deliveries, list_instances, model_versions, received_window, study_detail, worklist
+from db.results import StudyState, list_instances, model_versions, received_window, study_detail, worklist
 from worker import runtime
+from worker.api.schemas import UID_PATTERN
 from worker.images import UnreadableInput
 from worker.settings import Settings
 from worker.web.renders import RenderCache, card_plot_png, film_png, gradcam_png
@@ -42,16 +44,10 @@ log = logging.getLogger(__name__)
 TEMPLATES = Jinja2Templates(directory=FilePath(__file__).parent / "templates")
 PAGE_SIZE = 50
 REFRESH_SECONDS = 30
-_UID = r"^[0-9]+(\.[0-9]+)*$"
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
-def _session() -> Any:
-    with runtime.sessions()() as session:
-        yield session
-
-
-SessionDep = Annotated[Session, Depends(_session)]
+SessionDep = Annotated[Session, Depends(runtime.request_session)]
 
 
 def _card(settings: Settings):
@@ -170,7 +166,7 @@ def pages_router(settings: Settings, sessions: Sessions, page_auth: PageAuth) ->
 
     @router.get("/web/studies/{study_instance_uid}")
     def study_page(request: Request, session: SessionDep,
-                   study_instance_uid: Annotated[str, Path(max_length=64, pattern=_UID)],
+                   study_instance_uid: Annotated[str, Path(max_length=64, pattern=UID_PATTERN)],
                    web: WebSession = signed_in) -> HTMLResponse:
         study = study_detail(session, study_instance_uid=study_instance_uid)
         if study is None:
@@ -179,7 +175,7 @@ def pages_router(settings: Settings, sessions: Sessions, page_auth: PageAuth) ->
         card = _card(settings)
         request.state.result_count = len(study["instances"])
         return render(request, "study.html", web, study=study, versions=versions, card=card,
-                      deliveries=deliveries(session, study_instance_uid=study_instance_uid),
+                      deliveries=list_deliveries(session, study_instance_uid=study_instance_uid),
                       reporting=settings.results_destination)
 
     @router.get("/web/operations")
@@ -192,12 +188,12 @@ def pages_router(settings: Settings, sessions: Sessions, page_auth: PageAuth) ->
         return render(request, "operations.html", web, refresh=2 * REFRESH_SECONDS, snapshot=snapshot,
                       queues=queue_depths(broker), shares_broker=settings.shares_broker,
                       failures=list_instances(session, state=InstanceState.FAILED, limit=20, newest_first=True),
-                      failed_deliveries=deliveries(session, state=DeliveryState.FAILED, limit=20),
+                      failed_deliveries=list_deliveries(session, state=DeliveryState.FAILED, limit=20),
                       card=_card(settings), versions=model_versions(session))
 
     @router.get("/web/images/{sop_instance_uid}/{kind}.png")
     def image(request: Request, session: SessionDep,
-              sop_instance_uid: Annotated[str, Path(max_length=64, pattern=_UID)],
+              sop_instance_uid: Annotated[str, Path(max_length=64, pattern=UID_PATTERN)],
               kind: Annotated[str, Path(pattern="^(film|gradcam)$")], web: WebSession = signed_in) -> Response:
         path = session.scalar(select(Instance.path).where(Instance.SOPInstanceUID == sop_instance_uid))
         if path is None or not FilePath(path).is_file():

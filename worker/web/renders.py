@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from worker.images import prepare_film
+from worker.images import display_film, prepare_film
 
 MAX_SIDE = 1024
 """Films are scaled down to this on their longest side, as in the heatmaps sent to the PACS."""
@@ -65,8 +65,7 @@ def _scaled(image: np.ndarray) -> np.ndarray:
 
 def film_png(path: Path) -> bytes:
     """The film as displayed (windowed, MONOCHROME1 inverted), scaled down."""
-    film, _ = prepare_film(path)
-    return _png(_scaled(film))
+    return _png(_scaled(display_film(path)))
 
 
 def gradcam_png(path: Path, keras_model) -> bytes:
