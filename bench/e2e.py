@@ -9,6 +9,10 @@ the same run, the pure inference rate of the same model at the same batch
 size. Writes JSON.
 
     .venv/bin/python bench/e2e.py [--count 500] [--associations 2] [--listener-processes 2] [--profile DIR]
+    .venv/bin/python bench/e2e.py --topology embedded [--count 300] [--associations 1]
+
+``--topology embedded`` measures `pneumoscreen run` instead: the one process that a new user
+starts (listener, workers, beat, in-process broker, SQLite in its data dir).
 
 The listener runs as in the compose file, with 2 processes sharing the port
 (PNEUMOSCREEN_LISTENER_PROCESSES); ``--listener-processes 1`` gives the default of
@@ -27,12 +31,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
-import re
 import os
-import statistics
+import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,9 +53,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from receive import ENV, free_port, listening_sockets, make_images, scratch_postgres, send, wait_for_port  # noqa: E402
+from receive import ENV, free_port, listening_sockets, make_images, scratch_postgres, send, wait_for_port
 
-from db.models import Instance, InstanceState, Prediction  # noqa: E402
+from db.models import Instance, InstanceState, Prediction
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -116,9 +121,9 @@ class QueueSampler(threading.Thread):
     """Every 0.25 s: the broker's preprocess and inference queue lengths and the instances per state,
     to see where images wait."""
 
-    def __init__(self, redis_url: str, engine) -> None:
+    def __init__(self, redis_url: str | None, engine) -> None:
         super().__init__(daemon=True)
-        self.redis = redis.Redis.from_url(redis_url)
+        self.redis = redis.Redis.from_url(redis_url) if redis_url else None
         self.engine = engine
         self.started = time.perf_counter()
         self.timeline: list[dict] = []
@@ -128,9 +133,9 @@ class QueueSampler(threading.Thread):
         while not self._stop_event.wait(0.25):
             with self.engine.connect() as c:
                 states = dict(c.execute(select(Instance.state, func.count()).group_by(Instance.state)).all())
-            self.timeline.append({"t": round(time.perf_counter() - self.started, 2),
-                                  "preprocess_queue": self.redis.llen("preprocess"),
-                                  "inference_queue": self.redis.llen("inference"),
+            queues = {"preprocess_queue": self.redis.llen("preprocess"),
+                      "inference_queue": self.redis.llen("inference")} if self.redis else {}
+            self.timeline.append({"t": round(time.perf_counter() - self.started, 2), **queues,
                                   **{state.value: n for state, n in states.items()}})
 
     def stop(self) -> list[dict]:
@@ -155,44 +160,64 @@ def pure_inference_rate(batch_size: int, seconds: float = 10.0) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--topology", choices=["production", "embedded"], default="production")
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--associations", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--listener-processes", type=int, default=2)
     parser.add_argument("--preprocess-concurrency", type=int, default=2)
     parser.add_argument("--preprocess-pool", choices=["threads", "prefork"], default="threads")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json")
+    parser.add_argument("--out", type=Path, help="JSON report [bench/results/e2e.json or e2e-embedded.json]")
     parser.add_argument("--profile", type=Path, help="sample every process with py-spy; raw stacks go here")
     args = parser.parse_args()
+    report = measure(args)
+    print(json.dumps({key: value for key, value in report.items() if key != "timeline"}, indent=2))
+    out = args.out or ROOT / "bench" / "results" / ("e2e.json" if args.topology == "production" else
+                                                     "e2e-embedded.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
 
+
+def measure(args) -> dict:
+    """One run of the topology that ``args`` names; the report."""
+    embedded = args.topology == "embedded"
     redis_url = os.environ.get("PNEUMOSCREEN_BENCH_REDIS", "redis://127.0.0.1:6379/12")
-    redis.Redis.from_url(redis_url).flushdb()
+    if not embedded:
+        redis.Redis.from_url(redis_url).flushdb()
     procs: dict[str, subprocess.Popen] = {}
-    with scratch_postgres() as database_url, \
-            tempfile.TemporaryDirectory(prefix="pneumoscreen-e2e-", dir=ROOT / "bench") as tmp:
-        workdir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pneumoscreen-e2e-", dir=ROOT / "bench")))
+        if embedded:
+            database_url = f"sqlite:///{workdir / 'data' / 'pneumoscreen.db'}"
+        else:
+            database_url = stack.enter_context(scratch_postgres())
         try:
             (workdir / "images").mkdir()
             files = make_images(workdir / "images", args.count)
             port = free_port()
             env = {k: v for k, v in ENV.items() if not k.startswith("PNEUMOSCREEN_")}
-            env.update({"PNEUMOSCREEN_DATABASE_URL": database_url, "PNEUMOSCREEN_BROKER_URL": redis_url,
-                        "PNEUMOSCREEN_DATA_DIR": str(workdir / "data"), "PNEUMOSCREEN_PORT": str(port),
+            env.update({"PNEUMOSCREEN_DATA_DIR": str(workdir / "data"), "PNEUMOSCREEN_PORT": str(port),
                         "PNEUMOSCREEN_STUDY_QUIET_SECONDS": "1", "PNEUMOSCREEN_LOG_LEVEL": "WARNING",
-                        "PNEUMOSCREEN_MIN_FREE_MB": "64", "PNEUMOSCREEN_INFERENCE_BATCH_SIZE": str(args.batch_size),
-                        "PNEUMOSCREEN_LISTENER_PROCESSES": str(args.listener_processes)})
+                        "PNEUMOSCREEN_MIN_FREE_MB": "64", "PNEUMOSCREEN_INFERENCE_BATCH_SIZE": str(args.batch_size)})
+            if not embedded:
+                env.update({"PNEUMOSCREEN_DATABASE_URL": database_url, "PNEUMOSCREEN_BROKER_URL": redis_url,
+                            "PNEUMOSCREEN_LISTENER_PROCESSES": str(args.listener_processes)})
             cli = [sys.executable, "-m", "worker.cli"]
             subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True, cwd=ROOT)
-            commands = {"listener": ["listen"],
-                        "preprocess": ["worker", "--queues", "preprocess,maintenance", "--pool", args.preprocess_pool,
-                                       "--concurrency", str(args.preprocess_concurrency)],
-                        "inference": ["worker", "--queues", "inference"]}
+            if embedded:
+                commands = {"run": ["run"]}
+            else:
+                commands = {"listener": ["listen"],
+                            "preprocess": ["worker", "--queues", "preprocess,maintenance", "--pool",
+                                           args.preprocess_pool, "--concurrency", str(args.preprocess_concurrency)],
+                            "inference": ["worker", "--queues", "inference"]}
             for name, command in commands.items():
                 procs[name] = subprocess.Popen([*cli, *command], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                                stderr=open(workdir / f"{name}.log", "wb"))
             wait_for_port(port)
+            processes = 1 if embedded else args.listener_processes
             deadline = time.monotonic() + 60
-            while listening_sockets(port) < args.listener_processes:
+            while listening_sockets(port) < processes:
                 if time.monotonic() > deadline:
                     raise TimeoutError("the listener processes did not all start")
                 time.sleep(0.2)
@@ -201,19 +226,19 @@ def main() -> None:
             engine = create_engine(database_url)
             cpu_before = {name: cpu_seconds(p.pid) for name, p in procs.items()}
             profilers = start_profilers(procs, args.profile) if args.profile else {}
-            sampler = QueueSampler(redis_url, engine)
+            sampler = QueueSampler(None if embedded else redis_url, engine)
             sampler.start()
             started = time.perf_counter()
             send_seconds = send(port, "PNEUMOSCREEN", files, args.associations)
             while True:
                 with engine.connect() as c:
-                    done = c.execute(select(Instance.id).where(Instance.state.in_(
-                        [InstanceState.PREDICTED, InstanceState.SKIPPED, InstanceState.FAILED]))).all()
-                if len(done) >= len(files):
+                    done = c.execute(select(func.count()).where(Instance.state.in_(
+                        [InstanceState.PREDICTED, InstanceState.SKIPPED, InstanceState.FAILED]))).scalar_one()
+                if done >= len(files):
                     break
                 if time.perf_counter() - started > 1800:
-                    raise TimeoutError(f"only {len(done)} of {len(files)} done after 30 minutes")
-                time.sleep(0.2)
+                    raise TimeoutError(f"only {done} of {len(files)} done after 30 minutes")
+                time.sleep(0.1)
             total_seconds = time.perf_counter() - started
             timeline = sampler.stop()
             cpu_ms = {name: round(1000 * (cpu_seconds(p.pid) - cpu_before[name]) / len(files), 1)
@@ -235,22 +260,29 @@ def main() -> None:
                     p.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     p.kill()
-            redis.Redis.from_url(redis_url).flushdb()
+            if not embedded:
+                redis.Redis.from_url(redis_url).flushdb()
 
     states = {s.value: sum(1 for r in rows if r.state == s) for s in InstanceState}
     latencies = sorted((r[2] - r[1]).total_seconds() for r in rows if r[1] is not None and r[2] is not None)
     pure = pure_inference_rate(args.batch_size)
     rate = len(files) / total_seconds
+    forward_ms = 1000 / pure
     report = {
-        "count": len(files), "associations": args.associations, "listener_processes": args.listener_processes,
-        "preprocess": f"{args.preprocess_pool} x {args.preprocess_concurrency}",
+        "topology": args.topology, "count": len(files), "associations": args.associations,
+        "listener_processes": 1 if embedded else args.listener_processes,
+        "preprocess": None if embedded else f"{args.preprocess_pool} x {args.preprocess_concurrency}",
         "batch_size": args.batch_size,
         "send_seconds": round(send_seconds, 2), "total_seconds": round(total_seconds, 2),
         "images_per_second": round(rate, 1), "states": states,
         "latency_dispatch_to_result_seconds": {
             "p50": round(statistics.median(latencies), 3),
             "p95": round(latencies[int(0.95 * (len(latencies) - 1))], 3), "max": round(latencies[-1], 3)},
-        "peak_rss_mb": rss, "cpu_ms_per_image": cpu_ms, "pure_inference_images_per_second": round(pure, 1),
+        "peak_rss_mb": rss, "cpu_ms_per_image": cpu_ms,
+        "cpu_ms_per_image_total": round(sum(cpu_ms.values()), 1),
+        "forward_pass_ms_per_image": round(forward_ms, 1),
+        "cpu_ms_per_image_around_the_model": round(sum(cpu_ms.values()) - forward_ms, 1),
+        "pure_inference_images_per_second": round(pure, 1),
         "fraction_of_pure_inference": round(rate / pure, 3),
         "max_waiting": {key: max((point.get(key, 0) for point in timeline), default=0)
                         for key in ("RECEIVED", "preprocess_queue", "inference_queue")},
@@ -258,9 +290,7 @@ def main() -> None:
     }
     if args.profile:
         report["profile"] = {name: top_functions(args.profile / f"{name}.txt") for name in procs}
-    print(json.dumps({key: value for key, value in report.items() if key != "timeline"}, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 if __name__ == "__main__":

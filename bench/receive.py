@@ -1,4 +1,4 @@
-"""Receive throughput: pneumoscreen's listener against dcmtk's storescp.
+"""Receive throughput: pneumoscreen's listener against Orthanc and dcmtk's storescp.
 
 N (default 300) CR images of about 2 MB each are sent with dcmtk's storescu
 (TCP_NODELAY=1 on both ends) over 1 and over 4 parallel associations, into
@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 FIXTURE = ROOT / "tests" / "fixtures" / "images" / "PNEUMONIA" / "person1003_virus_1685.jpeg"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
+DCMTK = Path("/usr/bin")
+"""dcmtk's tools, by full path: pynetdicom installs console scripts of the same names in the venv."""
 
 
 def free_port() -> int:
@@ -103,7 +105,7 @@ def send(port: int, aec: str, files: list[Path], associations: int) -> float:
     """Seconds to send ``files`` over ``associations`` parallel storescu processes."""
     chunks = [files[i::associations] for i in range(associations)]
     started = time.perf_counter()
-    procs = [subprocess.Popen([shutil.which("storescu"), "-aec", aec, "127.0.0.1", str(port), *map(str, chunk)],
+    procs = [subprocess.Popen([str(DCMTK / "storescu"), "-aec", aec, "127.0.0.1", str(port), *map(str, chunk)],
                               env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for chunk in chunks]
     failed = [p.stderr.read().decode() for p in procs if p.wait() != 0]
     elapsed = time.perf_counter() - started
@@ -135,12 +137,28 @@ def run_storescp(workdir: Path, files: list[Path], associations: int) -> float:
     port = free_port()
     out = workdir / "storescp"
     out.mkdir()
-    seconds = serve_and_send([shutil.which("storescp"), "--fork", "-od", str(out), str(port)], ENV, port,
+    seconds = serve_and_send([str(DCMTK / "storescp"), "--fork", "-od", str(out), str(port)], ENV, port,
                              "STORESCP", files, associations, workdir / "storescp.log")
     received = len(list(out.iterdir()))
     if received != len(files):
         raise RuntimeError(f"storescp kept {received} of {len(files)} files")
     shutil.rmtree(out)
+    return seconds
+
+
+def run_orthanc(workdir: Path, files: list[Path], associations: int) -> float:
+    """Orthanc (Debian's package) as a PACS receives: it stores each file and indexes it in SQLite."""
+    from tests.helpers.orthanc import Orthanc
+
+    orthanc = Orthanc(workdir / "orthanc", modalities={})
+    try:
+        seconds = send(orthanc.dicom_port, orthanc.aet, files, associations)
+        received = orthanc.get("/statistics")["CountInstances"]
+    finally:
+        orthanc.stop()
+    if received != len(files):
+        raise RuntimeError(f"Orthanc kept {received} of {len(files)} files")
+    shutil.rmtree(workdir / "orthanc")
     return seconds
 
 
@@ -226,7 +244,7 @@ def main() -> None:
         serve_pynetdicom_alone(int(args.serve_pynetdicom_alone[0]), Path(args.serve_pynetdicom_alone[1]))
         return
     for tool in ("storescu", "storescp"):
-        if shutil.which(tool) is None:
+        if not (DCMTK / tool).is_file():
             sys.exit(f"dcmtk's {tool} is needed (apt-get install dcmtk)")
 
     with tempfile.TemporaryDirectory(prefix="pneumoscreen-bench-", dir=ROOT / "bench") as tmp:
@@ -239,6 +257,7 @@ def main() -> None:
         shared = f"pneumoscreen_{args.listener_processes}_processes"
         for associations in (1, 4):
             receivers = {"storescp": lambda: run_storescp(workdir, files, associations),
+                         "orthanc": lambda: run_orthanc(workdir, files, associations),
                          "pneumoscreen": lambda: run_pneumoscreen(workdir, files, associations, args.database_url),
                          "pynetdicom_alone": lambda: run_pynetdicom_alone(workdir, files, associations)}
             if associations > 1 and args.listener_processes > 1:
@@ -256,14 +275,19 @@ def main() -> None:
             reference = row["storescp"]["instances_per_second"]
             row["ratio"] = row["pneumoscreen"]["instances_per_second"] / reference
             row["ratio_pynetdicom_alone"] = row["pynetdicom_alone"]["instances_per_second"] / reference
+            orthanc = row["orthanc"]["instances_per_second"]
+            row["ratio_to_orthanc"] = row["pneumoscreen"]["instances_per_second"] / orthanc
             line = (f"{associations} association(s): storescp {reference:.1f} inst/s "
                     f"({row['storescp']['mb_per_second']:.0f} MB/s), pneumoscreen "
                     f"{row['pneumoscreen']['instances_per_second']:.1f} inst/s "
-                    f"({row['pneumoscreen']['mb_per_second']:.0f} MB/s), ratio {row['ratio']:.2f}; "
+                    f"({row['pneumoscreen']['mb_per_second']:.0f} MB/s), ratio {row['ratio']:.2f}; Orthanc "
+                    f"{orthanc:.1f} inst/s, pneumoscreen/Orthanc {row['ratio_to_orthanc']:.2f}; "
                     f"pynetdicom alone {row['pynetdicom_alone']['instances_per_second']:.1f} inst/s, ratio "
                     f"{row['ratio_pynetdicom_alone']:.2f}")
             if shared in row:
                 row[f"ratio_{args.listener_processes}_processes"] = row[shared]["instances_per_second"] / reference
+                row[f"ratio_to_orthanc_{args.listener_processes}_processes"] = \
+                    row[shared]["instances_per_second"] / orthanc
                 line += (f"; {args.listener_processes} listener processes (PostgreSQL) "
                          f"{row[shared]['instances_per_second']:.1f} inst/s, ratio "
                          f"{row[f'ratio_{args.listener_processes}_processes']:.2f}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import TERMINAL_STATES, Instance, InstanceState, ModelVersion, Prediction, Series, Study, utcnow
@@ -125,13 +125,21 @@ def claim_quiet_instances(session: Session, *, quiet_since: datetime, limit: int
     return ids
 
 
-def stale_instances(session: Session, *, older_than: datetime, limit: int = 500) -> list[tuple[int, InstanceState]]:
+def stale_instances(session: Session, *, older_than: datetime, sent_before: dict[InstanceState, datetime] | None = None,
+                    limit: int = 500) -> list[tuple[int, InstanceState]]:
     """Instances left QUEUED or PREPROCESSED since before ``older_than`` (lost messages), locked
-    until the session ends (PostgreSQL; rows another session holds are skipped)."""
+    until the session ends (PostgreSQL; rows another session holds are skipped).
+
+    ``sent_before``: per state, a time before which its messages can no longer be waiting in their
+    queue (the oldest message still waiting there was sent later); an instance sent after it may
+    only be behind a backlog, and is left alone.
+    """
+    limits = {state: min(older_than, (sent_before or {}).get(state, older_than))
+              for state in (InstanceState.QUEUED, InstanceState.PREPROCESSED)}
     stmt = (
         select(Instance.id, Instance.state)
-        .where(Instance.state.in_([InstanceState.QUEUED, InstanceState.PREPROCESSED]),
-               Instance.updated_at <= older_than)
+        .where(or_(*(and_(Instance.state == state, Instance.updated_at <= limit_at)
+                     for state, limit_at in limits.items())))
         .order_by(Instance.id)
         .limit(limit)
         .with_for_update(skip_locked=True)  # two reconcilers at once do not both send the same instance

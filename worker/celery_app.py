@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+
 from celery import Celery
 from celery.schedules import crontab
 
@@ -11,6 +15,12 @@ PREPROCESS_QUEUE = "preprocess"
 INFERENCE_QUEUE = "inference"
 MAINTENANCE_QUEUE = "maintenance"
 ALL_QUEUES = (PREPROCESS_QUEUE, INFERENCE_QUEUE, MAINTENANCE_QUEUE)
+SENT_AT = "pneumoscreen_sent_at"
+"""Message header: when the message was sent (seconds since the epoch), after its instance's row was
+written; the reconciler compares it with the rows' ``updated_at`` to tell a message that is still
+waiting in its queue from a lost one."""
+
+log = logging.getLogger(__name__)
 
 app = Celery("pneumoscreen", include=["worker.tasks"])
 app.conf.update(
@@ -31,6 +41,33 @@ app.conf.update(
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )
+
+
+def sent_now() -> dict[str, float]:
+    """The headers of a pipeline message sent now."""
+    return {SENT_AT: time.time()}
+
+
+def oldest_waiting(queue: str) -> float | None:
+    """When the message that has waited longest in ``queue`` was sent (seconds since the epoch);
+    None when the queue is empty, the message carries no time, or the broker cannot say (it is
+    neither Redis nor the in-process broker, or it is unreachable)."""
+    try:
+        with app.connection_for_read() as connection:
+            channel = connection.default_channel
+            if connection.transport.driver_type == "memory":
+                waiting = channel.queues.get(queue)
+                message = waiting.queue[0] if waiting is not None and waiting.queue else None
+            elif connection.transport.driver_type == "redis":
+                raw = channel.client.lindex(queue, -1)  # kombu pushes on the left and takes from the right
+                message = json.loads(raw) if raw else None
+            else:
+                return None
+    except Exception as exc:  # noqa: BLE001 - an unreadable queue leaves the reconciler as it was
+        log.warning("could not look at the %s queue: %s: %s", queue, type(exc).__name__, exc)
+        return None
+    sent_at = (message or {}).get("headers", {}).get(SENT_AT)
+    return float(sent_at) if isinstance(sent_at, (int, float)) else None
 
 
 def configure_app(settings: Settings) -> Celery:

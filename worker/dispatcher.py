@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from kombu.exceptions import KombuError
 from sqlalchemy.exc import SQLAlchemyError
@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import InstanceState, utcnow
 from db.queries import claim_quiet_instances, stale_instances, touch_instances
-from worker.celery_app import app
+from worker.celery_app import INFERENCE_QUEUE, PREPROCESS_QUEUE, app, oldest_waiting, sent_now
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def _send(ids: list[int]) -> None:
         return
     with app.producer_or_acquire() as producer:  # one broker producer for the whole round
         for instance_id in ids:
-            app.send_task("pneumoscreen.preprocess", args=[instance_id], producer=producer)
+            app.send_task("pneumoscreen.preprocess", args=[instance_id], producer=producer, headers=sent_now())
 
 
 def dispatch_quiet(sessions: sessionmaker[Session], *, quiet_seconds: float) -> int:
@@ -44,11 +44,23 @@ def dispatch_quiet(sessions: sessionmaker[Session], *, quiet_seconds: float) -> 
     return len(ids)
 
 
+#: a message is sent shortly after its row is written: this much earlier than the oldest message still
+#: waiting in a queue, a row's message cannot be among those waiting
+SEND_SLACK = timedelta(seconds=30)
+
+
 def reconcile(sessions: sessionmaker[Session], *, older_than_seconds: float) -> int:
-    """Send again what has been in flight longer than ``older_than_seconds``, and dispatch
-    RECEIVED instances of studies quiet that long (in case no listener is dispatching)."""
+    """Send again what has been in flight longer than ``older_than_seconds`` and is not still
+    waiting behind a backlog in its queue, and dispatch RECEIVED instances of studies quiet that
+    long (in case no listener is dispatching)."""
+    sent_before = {}
+    for state, queue in ((InstanceState.QUEUED, PREPROCESS_QUEUE), (InstanceState.PREPROCESSED, INFERENCE_QUEUE)):
+        oldest = oldest_waiting(queue)
+        if oldest is not None:
+            sent_before[state] = datetime.fromtimestamp(oldest, timezone.utc) - SEND_SLACK
     with sessions.begin() as session:
-        stale = stale_instances(session, older_than=utcnow() - timedelta(seconds=older_than_seconds))
+        stale = stale_instances(session, older_than=utcnow() - timedelta(seconds=older_than_seconds),
+                                sent_before=sent_before)
         ids = [instance_id for instance_id, _ in stale]
         if ids:
             touch_instances(session, ids=ids, state=InstanceState.QUEUED)

@@ -24,7 +24,7 @@ from dicom_io.scu import DeliveryError
 from model.artifact import read_card
 from model.preprocessing import PREPROCESSING_VERSION
 from worker import delivery, dispatcher, pipeline, rescreen, runtime
-from worker.celery_app import app
+from worker.celery_app import app, sent_now
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def preprocess(instance_id: int, model_dir: str | None = None, expected_preproce
     if prepared is not None:
         kwargs = {"preprocessing": PREPROCESSING_VERSION, **({"model_dir": model_dir} if model_dir else {})}
         infer.apply_async(args=[instance_id, pipeline.encode_prepared(prepared)], kwargs=kwargs,
-                          argsrepr=f"({instance_id}, <prepared image>)")
+                          argsrepr=f"({instance_id}, <prepared image>)", headers=sent_now())
 
 
 @app.task(name="pneumoscreen.infer", base=InstanceTask, **_RETRY)
@@ -82,7 +82,7 @@ def infer(instance_id: int, prepared: str, model_dir: str | None = None, preproc
                  "prepared again", instance_id, preprocessing, model.card.preprocessing_version)
         kwargs = {"expected_preprocessing": model.card.preprocessing_version,
                   **({"model_dir": model_dir} if model_dir else {})}
-        preprocess.apply_async(args=[instance_id], kwargs=kwargs)
+        preprocess.apply_async(args=[instance_id], kwargs=kwargs, headers=sent_now())
         return
     image = pipeline.decode_prepared(prepared)
     # stored with the rest of its batch before it returns

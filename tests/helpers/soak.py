@@ -308,9 +308,10 @@ class SoakReport:
 class Soak:
     def __init__(self, workdir: Path, *, count: int, seed: int = 19, associations: int = 4,
                  kills_per_kind: int = 3, redis_restarts: int = 2, postgres_restarts: int = 1,
-                 listener_processes: int = 2, send_seconds: float = 3600, drain_seconds: float = 900) -> None:
+                 listener_processes: int = 2, reconcile_after_seconds: float = 120, send_seconds: float = 3600,
+                 drain_seconds: float = 900) -> None:
         self.workdir, self.count, self.seed, self.associations = workdir, count, seed, associations
-        self.listener_processes = listener_processes
+        self.listener_processes, self.reconcile_after_seconds = listener_processes, reconcile_after_seconds
         self.schedule = fault_schedule(seed, kills_per_kind, redis_restarts, postgres_restarts)
         self.send_seconds, self.drain_seconds = send_seconds, drain_seconds
         self.lanes = plan(count, seed, associations)
@@ -323,8 +324,9 @@ class Soak:
         sink = ReportSink()
         topology = Topology(self.workdir, listener_processes=self.listener_processes,
                             results_destination=sink.destination, study_quiet_seconds=2,
-                            reconcile_after_seconds=120, reconcile_interval_seconds=10, inference_batch_size=32,
-                            min_free_mb=64, log_level="WARNING")
+                            reconcile_after_seconds=self.reconcile_after_seconds,
+                            reconcile_interval_seconds=min(10.0, self.reconcile_after_seconds / 4),
+                            inference_batch_size=32, min_free_mb=64, log_level="WARNING")
         monitor = Monitor(topology)
         try:
             wait_until(lambda: len(topology.receiver_pids()) == self.listener_processes - 1, timeout=60,
