@@ -5,11 +5,13 @@ Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``
 and ``<quarantine>/<YYYYMMDD>/<name>.dcm`` with ``<name>.reason.txt``.
 A file first gets a temporary name in its final folder and is fsync'd, then
 is renamed over its final name and the folder is fsync'd, so a crash never
-leaves a half-written instance under a real name.
+leaves a half-written instance under a real name; the temporary names carry the
+writer's pid, and ``sweep_partial`` removes those whose writer has died.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -50,6 +52,23 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+PARTIAL_PREFIX = ".incoming-"
+"""``.incoming-<pid>-<random>.part``: a file being brought into the spool by process ``pid``."""
+
+
+def _writer_alive(name: str) -> bool:
+    pid = name[len(PARTIAL_PREFIX):].split("-", 1)[0]
+    if not pid.isdigit():
+        return False  # named before the writer's pid was part of the name: from an earlier run
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
+
+
 class Spool:
     def __init__(self, root: str | Path, *, quarantine_root: str | Path | None = None,
                  min_free_bytes: int = 0) -> None:
@@ -73,7 +92,7 @@ class Spool:
         A rename when both are on one file system (no copy), a copy otherwise.
         """
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=".incoming-", suffix=".part")
+        fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f"{PARTIAL_PREFIX}{os.getpid()}-", suffix=".part")
         os.close(fd)
         tmp = Path(tmp_name)
         try:
@@ -86,6 +105,19 @@ class Spool:
             tmp.unlink(missing_ok=True)
             raise
         return tmp
+
+    def sweep_partial(self) -> int:
+        """Remove the temporary files of ``adopt`` whose process has died (killed between bringing
+        a file in and naming it, so no row refers to them); returns how many."""
+        removed = 0
+        for root in (self.root, self.quarantine_root):
+            for folder, _, names in os.walk(root):
+                for name in names:
+                    if name.startswith(PARTIAL_PREFIX) and name.endswith(".part") and not _writer_alive(name):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(folder, name))
+                            removed += 1
+        return removed
 
     @staticmethod
     def commit(tmp: Path, final: Path) -> None:

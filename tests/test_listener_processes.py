@@ -148,3 +148,35 @@ def test_datasets_are_received_beside_the_spool_and_leftovers_of_a_cut_associati
     assert len(cli_json("instances", env=env)) == 1
     assert list(incoming.iterdir()) == [] and list(system_tmp.iterdir()) == []
     assert "removed 1 partly received file(s)" in listener.log()
+
+
+def test_files_a_dead_listener_process_was_bringing_into_the_spool_are_removed(tmp_path, pg_url, redis_url,
+                                                                                processes):
+    """A process killed between moving a received file beside its final name and naming it leaves a
+    ``.incoming-<pid>-*.part`` that no row refers to: removed when the listener starts, and when one
+    of its receivers died; the file of a process still alive stays."""
+    folder = tmp_path / "data" / "spool" / "1.2.3" / "1.2.3.4"
+    folder.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    before = [folder / f".incoming-{dead.pid}-abc.part", folder / ".incoming-xyz.part"]  # an earlier naming too
+    alive_writer = folder / f".incoming-{os.getpid()}-def.part"
+    for path in (*before, alive_writer):
+        path.write_bytes(b"\0" * 100)
+    port = free_port()
+    env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", port=port,
+                  listener_processes=2, study_quiet_seconds=86400)
+    run_cli("db", "upgrade", env=env)
+    listener = Process(["listen"], env, tmp_path / "listen.log")
+    processes.append(listener)
+    wait_for_port(port, listener.proc)
+    wait_until(lambda: not any(p.exists() for p in before), timeout=30, what="the partial files removed at start")
+    assert alive_writer.exists()
+
+    [receiver] = wait_until(lambda: receivers_of(listener.proc.pid), timeout=30, what="the receiver")
+    left_by_receiver = folder / f".incoming-{receiver}-ghi.part"
+    left_by_receiver.write_bytes(b"\0" * 100)
+    os.kill(receiver, signal.SIGKILL)
+    wait_until(lambda: not left_by_receiver.exists(), timeout=30, what="the dead receiver's partial file removed")
+    assert alive_writer.exists()
+    assert "partly stored file(s) of a listener process that died" in listener.log()

@@ -39,8 +39,6 @@ from worker.images import prepare_film
 
 log = logging.getLogger(__name__)
 
-#: a SENDING claim older than this belongs to a sender that died
-CLAIM_TIMEOUT = timedelta(minutes=15)
 
 
 def request_reports(sessions: sessionmaker[Session], *, instance_ids: list[int], model_version: str,
@@ -98,14 +96,16 @@ def build_heatmaps(job: DeliveryJob, keras_model, *, which: str) -> list[Dataset
 
 
 def deliver(sessions: sessionmaker[Session], delivery_id: int, *, calling_ae: str, heatmaps: str = "none",
-            keras_model: Callable[[], object] | None = None, timeout: float = 30.0) -> str:
-    """Claim, build and send one study's report; returns what happened.
+            keras_model: Callable[[], object] | None = None, timeout: float = 30.0,
+            claim_seconds: float = 900.0) -> str:
+    """Claim, build and send one study's report; returns what happened. A claim older than
+    ``claim_seconds`` belongs to a sender that died, and is taken over.
 
     Raises ``DeliveryError`` when the destination did not take it (the caller
     retries and finally calls ``give_up``); the claim is released first.
     """
     with sessions.begin() as session:
-        if not claim_delivery(session, delivery_id=delivery_id, stale_before=utcnow() - CLAIM_TIMEOUT):
+        if not claim_delivery(session, delivery_id=delivery_id, stale_before=utcnow() - timedelta(seconds=claim_seconds)):
             return "not claimed: already sent, being sent, or unknown"
         job = delivery_job(session, delivery_id=delivery_id)
     if job is None or not job.images:

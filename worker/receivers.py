@@ -90,8 +90,9 @@ class Receivers:
         for index in range(self.count):
             self._start(index)
 
-    def check(self) -> None:
-        """Start again any receiver that has exited (at most once per ``restart_delay``)."""
+    def check(self) -> bool:
+        """Start again any receiver that has exited (at most once per ``restart_delay``); True if one was."""
+        restarted = False
         for index, proc in enumerate(self._procs):
             if proc is None or proc.poll() is None:
                 continue
@@ -100,6 +101,8 @@ class Receivers:
             log.error("receiver %d (pid %d) exited with status %s; starting it again", index + 1, proc.pid,
                       proc.returncode)
             self._start(index)
+            restarted = True
+        return restarted
 
     def stop(self, timeout: float = 30.0) -> None:
         running = [p for p in self._procs if p is not None and p.poll() is None]

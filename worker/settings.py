@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     results_heatmaps: Literal["none", "flagged", "all"] = Field(
         "none", description="also send a Grad-CAM Secondary Capture for these images (loads the model for it)")
     results_max_retries: int = Field(8, ge=0, le=100, description="re-tries of a report the PACS did not take")
+    results_claim_seconds: float = Field(900.0, ge=10.0, description="a report still being sent after this long has "
+                                         "lost its sender (a killed worker) and is sent again")
     api_host: str = Field("127.0.0.1", description="address of the HTTP API")
     api_port: int = Field(8080, ge=1, le=65535)
     api_token: SecretStr | None = Field(None, description="bearer token the HTTP API requires")

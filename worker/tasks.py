@@ -101,7 +101,7 @@ def deliver_results(self, delivery_id: int) -> str:
     settings = runtime.settings()
     try:
         return delivery.deliver(runtime.sessions(), delivery_id, calling_ae=settings.ae_title,
-                               heatmaps=settings.results_heatmaps,
+                               heatmaps=settings.results_heatmaps, claim_seconds=settings.results_claim_seconds,
                                keras_model=lambda: runtime.load_model().keras_model)
     except DeliveryError as exc:
         if self.request.retries >= settings.results_max_retries:

@@ -326,6 +326,7 @@ class Soak:
                             results_destination=sink.destination, study_quiet_seconds=2,
                             reconcile_after_seconds=self.reconcile_after_seconds,
                             reconcile_interval_seconds=min(10.0, self.reconcile_after_seconds / 4),
+                            results_claim_seconds=max(10.0, self.reconcile_after_seconds),
                             inference_batch_size=32, min_free_mb=64, log_level="WARNING")
         monitor = Monitor(topology)
         try:

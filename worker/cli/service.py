@@ -68,6 +68,23 @@ def _receive_into_data_dir(settings: Settings, *, clear: bool) -> None:
     tempfile.tempdir = str(incoming)
 
 
+def _sweep_partial_files() -> None:
+    """Remove, in a thread (a large spool takes a while to walk), the files that a listener process
+    which died was bringing into the spool."""
+    from worker import runtime
+
+    def sweep() -> None:
+        try:
+            removed = runtime.spool().sweep_partial()
+        except OSError as exc:
+            log.error("could not clean the spool of partly stored files: %s", exc)
+            return
+        if removed:
+            log.warning("removed %d partly stored file(s) of a listener process that died", removed)
+
+    threading.Thread(target=sweep, name="pneumoscreen-spool-sweep", daemon=True).start()
+
+
 listener_options = [
     click.option("--data-dir", type=click.Path(path_type=Path), help="spool, SQLite database, logs [PNEUMOSCREEN_DATA_DIR]"),
     click.option("--host", help="address to listen on [PNEUMOSCREEN_HOST, 127.0.0.1]"),
@@ -101,6 +118,7 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
     lock = _lock_data_dir(settings)
     _receive_into_data_dir(settings, clear=True)
     upgrade(settings.effective_database_url)
+    _sweep_partial_files()
     app = configure_app(settings)
     # the in-process broker starts empty: whatever was in flight when the last run stopped goes again
     resent = reconcile(sessions(), older_than_seconds=0)
@@ -176,6 +194,7 @@ def listen(data_dir, host, port, ae_title, receiver) -> None:
         stack.callback(server.shutdown)
         receivers = Receivers.for_listen(settings.listener_processes - 1, data_dir=settings.data_dir,
                                          host=settings.host, port=settings.port, ae_title=settings.ae_title)
+        _sweep_partial_files()  # before any receiver runs: every writer of an earlier run is gone
         receivers.start()
         stack.callback(receivers.stop)
         if shared:
@@ -186,7 +205,8 @@ def listen(data_dir, host, port, ae_title, receiver) -> None:
         stack.callback(dispatcher.stop)
         try:
             while dispatcher.is_alive() and not stopping.wait(0.5):
-                receivers.check()
+                if receivers.check():
+                    _sweep_partial_files()
         except KeyboardInterrupt:
             pass
         log.info("stopping the listener")
