@@ -22,6 +22,8 @@ waiting in its queue from a lost one."""
 
 log = logging.getLogger(__name__)
 
+MEMORY_POLLING_SECONDS = 0.005
+
 app = Celery("pneumoscreen", include=["worker.tasks"])
 app.conf.update(
     task_routes={
@@ -79,6 +81,11 @@ def configure_app(settings: Settings) -> Celery:
         # (each message names its encoding: messages queued by an older version still decode)
         app.conf.broker_transport_options = {"visibility_timeout": settings.broker_visibility_timeout,
                                              "body_encoding": "utf-8"}
+    elif settings.broker_url.startswith("memory"):
+        # `run`'s in-process broker is polled: when every worker thread holds a message (the
+        # prefetch limit), kombu sleeps the polling interval before it looks again, 1 s by default,
+        # which left the threads idle most of the time
+        app.conf.broker_transport_options = {"polling_interval": MEMORY_POLLING_SECONDS}
     app.conf.timezone = settings.timezone
     schedule = {"reconcile": {"task": "pneumoscreen.reconcile", "schedule": settings.reconcile_interval_seconds}}
     if settings.rescreen_schedule:
