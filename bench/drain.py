@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from e2e import cpu_seconds, pure_inference_rate  # noqa: E402
-from receive import ENV, scratch_postgres  # noqa: E402
+from e2e import cpu_seconds, pure_inference_rate
+from receive import ENV, scratch_postgres
 
 
 def queue_prepared(database_url: str, redis_url: str, count: int) -> None:
