@@ -1,6 +1,6 @@
 """How close one inference worker comes to the model alone: N (default 2,000) prepared images
-are queued in Redis exactly as preprocess workers queue them (one `pneumoscreen.infer` message
-each, instance rows PREPROCESSED in a scratch PostgreSQL database), then one `pneumoscreen
+are queued in Redis exactly as preprocess workers queue them (`pneumoscreen.infer` messages of
+up to 8 images, instance rows PREPROCESSED in a scratch PostgreSQL database), then one `pneumoscreen
 worker --queues inference` drains them. Reports images/s from its first stored answer to its
 last, and, in the same run on the same CPUs, the pure inference rate of the same model at the
 same batch size; the ratio is the worker's share of the model's speed. Writes JSON.
@@ -42,7 +42,7 @@ def queue_prepared(database_url: str, redis_url: str, count: int) -> None:
     from db.session import make_engine, make_sessionmaker
     from model.preprocessing import PREPROCESSING_VERSION
     from worker import pipeline
-    from worker.celery_app import configure_app
+    from worker.celery_app import configure_app, in_messages, sent_now
     from worker.settings import Settings
     from worker.tasks import infer
 
@@ -63,9 +63,9 @@ def queue_prepared(database_url: str, redis_url: str, count: int) -> None:
             ids.append(instance_id)
         for instance_id in ids:
             set_state(session, instance_id=instance_id, state=InstanceState.PREPROCESSED)
-    for n, instance_id in enumerate(ids):
-        infer.apply_async(args=[instance_id, pipeline.encode_prepared(images[n % len(images)])],
-                          kwargs={"preprocessing": PREPROCESSING_VERSION})
+    for chunk in in_messages(ids):
+        infer.apply_async(args=[chunk, [pipeline.encode_prepared(images[i % len(images)]) for i in chunk]],
+                          kwargs={"preprocessing": PREPROCESSING_VERSION}, headers=sent_now())
     engine.dispose()
 
 

@@ -122,3 +122,15 @@ def test_a_lone_answer_that_cannot_be_stored_reaches_its_caller(sessions, instan
 def test_bad_batch_settings_are_refused(sessions, kwargs):
     with pytest.raises(ValueError):
         BatchPredictor(sessions, CountingModel(), **kwargs)
+
+
+def test_the_images_of_one_message_are_answered_in_order_and_stored_before_it_returns(sessions, instance_ids):
+    model = CountingModel()
+    predictor = BatchPredictor(sessions, model, max_batch=32, max_wait_ms=50)
+    ids = instance_ids[:8]
+    assert predictor.predict_many(ids, [_image(10 * n) for n in range(8)], timeout=30) == \
+        pytest.approx([10 * n / 255 for n in range(8)])
+    assert model.batch_sizes == [8]  # one message's images share the forward pass
+    assert len(_stored(sessions)) == 8
+    with pytest.raises(ValueError, match="8 instance ids for 7 images"):
+        predictor.predict_many(ids, [_image(0)] * 7)

@@ -14,7 +14,7 @@ from db.models import Instance, InstanceState, utcnow
 from db.queries import claim_quiet_instances
 from tests.helpers.records import receive
 from worker import dispatcher
-from worker.celery_app import PREPROCESS_QUEUE, app, configure_app, oldest_waiting, sent_now
+from worker.celery_app import PREPROCESS_QUEUE, app, configure_app, in_messages, oldest_waiting, sent_now
 from worker.settings import Settings
 
 
@@ -54,15 +54,16 @@ def _age(sessions, ids: list[int], minutes: float) -> None:
 
 def test_instances_whose_messages_still_wait_in_the_queue_are_not_sent_again(sessions, broker):
     ids = _queue_study(sessions, 20)
-    assert broker.llen(PREPROCESS_QUEUE) == 20 and oldest_waiting(PREPROCESS_QUEUE) is not None
+    messages = len(in_messages(ids))
+    assert broker.llen(PREPROCESS_QUEUE) == messages and oldest_waiting(PREPROCESS_QUEUE) is not None
     # in flight longer than the reconciler waits, but their messages were sent no earlier than the
     # oldest one still waiting: a backlog, not a loss
     assert dispatcher.reconcile(sessions, older_than_seconds=0) == 0
-    assert broker.llen(PREPROCESS_QUEUE) == 20
+    assert broker.llen(PREPROCESS_QUEUE) == messages
     # a later round behind the same backlog: the rows of these messages were written just before them
     _age(sessions, ids, minutes=0.25)
     assert dispatcher.reconcile(sessions, older_than_seconds=0) == 0
-    assert broker.llen(PREPROCESS_QUEUE) == 20
+    assert broker.llen(PREPROCESS_QUEUE) == messages
 
 
 def test_lost_messages_are_sent_again_even_behind_a_backlog_of_newer_ones(sessions, broker):
@@ -71,7 +72,7 @@ def test_lost_messages_are_sent_again_even_behind_a_backlog_of_newer_ones(sessio
     _age(sessions, lost, minutes=10)
     newer = _queue_study(sessions, 7, study="1.2.4")  # new work sent after the restart, still waiting
     assert dispatcher.reconcile(sessions, older_than_seconds=60) == len(lost)
-    assert broker.llen(PREPROCESS_QUEUE) == len(newer) + len(lost)
+    assert broker.llen(PREPROCESS_QUEUE) == len(in_messages(newer)) + len(in_messages(lost))
     with sessions() as s:
         assert {s.get(Instance, i).state for i in lost} == {InstanceState.QUEUED}
 
@@ -83,7 +84,7 @@ def test_with_an_empty_queue_everything_in_flight_long_enough_is_sent_again(sess
     assert dispatcher.reconcile(sessions, older_than_seconds=60) == 0  # not long enough yet
     _age(sessions, ids, minutes=2)
     assert dispatcher.reconcile(sessions, older_than_seconds=60) == 4
-    assert broker.llen(PREPROCESS_QUEUE) == 4
+    assert broker.llen(PREPROCESS_QUEUE) == 1  # one message for the four
 
 
 def test_the_in_process_broker_of_pneumoscreen_run_tells_its_oldest_message_too(sessions):
@@ -95,9 +96,7 @@ def test_the_in_process_broker_of_pneumoscreen_run_tells_its_oldest_message_too(
                 receive(s, "1.2.5", f"1.2.5.{i}")
             ids = claim_quiet_instances(s, quiet_since=utcnow() + timedelta(seconds=1))
         with app.connection_for_write() as connection:  # this broker's, not a pooled one of an earlier test
-            for instance_id in ids:
-                app.send_task("pneumoscreen.preprocess", args=[instance_id], connection=connection,
-                              headers=sent_now())
+            app.send_task("pneumoscreen.preprocess", args=[ids], connection=connection, headers=sent_now())
         assert oldest_waiting(PREPROCESS_QUEUE) is not None
         assert dispatcher.reconcile(sessions, older_than_seconds=0) == 0
     finally:

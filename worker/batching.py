@@ -45,9 +45,20 @@ class BatchPredictor:
 
     def predict_one(self, instance_id: int, prepared: np.ndarray, timeout: float | None = 300.0) -> float:
         """The probability for one prepared image, computed within a batch and stored before it is returned."""
-        future: Future = Future()
-        self._queue.put((instance_id, prepared, future))
-        return future.result(timeout=timeout)
+        [probability] = self.predict_many([instance_id], [prepared], timeout=timeout)
+        return probability
+
+    def predict_many(self, instance_ids: list[int], prepared: list[np.ndarray],
+                     timeout: float | None = 300.0) -> list[float]:
+        """The probabilities for several prepared images (one message's), each computed within a batch
+        and all stored before they are returned; the first error of any of them is raised."""
+        if len(instance_ids) != len(prepared):
+            raise ValueError(f"{len(instance_ids)} instance ids for {len(prepared)} images")
+        futures: list[Future] = []
+        for instance_id, image in zip(instance_ids, prepared):
+            futures.append(Future())
+            self._queue.put((instance_id, image, futures[-1]))
+        return [future.result(timeout=timeout) for future in futures]
 
     def _collect(self) -> list[tuple[int, np.ndarray, Future]]:
         items = [self._queue.get()]

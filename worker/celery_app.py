@@ -23,6 +23,15 @@ waiting in its queue from a lost one."""
 log = logging.getLogger(__name__)
 
 MEMORY_POLLING_SECONDS = 0.005
+IMAGES_PER_MESSAGE = 8
+"""Instances per pipeline message (preprocess, then inference): the broker, the task machinery and
+the acknowledgement are paid once per message, the decoding and the forward pass once per image.
+An acknowledgement still means that every answer of the message is stored."""
+
+
+def in_messages(ids: list[int], size: int = IMAGES_PER_MESSAGE) -> list[list[int]]:
+    """``ids`` in the order given (a study's instances stay together), ``size`` to a message."""
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
 
 app = Celery("pneumoscreen", include=["worker.tasks"])
 app.conf.update(

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import InstanceState, utcnow
 from db.queries import claim_quiet_instances, stale_instances, touch_instances
-from worker.celery_app import INFERENCE_QUEUE, PREPROCESS_QUEUE, app, oldest_waiting, sent_now
+from worker.celery_app import INFERENCE_QUEUE, PREPROCESS_QUEUE, app, in_messages, oldest_waiting, sent_now
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,8 @@ def _send(ids: list[int]) -> None:
     if not ids:
         return
     with app.producer_or_acquire() as producer:  # one broker producer for the whole round
-        for instance_id in ids:
-            app.send_task("pneumoscreen.preprocess", args=[instance_id], producer=producer, headers=sent_now())
+        for chunk in in_messages(ids):
+            app.send_task("pneumoscreen.preprocess", args=[chunk], producer=producer, headers=sent_now())
 
 
 def dispatch_quiet(sessions: sessionmaker[Session], *, quiet_seconds: float) -> int:

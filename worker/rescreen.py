@@ -55,7 +55,7 @@ def requeue(sessions: sessionmaker[Session], *, model_card: ModelCard, model_dir
     With ``send``, each instance goes to the ``preprocess`` queue (with
     ``model_dir`` when it is not the workers' configured model).
     """
-    from worker.celery_app import app
+    from worker.celery_app import app, in_messages, sent_now
 
     if window_days is not None:
         since = utcnow() - timedelta(days=window_days)
@@ -68,8 +68,8 @@ def requeue(sessions: sessionmaker[Session], *, model_card: ModelCard, model_dir
             break
         done.ids += ids
         if send:
-            for instance_id in ids:
-                app.send_task("pneumoscreen.preprocess", args=[instance_id],
+            for chunk in in_messages(ids):
+                app.send_task("pneumoscreen.preprocess", args=[chunk], headers=sent_now(),
                               kwargs={"model_dir": model_dir} if model_dir else {})
         if progress is not None:
             progress(len(ids))

@@ -35,61 +35,78 @@ _RETRY = {"acks_late": True, "autoretry_for": _TRANSIENT, "retry_backoff": True,
           "max_retries": 10}
 
 
+def _ids(instance_ids: int | list[int]) -> list[int]:
+    """A message's instances (a message queued by an earlier version names one)."""
+    return [instance_ids] if isinstance(instance_ids, int) else list(instance_ids)
+
+
 class InstanceTask(Task):
-    """A task whose first argument is an instance id; a final failure is recorded on the instance."""
+    """A task whose first argument names its instances; a final failure is recorded on each."""
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
-        instance_id = args[0] if args else kwargs.get("instance_id")
         reason = f"{self.name} gave up after {self.request.retries} retries: {type(exc).__name__}: {exc}"
-        try:
-            with runtime.sessions().begin() as session:
-                set_state(session, instance_id=instance_id, state=InstanceState.FAILED, reason=reason)
-            log.error("instance %s FAILED: %s", instance_id, reason)
-        except SQLAlchemyError as db_exc:
-            log.error("instance %s: %s; could not record it (%s), the reconciler will send it again",
-                      instance_id, reason, db_exc)
+        for instance_id in _ids(args[0] if args else kwargs.get("instance_ids", kwargs.get("instance_id"))):
+            try:
+                with runtime.sessions().begin() as session:
+                    set_state(session, instance_id=instance_id, state=InstanceState.FAILED, reason=reason)
+                log.error("instance %s FAILED: %s", instance_id, reason)
+            except SQLAlchemyError as db_exc:
+                log.error("instance %s: %s; could not record it (%s), the reconciler will send it again",
+                          instance_id, reason, db_exc)
 
 
 @app.task(name="pneumoscreen.preprocess", base=InstanceTask, **_RETRY)
-def preprocess(instance_id: int, model_dir: str | None = None, expected_preprocessing: str | None = None) -> None:
-    """Decode and prepare; ``model_dir`` (a rescreen with another model) travels on to ``infer``.
+def preprocess(instance_ids: int | list[int], model_dir: str | None = None,
+               expected_preprocessing: str | None = None) -> None:
+    """Decode and prepare each instance; those prepared go on together in one ``infer`` message.
+    ``model_dir`` (a rescreen with another model) travels on to ``infer``.
 
-    ``expected_preprocessing`` comes with an instance that an inference worker sent back (its model
-    expects that version): a worker that prepares another version fails it with the reason rather
-    than sending it round again.
+    ``expected_preprocessing`` comes with instances that an inference worker sent back (its model
+    expects that version): a worker that prepares another version fails them with the reason rather
+    than sending them round again.
     """
+    ids = _ids(instance_ids)
     if expected_preprocessing is not None and expected_preprocessing != PREPROCESSING_VERSION:
         reason = (f"the model expects preprocessing {expected_preprocessing}, this preprocess worker prepares "
                   f"{PREPROCESSING_VERSION}: upgrade the workers together, then send the study again")
-        pipeline.finish_instance(runtime.sessions(), instance_id, InstanceState.FAILED, reason, level=logging.ERROR)
+        for instance_id in ids:
+            pipeline.finish_instance(runtime.sessions(), instance_id, InstanceState.FAILED, reason,
+                                     level=logging.ERROR)
         return
-    prepared = pipeline.preprocess_instance(runtime.sessions(), instance_id, policy=runtime.eligibility_policy(),
-                                            spool=runtime.spool())
-    if prepared is not None:
+    prepared: list[tuple[int, str]] = []
+    for instance_id in ids:
+        image = pipeline.preprocess_instance(runtime.sessions(), instance_id, policy=runtime.eligibility_policy(),
+                                             spool=runtime.spool())
+        if image is not None:
+            prepared.append((instance_id, pipeline.encode_prepared(image)))
+    if prepared:
         kwargs = {"preprocessing": PREPROCESSING_VERSION, **({"model_dir": model_dir} if model_dir else {})}
-        infer.apply_async(args=[instance_id, pipeline.encode_prepared(prepared)], kwargs=kwargs,
-                          argsrepr=f"({instance_id}, <prepared image>)", headers=sent_now())
+        sent = [instance_id for instance_id, _ in prepared]
+        infer.apply_async(args=[sent, [image for _, image in prepared]], kwargs=kwargs,
+                          argsrepr=f"({sent}, <{len(sent)} prepared images>)", headers=sent_now())
 
 
 @app.task(name="pneumoscreen.infer", base=InstanceTask, **_RETRY)
-def infer(instance_id: int, prepared: str, model_dir: str | None = None, preprocessing: str = "1") -> None:
-    """Batch and predict. An image prepared by another preprocessing version than the model's
-    (a message queued before an upgrade) goes back to the preprocess queue, whose workers read
+def infer(instance_ids: int | list[int], prepared: str | list[str], model_dir: str | None = None,
+          preprocessing: str = "1") -> None:
+    """Batch and predict. Images prepared by another preprocessing version than the model's
+    (a message queued before an upgrade) go back to the preprocess queue, whose workers read
     the spool: an inference worker may run on a machine without it."""
+    ids = _ids(instance_ids)
+    images = [prepared] if isinstance(prepared, str) else list(prepared)
     model = runtime.load_model(model_dir)
     if preprocessing != model.card.preprocessing_version:
-        log.info("instance %d was prepared with preprocessing %s, the model expects %s; sent back to be "
-                 "prepared again", instance_id, preprocessing, model.card.preprocessing_version)
+        log.info("instances %s were prepared with preprocessing %s, the model expects %s; sent back to be "
+                 "prepared again", ids, preprocessing, model.card.preprocessing_version)
         kwargs = {"expected_preprocessing": model.card.preprocessing_version,
                   **({"model_dir": model_dir} if model_dir else {})}
-        preprocess.apply_async(args=[instance_id], kwargs=kwargs, headers=sent_now())
+        preprocess.apply_async(args=[ids], kwargs=kwargs, headers=sent_now())
         return
-    image = pipeline.decode_prepared(prepared)
-    # stored with the rest of its batch before it returns
-    runtime.batch_predictor(model_dir).predict_one(instance_id, image)
+    # stored with the rest of their batch before it returns
+    runtime.batch_predictor(model_dir).predict_many(ids, [pipeline.decode_prepared(image) for image in images])
     destination = runtime.settings().results_destination
     if destination:
-        for delivery_id in delivery.request_reports(runtime.sessions(), instance_ids=[instance_id],
+        for delivery_id in delivery.request_reports(runtime.sessions(), instance_ids=ids,
                                                    model_version=model.card.version, destination=destination):
             deliver_results.delay(delivery_id)
 
