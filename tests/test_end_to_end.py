@@ -168,3 +168,37 @@ def test_embedded_default_stops_on_sigterm_even_when_beat_cannot_save_its_schedu
     assert code == 0
     assert "FileNotFoundError" in runner.log()  # the failed save happened, and did not hold the stop
 
+
+
+def test_embedded_default_receives_in_a_process_of_its_own_started_again_when_killed(tmp_path, processes):
+    """`run` keeps the interpreter lock for the workers: a receiver process takes the associations;
+    killed, it is started again, and what it stored before and after is screened."""
+    import os
+    import signal
+    from pathlib import Path
+
+    port = free_port()
+    data_dir = tmp_path / "data"
+    runner = Process(["run", "--data-dir", str(data_dir), "--port", str(port)], cli_env(study_quiet_seconds=1),
+                     tmp_path / "run.log")
+    processes.append(runner)
+    wait_for_port(port, runner.proc)
+
+    def receivers() -> list[int]:
+        children = Path(f"/proc/{runner.proc.pid}/task/{runner.proc.pid}/children").read_text().split()
+        return [int(pid) for pid in children if b"--receiver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+    [first] = wait_until(receivers, timeout=30, what="the receiver process")
+    write_chest_dicom(tmp_path / "before.dcm", PNEUMONIA_JPEG, sop_class="CR")
+    assert storescu(port, tmp_path / "before.dcm").returncode == 0
+    os.kill(first, signal.SIGKILL)
+    [again] = wait_until(lambda: [pid for pid in receivers() if pid != first], timeout=30, what="a new receiver")
+    wait_for_port(port)
+    write_chest_dicom(tmp_path / "after.dcm", NORMAL_JPEG, sop_class="CR")
+    sent = wait_until(lambda: storescu(port, tmp_path / "after.dcm").returncode == 0, timeout=30,
+                      what="the new receiver answering")
+    assert sent and again != first
+    query_env = cli_env(data_dir=data_dir)
+    wait_until(lambda: [row["state"] for row in cli_json("instances", env=query_env)] == ["PREDICTED"] * 2,
+               timeout=120, what="both films PREDICTED")
+    assert "exited with status -9; starting it again" in runner.log()

@@ -41,6 +41,26 @@ def _start_listener(settings: Settings, *, reuse_port: bool = False):
         raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
 
 
+def _check_port_free(settings: Settings) -> None:
+    """A clear error now if the DICOM port is taken, rather than receivers that cannot bind it."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((settings.host, settings.port))
+        except OSError as exc:
+            raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: "
+                                       f"{exc.strerror or exc}") from None
+
+
+def _supervise(receivers, stopping: threading.Event) -> None:
+    """Start again a receiver that died, and clean the spool of what it was bringing in."""
+    while not stopping.wait(0.5):
+        if receivers.check():
+            _sweep_partial_files()
+
+
 def _lock_data_dir(settings: Settings):
     """The data directory's listener lock (one listener per data directory), or a clear error."""
     from worker.receivers import ListenerLockedError, hold_listener_lock
@@ -112,6 +132,7 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
     from db.migrate import upgrade
     from worker.celery_app import ALL_QUEUES, configure_app
     from worker.dispatcher import Dispatcher, reconcile
+    from worker.receivers import Receivers
 
     _load_model(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +145,15 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
     resent = reconcile(sessions(), older_than_seconds=0)
     if resent:
         log.info("re-sent %d instance(s) left in flight by the previous run", resent)
-    server = _start_listener(settings)
+    # the listener receives in processes of its own: in this one it would share the interpreter
+    # lock with decoding and the workers' threads; this process keeps dispatching, the workers and beat
+    _check_port_free(settings)
+    receivers = Receivers.for_listen(settings.listener_processes, data_dir=settings.data_dir, host=settings.host,
+                                     port=settings.port, ae_title=settings.ae_title)
+    receivers.start()
+    supervising = threading.Event()
+    threading.Thread(target=_supervise, args=(receivers, supervising), name="pneumoscreen-receivers",
+                     daemon=True).start()
     dispatcher = Dispatcher(sessions(), quiet_seconds=settings.study_quiet_seconds)
     dispatcher.start()
     # beat (reconciler, nightly rescreen) in a thread of this process: the in-process broker
@@ -150,7 +179,8 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
         if scheduler.is_alive():
             log.warning("beat did not stop within 10 s; leaving it")
         dispatcher.stop()
-        server.shutdown()
+        supervising.set()
+        receivers.stop()
         lock.close()
 
 
