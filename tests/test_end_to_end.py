@@ -173,6 +173,7 @@ def test_embedded_default_stops_on_sigterm_even_when_beat_cannot_save_its_schedu
 def test_embedded_default_receives_in_a_process_of_its_own_started_again_when_killed(tmp_path, processes):
     """`run` keeps the interpreter lock for the workers: a receiver process takes the associations;
     killed, it is started again, and what it stored before and after is screened."""
+    import contextlib
     import os
     import signal
     from pathlib import Path
@@ -185,8 +186,13 @@ def test_embedded_default_receives_in_a_process_of_its_own_started_again_when_ki
     wait_for_port(port, runner.proc)
 
     def receivers() -> list[int]:
-        children = Path(f"/proc/{runner.proc.pid}/task/{runner.proc.pid}/children").read_text().split()
-        return [int(pid) for pid in children if b"--receiver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        """Children of any of the runner's threads (the receivers are started from one of them)."""
+        found = []
+        for task in Path(f"/proc/{runner.proc.pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(pid) for pid in (task / "children").read_text().split()
+                          if b"--receiver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        return found
 
     [first] = wait_until(receivers, timeout=30, what="the receiver process")
     write_chest_dicom(tmp_path / "before.dcm", PNEUMONIA_JPEG, sop_class="CR")
