@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import redis
 from sqlalchemy import func, select
 
@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from e2e import cpu_seconds, pure_inference_rate
+from e2e import cpu_seconds, pure_inference_rate, start_profilers, top_functions
+from inference import fixture_images
 from receive import ENV, scratch_postgres
 
 
@@ -50,7 +51,7 @@ def queue_prepared(database_url: str, redis_url: str, count: int) -> None:
     engine = make_engine(database_url)
     sessions = make_sessionmaker(engine)
     configure_app(Settings(broker_url=redis_url, database_url=database_url))
-    images = np.random.default_rng(0).integers(0, 256, size=(16, 224, 224), dtype=np.uint8)
+    images = fixture_images(16)  # prepared films (their PNG payloads are the size of real ones)
     with sessions.begin() as session:
         ids = []
         for i in range(count):
@@ -74,11 +75,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "drain.json")
+    parser.add_argument("--profile", type=Path, help="sample the worker with py-spy; raw stacks go here")
     args = parser.parse_args()
-    print(json.dumps(measure(args.count, args.batch_size, args.out), indent=2))
+    print(json.dumps(measure(args.count, args.batch_size, args.out, profile=args.profile), indent=2))
 
 
-def measure(count: int, batch_size: int, out: Path | None = None) -> dict:
+def measure(count: int, batch_size: int, out: Path | None = None, *, profile: Path | None = None) -> dict:
     from db.models import Instance, InstanceState, Prediction
     from db.session import make_engine
 
@@ -97,6 +99,7 @@ def measure(count: int, batch_size: int, out: Path | None = None) -> dict:
             worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--queues", "inference"],
                                       env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
             engine = make_engine(database_url)
+            profilers: dict = {}
             try:
                 cpu_at_first = None
                 deadline = time.monotonic() + 1800
@@ -105,12 +108,17 @@ def measure(count: int, batch_size: int, out: Path | None = None) -> dict:
                         done = c.scalar(select(func.count()).where(Instance.state == InstanceState.PREDICTED))
                     if done and cpu_at_first is None:
                         cpu_at_first = (cpu_seconds(worker.pid), done)
+                        if profile:  # from the first answer: the worker's start-up is not the question
+                            profilers = start_profilers({"inference": worker}, profile)
                     if done >= count:
                         break
                     if worker.poll() is not None:
                         raise RuntimeError(f"the worker exited: {(Path(tmp) / 'inference.log').read_text()[-2000:]}")
                     time.sleep(0.05)
                 cpu_ms = 1000 * (cpu_seconds(worker.pid) - cpu_at_first[0]) / (count - cpu_at_first[1])
+                for profiler in profilers.values():
+                    profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                    profiler.wait(timeout=60)
                 with engine.connect() as c:
                     first, last = c.execute(select(func.min(Prediction.created_at),
                                                    func.max(Prediction.created_at))).one()
@@ -126,6 +134,8 @@ def measure(count: int, batch_size: int, out: Path | None = None) -> dict:
               "pure_inference_images_per_second": round(pure, 1), "ratio": round(rate / pure, 3),
               "worker_cpu_ms_per_image": round(cpu_ms, 1), "forward_pass_ms_per_image": round(1000 / pure, 1),
               "distinct_commit_times": batches}
+    if profile:
+        report["profile"] = top_functions(profile / "inference.txt", n=15)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
