@@ -156,8 +156,10 @@ def touch_instances(session: Session, *, ids: list[int], state: InstanceState) -
     )
 
 
-def get_instance(session: Session, *, instance_id: int) -> Instance | None:
-    return session.get(Instance, instance_id)
+def paths_in_flight(session: Session, *, ids: list[int]) -> dict[int, str]:
+    """The spool paths of those of ``ids`` that have not ended."""
+    return dict(session.execute(select(Instance.id, Instance.path)
+                                .where(Instance.id.in_(ids), Instance.state.not_in(TERMINAL_STATES))).all())
 
 
 def set_state(session: Session, *, instance_id: int, state: InstanceState, reason: str | None = None,

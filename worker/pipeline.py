@@ -22,7 +22,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import InstanceState
-from db.queries import bounded_reason, get_instance, record_predictions, register_model, set_state
+from db.queries import bounded_reason, paths_in_flight, record_predictions, register_model, set_state, touch_instances
 from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.spool import Spool
 from model.artifact import LoadedModel
@@ -73,31 +73,46 @@ def preprocess_instance(sessions: sessionmaker[Session], instance_id: int, *,
 
     With ``spool``, the file of a FAILED instance is moved to its quarantine.
     """
+    prepared = preprocess_instances(sessions, [instance_id], policy=policy, spool=spool)
+    return prepared[0][1] if prepared else None
+
+
+def preprocess_instances(sessions: sessionmaker[Session], instance_ids: list[int], *,
+                         policy: EligibilityPolicy, spool: Spool | None = None) -> list[tuple[int, np.ndarray]]:
+    """(instance id, prepared image) for each of ``instance_ids`` that could be prepared, in order;
+    the others end SKIPPED or FAILED with their reason (or had already ended). The instances are
+    read in one query and marked PREPROCESSED in one transaction.
+
+    With ``spool``, the file of a FAILED instance is moved to its quarantine.
+    """
     with sessions.begin() as session:
-        instance = get_instance(session, instance_id=instance_id)
-        if instance is None:
-            log.warning("instance %d is not in the database", instance_id)
-            return None
-        if instance.state.is_terminal:
-            return None
-        path = instance.path
-    try:
-        ds = dcmread(path)
-        eligibility = policy.judge(ds)
-    except (InvalidDicomError, BytesLengthException, OSError, EOFError, ValueError, TypeError, KeyError,
-            AttributeError) as exc:  # an element whose value does not fit its VR surfaces only when read
-        _fail(sessions, spool, instance_id, path, f"file could not be read: {type(exc).__name__}: {exc}")
-        return None
-    if not eligibility.eligible:
-        finish_instance(sessions, instance_id, InstanceState.SKIPPED, eligibility.reason or "not eligible")
-        return None
-    try:
-        _, prepared = prepare_film(ds)
-    except (UnreadableInput, MemoryError) as exc:
-        _fail(sessions, spool, instance_id, path, str(exc) or type(exc).__name__)
-        return None
-    with sessions.begin() as session:
-        set_state(session, instance_id=instance_id, state=InstanceState.PREPROCESSED)
+        paths = paths_in_flight(session, ids=instance_ids)
+    for instance_id in instance_ids:
+        if instance_id not in paths:
+            log.debug("instance %d has ended or is not in the database", instance_id)
+    prepared: list[tuple[int, np.ndarray]] = []
+    for instance_id in (i for i in instance_ids if i in paths):
+        path = paths[instance_id]
+        try:
+            ds = dcmread(path)
+            eligibility = policy.judge(ds)
+        except (InvalidDicomError, BytesLengthException, OSError, EOFError, ValueError, TypeError, KeyError,
+                AttributeError) as exc:  # an element whose value does not fit its VR surfaces only when read
+            _fail(sessions, spool, instance_id, path, f"file could not be read: {type(exc).__name__}: {exc}")
+            continue
+        if not eligibility.eligible:
+            finish_instance(sessions, instance_id, InstanceState.SKIPPED, eligibility.reason or "not eligible")
+            continue
+        try:
+            _, image = prepare_film(ds)
+        except (UnreadableInput, MemoryError) as exc:
+            _fail(sessions, spool, instance_id, path, str(exc) or type(exc).__name__)
+            continue
+        prepared.append((instance_id, image))
+    if prepared:
+        with sessions.begin() as session:
+            touch_instances(session, ids=[instance_id for instance_id, _ in prepared],
+                            state=InstanceState.PREPROCESSED)
     return prepared
 
 

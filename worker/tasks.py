@@ -73,12 +73,8 @@ def preprocess(instance_ids: int | list[int], model_dir: str | None = None,
             pipeline.finish_instance(runtime.sessions(), instance_id, InstanceState.FAILED, reason,
                                      level=logging.ERROR)
         return
-    prepared: list[tuple[int, str]] = []
-    for instance_id in ids:
-        image = pipeline.preprocess_instance(runtime.sessions(), instance_id, policy=runtime.eligibility_policy(),
-                                             spool=runtime.spool())
-        if image is not None:
-            prepared.append((instance_id, pipeline.encode_prepared(image)))
+    prepared = [(instance_id, pipeline.encode_prepared(image)) for instance_id, image in pipeline.preprocess_instances(
+        runtime.sessions(), ids, policy=runtime.eligibility_policy(), spool=runtime.spool())]
     if prepared:
         kwargs = {"preprocessing": PREPROCESSING_VERSION, **({"model_dir": model_dir} if model_dir else {})}
         sent = [instance_id for instance_id, _ in prepared]
