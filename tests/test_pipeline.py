@@ -3,6 +3,7 @@ SKIPPED or FAILED with a reason."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import cv2
@@ -49,6 +50,18 @@ def test_eligible_instance_is_prepared(sessions, tmp_path):
     assert prepared.shape == (INPUT_SIZE, INPUT_SIZE)
     assert _state(sessions) == ("PREPROCESSED", None)
     assert np.array_equal(pipeline.decode_prepared(pipeline.encode_prepared(prepared)), prepared)
+
+
+def test_prepared_payloads_of_this_and_the_earlier_version_decode_and_garbage_is_refused():
+    image = np.arange(INPUT_SIZE * INPUT_SIZE, dtype=np.uint32).astype(np.uint8).reshape(INPUT_SIZE, INPUT_SIZE)
+    assert len(pipeline.encode_prepared(image)) == 4 * ((INPUT_SIZE * INPUT_SIZE + 2) // 3)
+    png = base64.b64encode(cv2.imencode(".png", image)[1].tobytes()).decode("ascii")  # queued by an earlier version
+    assert np.array_equal(pipeline.decode_prepared(png), image)
+    for garbage in ("", base64.b64encode(b"\x00" * 1000).decode(), base64.b64encode(b"\x89PNG\r\n\x1a\nxx").decode()):
+        with pytest.raises(ValueError):
+            pipeline.decode_prepared(garbage)
+    with pytest.raises(ValueError):
+        pipeline.encode_prepared(np.zeros((4, 5), np.uint8))
 
 
 @pytest.mark.parametrize("kwargs, reason", [
@@ -206,7 +219,8 @@ def test_an_image_queued_by_an_older_preprocessing_goes_back_to_the_preprocess_q
         stale = cv2.resize(read_image_file(NORMAL_JPEG), (INPUT_SIZE, INPUT_SIZE))  # not what the file holds
         elsewhere = path.rename(tmp_path / "elsewhere.dcm")
         older_release = Celery("older-release", broker=redis_url)
-        older_release.send_task("pneumoscreen.infer", args=[instance_id, pipeline.encode_prepared(stale)],
+        png = base64.b64encode(cv2.imencode(".png", stale)[1].tobytes()).decode("ascii")  # an earlier payload
+        older_release.send_task("pneumoscreen.infer", args=[instance_id, png],
                                 queue="inference", serializer="json")
         older_release.close()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,19 +32,29 @@ from worker.images import UnreadableInput, prepare_film
 log = logging.getLogger(__name__)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def encode_prepared(image: np.ndarray) -> str:
-    """A prepared 224x224 uint8 image as lossless PNG in base64 (a compact message payload)."""
-    ok, buf = cv2.imencode(".png", image)
-    if not ok:
-        raise ValueError("could not encode the prepared image")
-    return base64.b64encode(buf.tobytes()).decode("ascii")
+    """A prepared square uint8 image as its raw bytes in base64 (encoding and decoding it cost a tenth
+    of a PNG's; the broker carries 67 KB instead of about 40 KB for a 224 x 224 film)."""
+    if image.dtype != np.uint8 or image.ndim != 2 or image.shape[0] != image.shape[1]:
+        raise ValueError(f"not a prepared square grey uint8 image: {image.dtype} {image.shape}")
+    return base64.b64encode(np.ascontiguousarray(image).tobytes()).decode("ascii")
 
 
 def decode_prepared(payload: str) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(base64.b64decode(payload), np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None or image.dtype != np.uint8 or image.ndim != 2:
-        raise ValueError("payload is not a prepared grey uint8 image")
-    return image
+    """The image of ``encode_prepared``; a PNG payload (queued by an earlier version) decodes too."""
+    data = base64.b64decode(payload)
+    if data.startswith(_PNG_SIGNATURE):
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None or image.dtype != np.uint8 or image.ndim != 2:
+            raise ValueError("payload is not a prepared grey uint8 image")
+        return image
+    side = math.isqrt(len(data))
+    if side == 0 or side * side != len(data):
+        raise ValueError(f"payload of {len(data)} bytes is not a square uint8 image")
+    return np.frombuffer(data, np.uint8).reshape(side, side)
 
 
 def finish_instance(sessions: sessionmaker[Session], instance_id: int, state: InstanceState, reason: str,
