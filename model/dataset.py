@@ -1,5 +1,6 @@
-"""Reading a Kaggle-layout chest X-ray folder (``{NORMAL,PNEUMONIA}/``) through
-the shared preprocessing, and splitting it by patient."""
+"""Reading Kaggle-layout chest X-ray folders (``{NORMAL,PNEUMONIA}/``) through
+the shared preprocessing, combining several (a film in more than one counts
+once), and splitting by patient."""
 
 from __future__ import annotations
 
@@ -97,6 +98,29 @@ def load_folder(folder: str | Path, *, size: int = INPUT_SIZE, cache: str | Path
         np.savez(cache, images=images, labels=labels, patients=patients, aspects=aspects,
                  names=np.array([str(p) for p, _ in entries]), preprocessing=np.array(PREPROCESSING_VERSION))
     return LabelledImages(images, labels, patients, [p for p, _ in entries], aspects)
+
+
+def combine(parts: list[LabelledImages]) -> LabelledImages:
+    """Several loaded folders as one training set. A film present in more than one (the same class
+    and file name: two copies of one release) counts once, from the first folder that has it, so
+    that copies of one film never land on both sides of a split."""
+    if not parts:
+        raise ValueError("no folder to combine")
+    seen: set[tuple[int, str]] = set()
+    kept: list[LabelledImages] = []
+    for part in parts:
+        index = []
+        for i, (path, label) in enumerate(zip(part.paths, part.labels)):
+            key = (int(label), Path(path).name)
+            if key not in seen:
+                seen.add(key)
+                index.append(i)
+        if len(index) < len(part):
+            log.info("%d of %d films are already in an earlier folder; kept once", len(part) - len(index), len(part))
+        kept.append(part.subset(np.array(index, dtype=np.int64)))
+    return LabelledImages(np.concatenate([p.images for p in kept]), np.concatenate([p.labels for p in kept]),
+                          np.concatenate([p.patients for p in kept]), [path for p in kept for path in p.paths],
+                          np.concatenate([p.aspects for p in kept]))
 
 
 def patient_split(data: LabelledImages, *, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

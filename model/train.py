@@ -23,7 +23,7 @@ import numpy as np
 
 from model.artifact import ModelCard, save_artifact
 from model.augment import AUGMENTATIONS
-from model.dataset import LabelledImages, load_folder, patient_split
+from model.dataset import LabelledImages, combine, load_folder, patient_split
 from model.metrics import binary_report, curves, threshold_for_sensitivity
 from model.preprocessing import INPUT_SIZE, to_model_input
 
@@ -188,14 +188,25 @@ def card_sections(check: dict) -> dict:
     }
 
 
-def train(data_dir: str | Path, out_dir: str | Path, config: TrainingConfig = TrainingConfig(),
+def load_training_folders(data_dirs: list[Path], *, size: int, cache_dir: Path) -> LabelledImages:
+    """The ``train/`` of every folder as one set (a film in several counts once, see ``combine``)."""
+    return combine([load_folder(d / "train", size=size, cache=cache_dir / (f"train_{size}.npz" if i == 0 else
+                                                                        f"train{i + 1}_{size}.npz"))
+                    for i, d in enumerate(data_dirs)])
+
+
+def train(data_dir: str | Path | list[str | Path], out_dir: str | Path, config: TrainingConfig = TrainingConfig(),
           *, cache_dir: str | Path | None = None) -> ModelCard:
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    """``data_dir``: one Kaggle-layout folder or several (their ``train/`` together, split by patient
+    across all of them; ``val/`` from the first that has one)."""
+    data_dirs = [Path(d) for d in (data_dir if isinstance(data_dir, list) else [data_dir])]
+    out_dir = Path(out_dir)
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
-    full = load_folder(data_dir / "train", size=config.input_size, cache=cache_dir / f"train_{config.input_size}.npz")
+    full = load_training_folders(data_dirs, size=config.input_size, cache_dir=cache_dir)
     official_val = None
-    if (data_dir / "val").is_dir():
-        official_val = load_folder(data_dir / "val", size=config.input_size, cache=cache_dir / f"val_{config.input_size}.npz")
+    val_dir = next((d / "val" for d in data_dirs if (d / "val").is_dir()), None)
+    if val_dir is not None:
+        official_val = load_folder(val_dir, size=config.input_size, cache=cache_dir / f"val_{config.input_size}.npz")
     validation: dict = {}
     if config.folds:
         check = kfold_check(full, config, k=config.folds)
@@ -217,7 +228,7 @@ def train(data_dir: str | Path, out_dir: str | Path, config: TrainingConfig = Tr
         name=config.name, version=config.version, threshold=threshold, input_size=config.input_size,
         training_data={
             "source": "Kermany et al. 2018, Chest X-Ray Images (Pneumonia), doi:10.17632/rscbjbr9sj.2, CC BY 4.0",
-            "folder": str(data_dir), "manifest_sha256": _manifest_hash(full),
+            "folder": ", ".join(map(str, data_dirs)), "manifest_sha256": _manifest_hash(full),
             "train_images": len(tr), "validation_images": len(va),
             "validation_split": f"patient-level, stratified, {config.val_fraction:.0%} of train/, seed {config.seed}",
         },

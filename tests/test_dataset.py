@@ -59,3 +59,39 @@ def test_the_threshold_is_the_highest_that_keeps_the_sensitivity():
 def test_a_threshold_needs_pneumonias_to_be_set_on():
     with pytest.raises(ValueError, match="no positive"):
         threshold_for_sensitivity(np.zeros(5), np.linspace(0, 1, 5), 0.97)
+
+
+def test_several_folders_train_together_a_film_in_two_counts_once_and_no_patient_is_on_both_sides(tmp_path):
+    """Two copies of one release (the second squashed and re-encoded, with films the first lacks):
+    each film once, from the first folder that has it; a patient whose films are spread over both
+    folders stays on one side of the split."""
+    import cv2
+
+    from model.train import load_training_folders
+
+    rng = np.random.default_rng(3)
+    first, second = tmp_path / "chest_xray", tmp_path / "chest_xray_224"
+
+    def film(folder, cls: str, name: str, shape: tuple[int, int]) -> None:
+        (folder / "train" / cls).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / "train" / cls / name), rng.integers(0, 255, shape, dtype=np.uint8),
+                    [cv2.IMWRITE_JPEG_QUALITY, 75])
+
+    expected = set()
+    for p in range(40):
+        cls, stem = ("NORMAL", f"IM-{p:04d}") if p % 3 == 0 else ("PNEUMONIA", f"person{p}")
+        name = (lambda j: f"{stem}-{j:04d}.jpeg") if cls == "NORMAL" else (lambda j: f"{stem}_bacteria_{j}.jpeg")
+        film(first, cls, name(1), (48, 60))  # original proportions
+        film(second, cls, name(1), (32, 32))  # the same film, squashed: kept from the first folder only
+        film(second, cls, name(2), (32, 32))  # the same patient's next film, only in the second
+        expected |= {(cls, name(1)), (cls, name(2))}
+
+    data = load_training_folders([first, second], size=32, cache_dir=tmp_path / "cache")
+    names = [(("NORMAL", "PNEUMONIA")[label], path.name) for path, label in zip(data.paths, data.labels)]
+    assert len(names) == len(set(names)) == len(expected) and set(names) == expected
+    from_first = {path.name for path in data.paths if first in path.parents}
+    assert from_first == {name for _, name in expected if name.endswith(("-0001.jpeg", "_bacteria_1.jpeg"))}
+    assert (data.aspects[[first in p.parents for p in data.paths]] == 60 / 48).all()
+    train_idx, val_idx = patient_split(data, val_fraction=0.25, seed=5)
+    assert not set(data.patients[train_idx]) & set(data.patients[val_idx])
+    assert len(set(data.patients)) == 40

@@ -16,8 +16,10 @@ log = logging.getLogger("pneumoscreen")
 
 
 @cli.command()
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Kaggle-layout folder: train/{NORMAL,PNEUMONIA}/ (and optionally val/)")
+@click.option("--data", "data_dirs", required=True, multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Kaggle-layout folder: train/{NORMAL,PNEUMONIA}/ (and optionally val/); repeat it to train on "
+                   "several together (a film in more than one counts once, by name; val/ from the first that has one)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--seed", type=int, default=1234, show_default=True)
@@ -33,7 +35,7 @@ log = logging.getLogger("pneumoscreen")
 @click.option("--stretch", type=click.FloatRange(0.0, 0.5), default=0.0, show_default=True,
               help="above 0: the training zoom zooms each axis in by up to this much on its own, so that a "
                    "film's proportions are less of a cue; 0: one zoom for both axes, +-10%")
-def train(data_dir: Path, out_dir: Path, epochs: int, seed: int, model_version: str, folds: int,
+def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, model_version: str, folds: int,
           augmentation: str, label_smoothing: float, stretch: float) -> None:
     """Train the screening CNN and write a model artifact."""
     from model.train import TrainingConfig
@@ -43,7 +45,7 @@ def train(data_dir: Path, out_dir: Path, epochs: int, seed: int, model_version: 
         raise click.BadParameter("use 0 (no check) or at least 2", param_hint="--folds")
     config = TrainingConfig(epochs=epochs, seed=seed, version=model_version, folds=folds,
                             augmentation=augmentation, label_smoothing=label_smoothing, stretch=stretch)
-    card = run_training(data_dir, out_dir, config)
+    card = run_training(list(data_dirs), out_dir, config)
     val = card.validation["patient_split"]
     click.echo(f"wrote {out_dir}: threshold {card.threshold:.4f}, validation AUC {val['auc']:.4f}, "
                f"sensitivity {val['sensitivity']:.3f}, specificity {val['specificity']:.3f}")
