@@ -3,7 +3,7 @@ the commit to the caller (``with Session.begin() as s: ...``)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
@@ -156,10 +156,10 @@ def touch_instances(session: Session, *, ids: list[int], state: InstanceState) -
     )
 
 
-def paths_in_flight(session: Session, *, ids: list[int]) -> dict[int, str]:
-    """The spool paths of those of ``ids`` that have not ended."""
-    return dict(session.execute(select(Instance.id, Instance.path)
-                                .where(Instance.id.in_(ids), Instance.state.not_in(TERMINAL_STATES))).all())
+def paths_and_states(session: Session, *, ids: list[int]) -> dict[int, tuple[str, InstanceState]]:
+    """The spool path and state of each of ``ids`` that is in the database."""
+    rows = session.execute(select(Instance.id, Instance.path, Instance.state).where(Instance.id.in_(ids)))
+    return {row.id: (row.path, row.state) for row in rows}
 
 
 def set_state(session: Session, *, instance_id: int, state: InstanceState, reason: str | None = None,
@@ -246,7 +246,7 @@ def iso_utc(value: datetime | None) -> str | None:
     if value is None:
         return None
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
+        value = value.replace(tzinfo=UTC)
     return value.isoformat()
 
 

@@ -21,7 +21,16 @@ from tests.helpers.dicom_factory import (
     PNEUMONIA_JPEG,
     write_chest_dicom,
 )
-from tests.helpers.processes import Process, cli_env, cli_json, free_port, storescu, wait_for_port, wait_until
+from tests.helpers.processes import (
+    Process,
+    cli_env,
+    cli_json,
+    free_port,
+    start_run,
+    storescu,
+    wait_for_port,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -178,12 +187,8 @@ def test_embedded_default_receives_in_a_process_of_its_own_started_again_when_ki
     import signal
     from pathlib import Path
 
-    port = free_port()
-    data_dir = tmp_path / "data"
-    runner = Process(["run", "--data-dir", str(data_dir), "--port", str(port)], cli_env(study_quiet_seconds=1),
-                     tmp_path / "run.log")
-    processes.append(runner)
-    wait_for_port(port, runner.proc)
+    port, data_dir = free_port(), tmp_path / "data"
+    runner = start_run(cli_env(data_dir=data_dir, port=port, study_quiet_seconds=1), processes, tmp_path / "run.log")
 
     def receivers() -> list[int]:
         """Children of any of the runner's threads (the receivers are started from one of them)."""

@@ -50,15 +50,21 @@ def alive(pid: int) -> bool:
     return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
 
 
-@pytest.fixture
-def shared_listener(tmp_path, pg_url, redis_url, processes):
+def start_listen(tmp_path, processes, pg_url: str, redis_url: str, count: int) -> tuple[dict, int, Process]:
+    """`pneumoscreen listen` with ``count`` processes, dispatching nothing: (env, port, listener)."""
     port = free_port()
     env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", port=port,
-                  listener_processes=3, study_quiet_seconds=86400)
+                  listener_processes=count, study_quiet_seconds=86400)
     run_cli("db", "upgrade", env=env)
     listener = Process(["listen"], env, tmp_path / "listen.log")
     processes.append(listener)
     wait_for_port(port, listener.proc)
+    return env, port, listener
+
+
+@pytest.fixture
+def shared_listener(tmp_path, pg_url, redis_url, processes):
+    env, port, listener = start_listen(tmp_path, processes, pg_url, redis_url, 3)
     wait_until(lambda: len(listening(listener)) == 3, timeout=60, what="three processes listening")
     return env, port, listener
 
@@ -163,13 +169,7 @@ def test_files_a_dead_listener_process_was_bringing_into_the_spool_are_removed(t
     alive_writer = folder / f".incoming-{os.getpid()}-def.part"
     for path in (*before, alive_writer):
         path.write_bytes(b"\0" * 100)
-    port = free_port()
-    env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", port=port,
-                  listener_processes=2, study_quiet_seconds=86400)
-    run_cli("db", "upgrade", env=env)
-    listener = Process(["listen"], env, tmp_path / "listen.log")
-    processes.append(listener)
-    wait_for_port(port, listener.proc)
+    _, _, listener = start_listen(tmp_path, processes, pg_url, redis_url, 2)
     wait_until(lambda: not any(p.exists() for p in before), timeout=30, what="the partial files removed at start")
     assert alive_writer.exists()
 

@@ -40,7 +40,6 @@ from worker.images import prepare_film
 log = logging.getLogger(__name__)
 
 
-
 def request_reports(sessions: sessionmaker[Session], *, instance_ids: list[int], model_version: str,
                     destination: str) -> list[int]:
     """Ask for the reports of the studies that ``instance_ids`` (just answered) left with no image
@@ -105,7 +104,8 @@ def deliver(sessions: sessionmaker[Session], delivery_id: int, *, calling_ae: st
     retries and finally calls ``give_up``); the claim is released first.
     """
     with sessions.begin() as session:
-        if not claim_delivery(session, delivery_id=delivery_id, stale_before=utcnow() - timedelta(seconds=claim_seconds)):
+        stale_before = utcnow() - timedelta(seconds=claim_seconds)
+        if not claim_delivery(session, delivery_id=delivery_id, stale_before=stale_before):
             return "not claimed: already sent, being sent, or unknown"
         job = delivery_job(session, delivery_id=delivery_id)
     if job is None or not job.images:

@@ -23,7 +23,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import InstanceState
-from db.queries import bounded_reason, paths_in_flight, record_predictions, register_model, set_state, touch_instances
+from db.queries import bounded_reason, paths_and_states, record_predictions, register_model, set_state, touch_instances
 from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.spool import Spool
 from model.artifact import LoadedModel
@@ -97,13 +97,15 @@ def preprocess_instances(sessions: sessionmaker[Session], instance_ids: list[int
     With ``spool``, the file of a FAILED instance is moved to its quarantine.
     """
     with sessions.begin() as session:
-        paths = paths_in_flight(session, ids=instance_ids)
-    for instance_id in instance_ids:
-        if instance_id not in paths:
-            log.debug("instance %d has ended or is not in the database", instance_id)
+        found = paths_and_states(session, ids=instance_ids)
     prepared: list[tuple[int, np.ndarray]] = []
-    for instance_id in (i for i in instance_ids if i in paths):
-        path = paths[instance_id]
+    for instance_id in instance_ids:
+        if instance_id not in found:
+            log.warning("instance %d is not in the database", instance_id)
+            continue
+        path, state = found[instance_id]
+        if state.is_terminal:
+            continue
         try:
             ds = dcmread(path)
             eligibility = policy.judge(ds)

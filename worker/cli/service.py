@@ -38,7 +38,11 @@ def _start_listener(settings: Settings, *, reuse_port: bool = False):
         return start_listener(runtime.listener_config(settings, reuse_port=reuse_port), spool=runtime.spool(),
                               sessions=sessions())
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+        raise _cannot_listen(settings, exc) from None
+
+
+def _cannot_listen(settings: Settings, exc: OSError) -> click.ClickException:
+    return click.ClickException(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
 
 
 def _check_port_free(settings: Settings) -> None:
@@ -50,8 +54,7 @@ def _check_port_free(settings: Settings) -> None:
         try:
             probe.bind((settings.host, settings.port))
         except OSError as exc:
-            raise click.ClickException(f"cannot listen on {settings.host}:{settings.port}: "
-                                       f"{exc.strerror or exc}") from None
+            raise _cannot_listen(settings, exc) from None
 
 
 def _supervise(receivers, stopping: threading.Event) -> None:
