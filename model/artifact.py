@@ -44,6 +44,11 @@ class ModelCard:
     training_data: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    #: who the model was trained on: ``description``, ``age_years`` {"min", "max"} (completed years,
+    #: both inclusive), ``views``, ``source``; empty for a card that does not say (no age gate)
+    intended_population: dict[str, Any] = field(default_factory=dict)
+    #: set by ``pneumoscreen calibrate``: the site sample and the figures on it
+    site_calibration: dict[str, Any] = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def flags(self, probability: float) -> bool:

@@ -65,3 +65,48 @@ def curves(labels: np.ndarray, scores: np.ndarray, *, points: int = 64, bins: in
                                 "fraction_positive": float(labels[members].mean()), "count": int(members.sum())})
     return {"roc": {"fpr": [round(float(v), 5) for v in fpr[keep]], "tpr": [round(float(v), 5) for v in tpr[keep]]},
             "reliability": reliability, "brier": float(np.mean((scores - labels) ** 2))}
+
+
+def proportion_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (sensitivity, specificity): sound at 0 and 1 and on small samples."""
+    from scipy.stats import norm
+
+    if trials <= 0:
+        return float("nan"), float("nan")
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def auc_interval(labels: np.ndarray, scores: np.ndarray, *, draws: int = 1000, seed: int = 0,
+                 confidence: float = 0.95) -> tuple[float, float]:
+    """Bootstrap (by image, stratified by class) percentile interval of the ROC AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=float)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if pos.size == 0 or neg.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        pick = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+        values.append(roc_auc_score(labels[pick], scores[pick]))
+    tail = (1 - confidence) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
+def report_with_intervals(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """``binary_report`` with 95 % intervals (``ci95``: Wilson for sensitivity and specificity,
+    bootstrap for the AUC) and the calibration figures (Brier score, ECE)."""
+    from model.operating_point import calibration_figures
+
+    report = binary_report(labels, scores, threshold)
+    report["ci95"] = {"sensitivity": list(proportion_interval(report["tp"], report["tp"] + report["fn"])),
+                      "specificity": list(proportion_interval(report["tn"], report["tn"] + report["fp"])),
+                      "auc": list(auc_interval(labels, scores))}
+    report["calibration"] = calibration_figures(labels, scores)
+    return report

@@ -1,4 +1,4 @@
-"""Evaluation plots (PNG): ROC with the operating point, confusion matrix, score histograms."""
+"""Evaluation plots (PNG): ROC with the operating point, confusion matrix, score histograms, reliability."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _pyplot():
 
 def write_evaluation_plots(labels: np.ndarray, scores: np.ndarray, report: dict, out_dir: str | Path,
                            *, title: str = "") -> list[Path]:
-    """Write roc.png, confusion_matrix.png and score_histogram.png into ``out_dir``."""
+    """Write roc.png, confusion_matrix.png, score_histogram.png and reliability.png into ``out_dir``."""
     from sklearn.metrics import roc_curve
 
     plt = _pyplot()
@@ -65,4 +65,33 @@ def write_evaluation_plots(labels: np.ndarray, scores: np.ndarray, report: dict,
     written.append(out_dir / "score_histogram.png")
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
+
+    written.append(write_reliability_plot(labels, scores, out_dir / "reliability.png", title=title))
     return written
+
+
+def write_reliability_plot(labels: np.ndarray, scores: np.ndarray, path: str | Path, *, title: str = "",
+                           bins: int = 10) -> Path:
+    """The reliability curve: observed fraction of pneumonia against the predicted probability
+    (equal-width bins, the count of each bin under it), with the Brier score and ECE."""
+    from model.metrics import curves
+    from model.operating_point import calibration_figures
+
+    plt = _pyplot()
+    rows = curves(labels, scores, bins=bins)["reliability"]
+    figures = calibration_figures(labels, scores)
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfectly calibrated")
+    ax.plot([r["mean_predicted"] for r in rows], [r["fraction_positive"] for r in rows], marker="o", lw=2,
+            label=f"model (Brier {figures['brier']:.3f}, ECE {figures['ece']:.3f})")
+    ax.set(ylabel="observed fraction with pneumonia", xlim=(0, 1), ylim=(0, 1.01),
+           title=f"Reliability {title}".strip())
+    ax.legend(loc="upper left", fontsize=8)
+    counts.bar([(r["low"] + r["high"]) / 2 for r in rows], [r["count"] for r in rows], width=1 / bins * 0.9,
+               color="tab:blue", alpha=0.6)
+    counts.set(xlabel="predicted probability of pneumonia", ylabel="images", yscale="log")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

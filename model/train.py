@@ -25,9 +25,20 @@ from model.artifact import ModelCard, save_artifact
 from model.augment import AUGMENTATIONS
 from model.dataset import LabelledImages, combine, load_folder, patient_split
 from model.metrics import binary_report, curves, threshold_for_sensitivity
+from model.operating_point import Platt, calibration_figures, fit_platt, fold_into_dense, transferable_threshold
 from model.preprocessing import INPUT_SIZE, to_model_input
 
 log = logging.getLogger(__name__)
+
+
+#: The population of the Kermany films (Kermany et al., Cell 2018): what the card says the model is for.
+KERMANY_POPULATION = {
+    "description": "paediatric chest radiographs, anterior-posterior, of children aged one to five, "
+                   "from routine clinical care at one hospital",
+    "age_years": {"min": 1, "max": 5},
+    "views": ["AP"],
+    "source": "Guangzhou Women and Children's Medical Center (Kermany et al., Cell 2018)",
+}
 
 
 @dataclass(frozen=True)
@@ -188,6 +199,24 @@ def card_sections(check: dict) -> dict:
     }
 
 
+def first_folder_figures(check: dict, full: LabelledImages, first: Path, target_sensitivity: float) -> dict:
+    """The check's clean figures on the held-out films of the first data folder only (each fold's
+    threshold chosen on them): comparable with a check of a model trained on that folder alone."""
+    from model.validation import _spread
+
+    first = first.resolve()
+    from_first = np.array([first in Path(p).resolve().parents for p in full.paths])
+    aucs, specs = [], []
+    for h in check["held_out"]:
+        mask = from_first[h["index"]]
+        labels, scores = full.labels[h["index"]][mask], h["scores"][mask]
+        report = binary_report(labels, scores, threshold_for_sensitivity(labels, scores, target_sensitivity))
+        aucs.append(report["auc"])
+        specs.append(report["specificity"])
+    return {"folder": str(first), "held_out_images": int(sum(from_first[h["index"]].sum() for h in check["held_out"])),
+            "auc": _spread(aucs), "specificity": _spread(specs)}
+
+
 def load_training_folders(data_dirs: list[Path], *, size: int, cache_dir: Path) -> LabelledImages:
     """The ``train/`` of every folder as one set (a film in several counts once, see ``combine``)."""
     return combine([load_folder(d / "train", size=size, cache=cache_dir / (f"train_{size}.npz" if i == 0 else
@@ -208,23 +237,54 @@ def train(data_dir: str | Path | list[str | Path], out_dir: str | Path, config: 
     if val_dir is not None:
         official_val = load_folder(val_dir, size=config.input_size, cache=cache_dir / f"val_{config.input_size}.npz")
     validation: dict = {}
+    held_out_sets: list[tuple[str, np.ndarray, np.ndarray]] = []
     if config.folds:
         check = kfold_check(full, config, k=config.folds)
         validation.update(card_sections(check))
+        validation["cross_validation"]["first_folder"] = first_folder_figures(
+            check, full, data_dirs[0], config.target_sensitivity)
+        held_out_sets += [(f"fold {i + 1}", full.labels[h["index"]], h["scores"])
+                          for i, h in enumerate(check["held_out"])]
     train_idx, val_idx = patient_split(full, val_fraction=config.val_fraction, seed=config.seed)
     tr, va = full.subset(train_idx), full.subset(val_idx)
     log.info("train %d images (%d patients), validation %d images (%d patients)",
              len(tr), len(set(tr.patients)), len(va), len(set(va.patients)))
     model, facts = fit_network(tr, va, config)
 
-    val_scores = predict_prepared(model, va.images)
-    threshold = threshold_for_sensitivity(va.labels, val_scores, config.target_sensitivity)
+    raw_val_scores = predict_prepared(model, va.images)
+    held_out_sets.append(("patient split", va.labels, raw_val_scores))
+    serving = serving_copy(model, config.input_size)
+    operating_point, calibration_note = None, None
+    try:
+        platt = fit_platt(va.labels, raw_val_scores)
+        if len(held_out_sets) >= 2:
+            operating_point = transferable_threshold(held_out_sets, target_sensitivity=config.target_sensitivity,
+                                                     seed=config.seed)
+    except ValueError as exc:  # a network that has not learnt to rank its validation films
+        log.warning("scores left uncalibrated, threshold from the patient split alone: %s", exc)
+        platt, operating_point, calibration_note = Platt(), None, str(exc)
+    fold_into_dense(serving, platt)
+    val_scores = predict_prepared(serving, va.images)
+    if operating_point is not None:
+        threshold = operating_point["threshold"]
+    else:
+        threshold = threshold_for_sensitivity(va.labels, val_scores, config.target_sensitivity)
     validation = {"patient_split": {**binary_report(va.labels, val_scores, threshold),
-                                    "curves": curves(va.labels, val_scores)}, **validation}
+                                    "curves": curves(va.labels, val_scores),
+                                    "calibration": {"raw": calibration_figures(va.labels, raw_val_scores),
+                                                    "calibrated": calibration_figures(va.labels, val_scores)}},
+                  **validation}
+    validation["calibration"] = {
+        "method": "Platt scaling (logistic regression on the logit) fitted on the patient split's held-out "
+                  "scores, folded into the output layer: the served score is the calibrated probability",
+        **platt.as_dict(), **({"not_calibrated": calibration_note} if calibration_note else {})}
+    if operating_point is not None:
+        validation["operating_point"] = operating_point
     if official_val is not None:
-        validation["official_val"] = binary_report(official_val.labels, predict_prepared(model, official_val.images), threshold)
+        validation["official_val"] = binary_report(official_val.labels, predict_prepared(serving, official_val.images),
+                                                   threshold)
     card = save_artifact(
-        serving_copy(model, config.input_size), out_dir,
+        serving, out_dir,
         name=config.name, version=config.version, threshold=threshold, input_size=config.input_size,
         training_data={
             "source": "Kermany et al. 2018, Chest X-Ray Images (Pneumonia), doi:10.17632/rscbjbr9sj.2, CC BY 4.0",
@@ -233,6 +293,7 @@ def train(data_dir: str | Path | list[str | Path], out_dir: str | Path, config: 
             "validation_split": f"patient-level, stratified, {config.val_fraction:.0%} of train/, seed {config.seed}",
         },
         validation=validation,
+        intended_population=KERMANY_POPULATION,
         training={**facts, "seed": config.seed, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
                   "epochs": config.epochs, "augmentation": config.augmentation,
                   "label_smoothing": config.label_smoothing, "stretch": config.stretch,

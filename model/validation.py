@@ -220,12 +220,16 @@ def cross_validate(images: np.ndarray, labels: np.ndarray, patients: np.ndarray,
                    shifted: Mapping[str, np.ndarray], fit: FitFunction, *, k: int = 3, seed: int = 1234,
                    target_sensitivity: float = 0.97) -> dict:
     """Run the check: for each patient fold, ``fit`` on the rest, score the
-    held-out images clean and shifted, and report per fold and aggregated."""
-    folds = []
+    held-out images clean and shifted, and report per fold and aggregated.
+    ``held_out`` keeps each fold's held-out indices and clean scores (for the
+    operating point; not for the card)."""
+    folds, held_out = [], []
     for fold, (train_idx, test_idx) in enumerate(patient_folds(labels, patients, k=k, seed=seed)):
         log.info("fold %d/%d: %d training, %d held-out images", fold + 1, k, len(train_idx), len(test_idx))
         score, facts = fit(train_idx, test_idx, fold)
-        report = fold_report(labels[test_idx], score(images[test_idx]),
+        clean_scores = score(images[test_idx])
+        held_out.append({"index": test_idx, "scores": clean_scores})
+        report = fold_report(labels[test_idx], clean_scores,
                              {name: score(s[test_idx]) for name, s in shifted.items()},
                              target_sensitivity=target_sensitivity)
         report.update(fold=fold, training=facts)
@@ -235,4 +239,4 @@ def cross_validate(images: np.ndarray, labels: np.ndarray, patients: np.ndarray,
                  report.get("shifted_mean", {}).get("auc", float("nan")),
                  report.get("shifted_mean", {}).get("specificity", float("nan")))
     return {"k": k, "seed": seed, "target_sensitivity": target_sensitivity,
-            "perturbations": list(shifted), "folds": folds, "summary": aggregate(folds)}
+            "perturbations": list(shifted), "folds": folds, "summary": aggregate(folds), "held_out": held_out}

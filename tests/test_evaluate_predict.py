@@ -16,7 +16,7 @@ from tests.helpers.processes import cli_env, run_cli
 
 pytestmark = pytest.mark.slow  # pneumoscreen processes
 
-EVALUATE_KEYS = {"n", "auc", "sensitivity", "specificity", "precision", "f1", "accuracy", "threshold",
+EVALUATE_KEYS = {"n", "auc", "sensitivity", "specificity", "precision", "f1", "accuracy", "threshold", "ci95", "calibration",
                  "tn", "fp", "fn", "tp", "model_version"}
 
 
@@ -39,7 +39,7 @@ def test_evaluate_json_has_the_contract_shape_and_counts(mixed_folder, tmp_path)
     assert report["model_version"] == read_card().version
     assert report["threshold"] == pytest.approx(read_card().threshold)
     assert report["auc"] == pytest.approx(1.0)  # the fixture films are training images
-    for name in ("roc.png", "confusion_matrix.png", "score_histogram.png"):
+    for name in ("roc.png", "confusion_matrix.png", "score_histogram.png", "reliability.png"):
         image = cv2.imread(str(tmp_path / "plots" / name))
         assert image is not None and image.shape[0] > 200
 

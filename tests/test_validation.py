@@ -135,6 +135,13 @@ def test_training_with_folds_writes_the_spread_into_the_card(tmp_path):
     assert all(s >= 0.97 for s in cv["sensitivity"]["values"])
     assert "patient_split" in written["validation"]
     assert written["training"]["augmentation"] == "standard"
+    calibration = written["validation"]["calibration"]
+    assert calibration["slope"] > 0 or "not_calibrated" in calibration
+    if "not_calibrated" not in calibration:
+        op = written["validation"]["operating_point"]
+        assert written["threshold"] == op["threshold"]
+        assert [s["name"] for s in op["sets"]] == ["fold 1", "fold 2", "patient split"]
+        assert op["ci95"][0] <= op["threshold"] <= op["ci95"][1]
 
 
 def _zoomed_box_sides(stretch: float) -> np.ndarray:

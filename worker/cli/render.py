@@ -62,8 +62,13 @@ def evaluation_table(report: dict[str, Any], *, unreadable: int = 0) -> None:
                         + (f" ({unreadable} unreadable left out)" if unreadable else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_column("95% interval", justify="right")
+    intervals = report.get("ci95", {})
     for key in ("auc", "sensitivity", "specificity", "precision", "f1", "accuracy", "threshold"):
-        table.add_row(key, f"{report[key]:.4f}")
+        low_high = intervals.get(key)
+        table.add_row(key, f"{report[key]:.4f}", f"{low_high[0]:.4f}-{low_high[1]:.4f}" if low_high else "")
+    for key, value in report.get("calibration", {}).items():
+        table.add_row(f"{key} (calibration)", f"{value:.4f}", "")
     _console().print(table)
     matrix = Table(title="Confusion matrix")
     matrix.add_column("true \\ predicted")

@@ -88,13 +88,13 @@ def _score_files(files: list[Path], model, *, batch_size: int = 32):
               help="model artifact folder [default: PNEUMOSCREEN_MODEL_DIR or the shipped model]")
 @click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="write roc.png, confusion_matrix.png and score_histogram.png here")
+              help="write roc.png, confusion_matrix.png, score_histogram.png and reliability.png here")
 def evaluate(folder: Path, model_dir: Path | None, as_json: bool, plots_dir: Path | None) -> None:
     """Screen FOLDER/NORMAL and FOLDER/PNEUMONIA (PNG/JPEG or DICOM) and report the figures."""
     import numpy as np
 
     from model.artifact import get_model
-    from model.metrics import binary_report
+    from model.metrics import report_with_intervals
 
     settings = load_settings()
     model = get_model(model_dir or settings.model_dir)
@@ -115,7 +115,7 @@ def evaluate(folder: Path, model_dir: Path | None, as_json: bool, plots_dir: Pat
         raise click.ClickException("need readable images of both classes to evaluate")
     labels = np.array([label for label, _ in scored])
     scores = np.array([s for _, s in scored])
-    report = binary_report(labels, scores, model.card.threshold)
+    report = report_with_intervals(labels, scores, model.card.threshold)
     report["model_version"] = model.card.version
     if plots_dir is not None:
         from model.plots import write_evaluation_plots
@@ -128,6 +128,73 @@ def evaluate(folder: Path, model_dir: Path | None, as_json: bool, plots_dir: Pat
     from worker.cli.render import evaluation_table
 
     evaluation_table(report, unreadable=len(unreadable))
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--sensitivity", type=click.FloatRange(0.5, 1.0, max_open=True), default=0.97, show_default=True,
+              help="the sensitivity the site's threshold is chosen for, on its sample")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="folder for the site's model artifact (same weights, the site's threshold)")
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with columns file (relative to FOLDER) and label (NORMAL/PNEUMONIA or 0/1); "
+                   "without it FOLDER holds NORMAL/ and PNEUMONIA/")
+@click.option("--site", "site", help="the site's name in the new version (<version>+site.<name>) "
+                                     "[default: FOLDER's name]")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="model artifact to calibrate [default: PNEUMOSCREEN_MODEL_DIR or the shipped model]")
+@click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
+def calibrate(folder: Path, sensitivity: float, out_dir: Path, labels_csv: Path | None, site: str | None,
+              model_dir: Path | None, as_json: bool) -> None:
+    """Set the model's threshold on a site's labelled sample and write a site artifact.
+
+    Reports the model's figures on the sample with 95% intervals, at the card's threshold and at the
+    site's; refuses a sample too small for the requested sensitivity. Point PNEUMOSCREEN_MODEL_DIR at
+    the new folder, or apply it to the archive with `pneumoscreen rescreen --model`.
+    """
+    import numpy as np
+
+    from model.artifact import get_model
+    from model.site import SampleTooSmall, labelled_files, sample_hash, site_name
+    from model.site import calibrate as calibrate_site
+
+    settings = load_settings()
+    model_dir = model_dir or settings.model_dir
+    try:
+        name = site_name(site or folder.resolve().name)
+        files = labelled_files(folder, labels_csv)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if (out_dir / "model_card.json").exists():
+        raise click.UsageError(f"{out_dir} already holds a model; choose another --out")
+    model = get_model(model_dir)
+    labels_by_path = dict(files)
+    results = _score_files([p for p, _ in files], model)
+    unreadable = [(p, e) for p, s, e in results if s is None]
+    for path, error in unreadable:
+        log.warning("left out, unreadable: %s", error)
+    scored = [(p, labels_by_path[p], s) for p, s, e in results if s is not None]
+    labels = np.array([label for _, label, _ in scored], dtype=int)
+    scores = np.array([s for _, _, s in scored], dtype=float)
+    try:
+        card, figures = calibrate_site(model.model_dir, labels, scores, sensitivity=sensitivity, name=name,
+                                       sample_sha256=sample_hash([(p, label) for p, label, _ in scored]),
+                                       out_dir=out_dir, unreadable=len(unreadable))
+    except SampleTooSmall as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps({"model_dir": str(out_dir), "version": card.version, "threshold": card.threshold,
+                               **card.site_calibration}, indent=2))
+        return
+    from worker.cli.render import evaluation_table
+
+    for key, title in (("at_card_threshold", f"the card's threshold {model.card.threshold:.4f}"),
+                       ("at_site_threshold", f"the site's threshold {card.threshold:.4f}")):
+        evaluation_table({**figures[key], "model_version": f"{model.card.version} at {title}"},
+                         unreadable=len(unreadable))
+    click.echo(f"wrote {out_dir}: model {card.version}, threshold {card.threshold:.4f} for sensitivity "
+               f"{sensitivity:g} on {len(labels)} films. Use it with PNEUMOSCREEN_MODEL_DIR={out_dir}, or "
+               f"rescreen the archive with: pneumoscreen rescreen --model {out_dir}")
 
 
 @cli.command()
