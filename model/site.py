@@ -17,7 +17,6 @@ not hold at the next.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import math
 import re
@@ -37,9 +36,6 @@ EXPECTED_MISSES = 3
 MIN_NORMALS = 20
 #: ``<version>+site.<name>`` must fit the 32 characters a stored result keeps of a model version.
 MAX_NAME = 20
-
-LABELS = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
-
 
 class SampleTooSmall(ValueError):
     """The sample cannot support the requested sensitivity; the message says what it needs."""
@@ -73,36 +69,6 @@ def site_name(text: str) -> str:
     if len(name) > MAX_NAME:
         raise ValueError(f"site name {name!r} is longer than {MAX_NAME} characters")
     return name
-
-
-def labelled_files(folder: Path, labels_csv: Path | None = None) -> list[tuple[Path, int]]:
-    """``(path, label)`` of a sample: ``folder/NORMAL`` and ``folder/PNEUMONIA`` (images or DICOM), or the
-    files listed in ``labels_csv`` (columns ``file``, relative to ``folder``, and ``label``: NORMAL or
-    PNEUMONIA, or 0 or 1)."""
-    from worker.images import iter_files
-
-    if labels_csv is None:
-        found = []
-        for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
-            if not (folder / cls).is_dir():
-                raise ValueError(f"{folder} must hold NORMAL/ and PNEUMONIA/ folders, or give a labels CSV")
-            found += [(path, label) for path in iter_files([folder / cls])]
-        return found
-    found = []
-    with open(labels_csv, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"file", "label"} <= {n.strip().lower() for n in reader.fieldnames}:
-            raise ValueError(f"{labels_csv}: expected the columns file and label")
-        for line, row in enumerate(reader, start=2):
-            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
-            label = LABELS.get(row["label"].upper())
-            if label is None:
-                raise ValueError(f"{labels_csv} line {line}: label {row['label']!r} is not NORMAL, PNEUMONIA, 0 or 1")
-            path = folder / row["file"]
-            if not path.is_file():
-                raise ValueError(f"{labels_csv} line {line}: {path} is not a file")
-            found.append((path, label))
-    return found
 
 
 def sample_hash(files: list[tuple[Path, int]]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import sys
@@ -13,6 +14,10 @@ from worker.cli.context import cli, load_settings
 from worker.cli.render import progress_bar
 
 log = logging.getLogger("pneumoscreen")
+
+LABELS_HELP = ("CSV with columns file (relative to FOLDER) and label (NORMAL/PNEUMONIA or 0/1); "
+               "without it FOLDER holds NORMAL/ and PNEUMONIA/")
+LABEL_VALUES = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
 
 
 @cli.command()
@@ -89,32 +94,18 @@ def _score_files(files: list[Path], model, *, batch_size: int = 32):
 @click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
 @click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path),
               help="write roc.png, confusion_matrix.png, score_histogram.png and reliability.png here")
-def evaluate(folder: Path, model_dir: Path | None, as_json: bool, plots_dir: Path | None) -> None:
-    """Screen FOLDER/NORMAL and FOLDER/PNEUMONIA (PNG/JPEG or DICOM) and report the figures."""
-    import numpy as np
-
+@click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=LABELS_HELP)
+def evaluate(folder: Path, model_dir: Path | None, as_json: bool, plots_dir: Path | None,
+             labels_csv: Path | None) -> None:
+    """Screen FOLDER/NORMAL and FOLDER/PNEUMONIA (PNG/JPEG or DICOM), or the files of a labels CSV, and
+    report the figures with 95% intervals and the calibration of the probabilities."""
     from model.artifact import get_model
     from model.metrics import report_with_intervals
 
     settings = load_settings()
     model = get_model(model_dir or settings.model_dir)
-    from worker.images import iter_files
-
-    labelled = []
-    for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
-        if not (folder / cls).is_dir():
-            raise click.UsageError(f"{folder} must hold NORMAL/ and PNEUMONIA/ folders")
-        labelled += [(path, label) for path in iter_files([folder / cls])]
-    labels_by_path = dict(labelled)
-    results = _score_files([p for p, _ in labelled], model)
-    unreadable = [(p, e) for p, s, e in results if s is None]
-    for path, error in unreadable:
-        log.warning("left out, unreadable: %s", error)
-    scored = [(labels_by_path[p], s) for p, s, e in results if s is not None]
-    if not scored or len({label for label, _ in scored}) < 2:
-        raise click.ClickException("need readable images of both classes to evaluate")
-    labels = np.array([label for label, _ in scored])
-    scores = np.array([s for _, s in scored])
+    labels, scores, _, unreadable = _score_sample(model, folder, labels_csv)
     report = report_with_intervals(labels, scores, model.card.threshold)
     report["model_version"] = model.card.version
     if plots_dir is not None:
@@ -127,7 +118,58 @@ def evaluate(folder: Path, model_dir: Path | None, as_json: bool, plots_dir: Pat
         return
     from worker.cli.render import evaluation_table
 
-    evaluation_table(report, unreadable=len(unreadable))
+    evaluation_table(report, unreadable=unreadable)
+
+
+def _labelled_sample(folder: Path, labels_csv: Path | None = None) -> list[tuple[Path, int]]:
+    """``(path, label)`` of a sample: ``folder/NORMAL`` and ``folder/PNEUMONIA`` (images or DICOM), or the
+    files listed in ``labels_csv`` (columns ``file``, relative to ``folder``, and ``label``: NORMAL or
+    PNEUMONIA, or 0 or 1)."""
+    from worker.images import iter_files
+
+    if labels_csv is None:
+        found = []
+        for label, cls in enumerate(("NORMAL", "PNEUMONIA")):
+            if not (folder / cls).is_dir():
+                raise ValueError(f"{folder} must hold NORMAL/ and PNEUMONIA/ folders" + ("" if labels_csv else ", or give a labels CSV"))
+            found += [(path, label) for path in iter_files([folder / cls])]
+        return found
+    found = []
+    with open(labels_csv, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"file", "label"} <= {n.strip().lower() for n in reader.fieldnames}:
+            raise ValueError(f"{labels_csv}: expected the columns file and label")
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            label = LABEL_VALUES.get(row["label"].upper())
+            if label is None:
+                raise ValueError(f"{labels_csv} line {line}: label {row['label']!r} is not NORMAL, PNEUMONIA, 0 or 1")
+            path = folder / row["file"]
+            if not path.is_file():
+                raise ValueError(f"{labels_csv} line {line}: {path} is not a file")
+            found.append((path, label))
+    return found
+
+
+def _score_sample(model, folder: Path, labels_csv: Path | None = None):
+    """(labels, scores, paths, unreadable count) of a labelled sample; unreadable files are left out
+    with a warning. A usage error unless both classes have readable films."""
+    import numpy as np
+
+    try:
+        labelled = _labelled_sample(folder, labels_csv)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    labels_by_path = dict(labelled)
+    results = _score_files([p for p, _ in labelled], model)
+    unreadable = [(p, e) for p, s, e in results if s is None]
+    for _, error in unreadable:
+        log.warning("left out, unreadable: %s", error)
+    scored = [(p, s) for p, s, e in results if s is not None]
+    labels = np.array([labels_by_path[p] for p, _ in scored], dtype=int)
+    if len(set(labels.tolist())) < 2:
+        raise click.ClickException("need readable images of both classes")
+    return labels, np.array([s for _, s in scored], dtype=float), [p for p, _ in scored], len(unreadable)
 
 
 @cli.command()
@@ -137,8 +179,7 @@ def evaluate(folder: Path, model_dir: Path | None, as_json: bool, plots_dir: Pat
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="folder for the site's model artifact (same weights, the site's threshold)")
 @click.option("--labels", "labels_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="CSV with columns file (relative to FOLDER) and label (NORMAL/PNEUMONIA or 0/1); "
-                   "without it FOLDER holds NORMAL/ and PNEUMONIA/")
+              help=LABELS_HELP)
 @click.option("--site", "site", help="the site's name in the new version (<version>+site.<name>) "
                                      "[default: FOLDER's name]")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -152,34 +193,24 @@ def calibrate(folder: Path, sensitivity: float, out_dir: Path, labels_csv: Path 
     site's; refuses a sample too small for the requested sensitivity. Point PNEUMOSCREEN_MODEL_DIR at
     the new folder, or apply it to the archive with `pneumoscreen rescreen --model`.
     """
-    import numpy as np
-
     from model.artifact import get_model
-    from model.site import SampleTooSmall, labelled_files, sample_hash, site_name
+    from model.site import SampleTooSmall, sample_hash, site_name
     from model.site import calibrate as calibrate_site
 
     settings = load_settings()
     model_dir = model_dir or settings.model_dir
     try:
         name = site_name(site or folder.resolve().name)
-        files = labelled_files(folder, labels_csv)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if (out_dir / "model_card.json").exists():
         raise click.UsageError(f"{out_dir} already holds a model; choose another --out")
     model = get_model(model_dir)
-    labels_by_path = dict(files)
-    results = _score_files([p for p, _ in files], model)
-    unreadable = [(p, e) for p, s, e in results if s is None]
-    for path, error in unreadable:
-        log.warning("left out, unreadable: %s", error)
-    scored = [(p, labels_by_path[p], s) for p, s, e in results if s is not None]
-    labels = np.array([label for _, label, _ in scored], dtype=int)
-    scores = np.array([s for _, _, s in scored], dtype=float)
+    labels, scores, paths, unreadable = _score_sample(model, folder, labels_csv)
     try:
         card, figures = calibrate_site(model.model_dir, labels, scores, sensitivity=sensitivity, name=name,
-                                       sample_sha256=sample_hash([(p, label) for p, label, _ in scored]),
-                                       out_dir=out_dir, unreadable=len(unreadable))
+                                       sample_sha256=sample_hash(list(zip(paths, labels))),
+                                       out_dir=out_dir, unreadable=unreadable)
     except SampleTooSmall as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
@@ -191,7 +222,7 @@ def calibrate(folder: Path, sensitivity: float, out_dir: Path, labels_csv: Path 
     for key, title in (("at_card_threshold", f"the card's threshold {model.card.threshold:.4f}"),
                        ("at_site_threshold", f"the site's threshold {card.threshold:.4f}")):
         evaluation_table({**figures[key], "model_version": f"{model.card.version} at {title}"},
-                         unreadable=len(unreadable))
+                         unreadable=unreadable)
     click.echo(f"wrote {out_dir}: model {card.version}, threshold {card.threshold:.4f} for sensitivity "
                f"{sensitivity:g} on {len(labels)} films. Use it with PNEUMOSCREEN_MODEL_DIR={out_dir}, or "
                f"rescreen the archive with: pneumoscreen rescreen --model {out_dir}")
