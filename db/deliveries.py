@@ -69,6 +69,7 @@ class ScreenedImage:
     threshold: float
     model_name: str
     weights_sha256: str
+    population_note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def delivery_job(session: Session, *, delivery_id: int) -> DeliveryJob | None:
     delivery, study_uid = row
     images = session.execute(
         select(Instance.SOPInstanceUID, Instance.path, Prediction.probability, Prediction.flagged,
-               Prediction.threshold, Prediction.model_name, Prediction.weights_sha256)
+               Prediction.threshold, Prediction.model_name, Prediction.weights_sha256, Instance.population_note)
         .join(Series, Instance.series_id == Series.id)
         .join(Prediction, Prediction.instance_id == Instance.id)
         .where(Series.study_id == delivery.study_id, Prediction.model_version == delivery.model_version)

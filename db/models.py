@@ -41,6 +41,7 @@ class InstanceState(str, enum.Enum):
 
 
 TERMINAL_STATES = frozenset({InstanceState.PREDICTED, InstanceState.SKIPPED, InstanceState.FAILED})
+MAX_NOTE = 160
 
 _state_type = Enum(InstanceState, name="instance_state", native_enum=False, length=16,
                    values_callable=lambda e: [m.value for m in e])
@@ -87,6 +88,9 @@ class Instance(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     state: Mapped[InstanceState] = mapped_column(_state_type, default=InstanceState.RECEIVED)
     reason: Mapped[str | None] = mapped_column(Text)
+    #: set when it was prepared: its patient is outside, or not known to be within, the model's
+    #: intended population (``dicom_io.eligibility``); its result is to be read with that in mind
+    population_note: Mapped[str | None] = mapped_column(String(MAX_NOTE))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     #: when its study was dispatched (the start of the screening latency)
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -3,13 +3,24 @@ the commit to the caller (``with Session.begin() as s: ...``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import TERMINAL_STATES, Instance, InstanceState, ModelVersion, Prediction, Series, Study, utcnow
+from db.models import (
+    MAX_NOTE,
+    TERMINAL_STATES,
+    Instance,
+    InstanceState,
+    ModelVersion,
+    Prediction,
+    Series,
+    Study,
+    utcnow,
+)
 
 
 def _insert(session: Session, table):
@@ -147,13 +158,24 @@ def stale_instances(session: Session, *, older_than: datetime, sent_before: dict
     return [(row.id, row.state) for row in session.execute(stmt)]
 
 
-def touch_instances(session: Session, *, ids: list[int], state: InstanceState) -> None:
-    """Move ``ids`` (currently in a non-terminal state) to ``state`` with a fresh timestamp."""
-    session.execute(
-        update(Instance)
-        .where(Instance.id.in_(ids), Instance.state.not_in(TERMINAL_STATES))
-        .values(state=state, updated_at=utcnow())
-    )
+def touch_instances(session: Session, *, ids: list[int], state: InstanceState,
+                    notes: Mapping[int, str | None] | None = None) -> None:
+    """Move ``ids`` (currently in a non-terminal state) to ``state`` with a fresh timestamp. With
+    ``notes``, each one's population note becomes its entry there (none when it has none): one
+    statement per distinct note, of which a batch has few."""
+    now = utcnow()
+    groups: dict[str | None, list[int]] = {}
+    for instance_id in ids:
+        groups.setdefault(notes.get(instance_id) if notes is not None else None, []).append(instance_id)
+    for note, group in groups.items():
+        values = {"state": state, "updated_at": now}
+        if notes is not None:
+            values["population_note"] = note[:MAX_NOTE] if note else None
+        session.execute(
+            update(Instance)
+            .where(Instance.id.in_(group), Instance.state.not_in(TERMINAL_STATES))
+            .values(**values)
+        )
 
 
 def paths_and_states(session: Session, *, ids: list[int]) -> dict[int, tuple[str, InstanceState]]:
@@ -164,8 +186,11 @@ def paths_and_states(session: Session, *, ids: list[int]) -> dict[int, tuple[str
 
 def set_state(session: Session, *, instance_id: int, state: InstanceState, reason: str | None = None,
               path: str | None = None) -> bool:
-    """Move an instance to ``state`` (and its file to ``path``) unless it is already terminal; True if it moved."""
+    """Move an instance to ``state`` (and its file to ``path``) unless it is already terminal; True if it moved.
+    SKIPPED or FAILED, it loses any population note (of an earlier screening): it has no result to qualify."""
     values = {"state": state, "reason": reason, "updated_at": utcnow()}
+    if state in (InstanceState.SKIPPED, InstanceState.FAILED):
+        values["population_note"] = None
     if path is not None:
         values["path"] = path
     instances = Instance.__table__  # a Core UPDATE: the ORM-enabled one costs far more CPU, twice per image

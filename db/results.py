@@ -73,7 +73,8 @@ def worklist(
     study_instance_uids: Collection[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Studies in reading order: flagged first, then studies in progress or with
-    failed images, then the rest; within a priority by ``order``.
+    failed images, then the rest; within a priority by ``order``. ``population_note``: a note of
+    one of its screened images (``Instance.population_note``), the most serious when they differ.
 
     ``received_since``/``received_until`` bound the study's first arrival
     ([since, until)); ``state`` keeps only studies in that ``StudyState``;
@@ -87,6 +88,8 @@ def worklist(
     failed_count = func.sum(case((Instance.state == InstanceState.FAILED, 1), else_=0))
     predicted_count = func.count(Prediction.id)
     max_probability = func.max(Prediction.probability)
+    # a screened image's note; "outside ..." sorts after "age unknown ...", so it is the one shown
+    population_note = func.max(case((Instance.state == InstanceState.PREDICTED, Instance.population_note)))
     priority = case(
         (flagged == 1, PRIORITY_FLAGGED),
         ((open_count > 0) | (failed_count > 0), PRIORITY_PENDING),
@@ -106,7 +109,7 @@ def worklist(
             Study.StudyInstanceUID, Study.AccessionNumber, Study.StudyDate, Study.received_at,
             priority.label("priority"), flagged.label("flagged"), max_probability.label("max_probability"),
             study_state.label("state"), func.count(Instance.id).label("images"),
-            func.max(Prediction.model_version).label("model_version"),
+            func.max(Prediction.model_version).label("model_version"), population_note.label("population_note"),
         )
         .join(Series, Series.study_id == Study.id)
         .join(Instance, Instance.series_id == Series.id)
@@ -136,7 +139,7 @@ def worklist(
             "max_probability": None if r.max_probability is None else round(float(r.max_probability), 6),
             "state": r.state,
             "received_at": iso_utc(r.received_at), "model_version": r.model_version,
-            "study_date": r.StudyDate, "images": int(r.images),
+            "study_date": r.StudyDate, "images": int(r.images), "population_note": r.population_note,
         }
         for r in session.execute(stmt)
     ]
@@ -170,6 +173,7 @@ def list_instances(session: Session, *, state: InstanceState | None = None, limi
             "series_instance_uid": series_uid, "state": inst.state.value, "reason": inst.reason,
             "probability": None if probability is None else round(float(probability), 6),
             "model_version": model_version, "updated_at": iso_utc(inst.updated_at),
+            "population_note": inst.population_note,
         }
         for inst, series_uid, study_uid, probability, model_version in session.execute(stmt)
     ]
@@ -197,7 +201,7 @@ def study_detail(session: Session, *, study_instance_uid: str) -> dict[str, Any]
         instances.append({
             "sop_instance_uid": inst.SOPInstanceUID, "series_instance_uid": series_uid, "modality": modality,
             "sop_class_uid": inst.SOPClassUID, "state": inst.state.value, "reason": inst.reason,
-            "received_at": iso_utc(inst.received_at),
+            "population_note": inst.population_note, "received_at": iso_utc(inst.received_at),
             "probability": round(float(answers[-1].probability), 6) if answers else None,
             "model_version": answers[-1].model_version if answers else None,
             "predictions": [

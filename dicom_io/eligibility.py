@@ -1,15 +1,117 @@
-"""Which received instances are screened. Each refusal carries a reason."""
+"""Which received instances are screened. Each refusal carries a reason; a screened film whose
+patient is not known to be within the model's intended population carries a note."""
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
 
 from pydicom.dataset import Dataset
 
 LATERAL_VIEWS = frozenset({"LL", "RL", "LLD", "RLD", "LAT", "LATERAL", "LLO", "RLO"})
 
 _WORD = re.compile(r"[A-Z0-9]+")
+_AGE = re.compile(r"^(\d{1,3})([DWMY])$")  # DICOM AS: "045Y", "018M", "010W", "005D"
+#: not AS, but what some archives write (the RSNA pneumonia challenge's films carry "58"): years,
+#: read when neither a valid AS value nor a birth date with a study date tells the age
+_BARE_YEARS = re.compile(r"^(\d{1,3})$")
+_DAYS_PER_YEAR = 365.25
+_STUDY_DATES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
+OVERRIDE_HINT = ("set PNEUMOSCREEN_INTENDED_POPULATION=any to screen every age once the site has validated "
+                 "the model on its own films")
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """A single-valued attribute as stripped text; empty when absent, empty or multi-valued."""
+    value = ds.get(keyword, None)
+    return str(value).strip() if isinstance(value, (str, date)) else ""
+
+
+def _date(value: str) -> date | None:
+    """A DICOM DA (YYYYMMDD, or the old YYYY.MM.DD), or None."""
+    value = value.replace(".", "").replace("-", "")
+    if len(value) != 8 or not value.isdigit():
+        return None
+    try:
+        return date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return None
+
+
+def patient_age_years(ds: Dataset) -> float | None:
+    """The patient's age at the study in years (fractional below a year's unit), or None when the
+    header does not tell: PatientAge when it is a valid AS value ("000Y", which some systems write for
+    an unknown age, is unknown), else PatientBirthDate and the study's date (StudyDate, else SeriesDate,
+    AcquisitionDate, ContentDate), counted in completed months, else a PatientAge of bare digits as years."""
+    age_text = _text(ds, "PatientAge").upper()
+    match = _AGE.match(age_text)
+    if match:
+        number, unit = int(match.group(1)), match.group(2)
+        if number == 0 and unit == "Y":  # what some systems write for an unknown age
+            return None
+        return {"Y": float(number), "M": number / 12, "W": number * 7 / _DAYS_PER_YEAR,
+                "D": number / _DAYS_PER_YEAR}[unit]
+    born = _date(_text(ds, "PatientBirthDate"))
+    seen = next((day for day in (_date(_text(ds, keyword)) for keyword in _STUDY_DATES) if day), None)
+    if born is not None and seen is not None and seen >= born:
+        months = (seen.year - born.year) * 12 + seen.month - born.month - (seen.day < born.day)
+        return months / 12
+    bare = _BARE_YEARS.match(age_text)
+    return float(bare.group(1)) if bare and int(bare.group(1)) > 0 else None
+
+
+def describe_age(years: float) -> str:
+    """An age as a reason shows it: whole years from 2, months below; over 89 as one group (HIPAA)."""
+    if years >= 90:
+        return "over 89 years"
+    if years >= 2:
+        return f"{math.floor(years)} years"
+    months = math.floor(years * 12 + 1e-6)
+    return "under 1 month" if months < 1 else f"{months} month{'s' if months != 1 else ''}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntendedPopulation:
+    """Whom the model was trained on, from its card's ``intended_population``: ages in completed
+    years, both bounds inclusive (``max_age_years`` None: no upper bound)."""
+
+    min_age_years: int = 0
+    max_age_years: int | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_age_years <= 150 or (
+                self.max_age_years is not None and not self.min_age_years <= self.max_age_years <= 150):
+            raise ValueError(f"intended population ages {self.min_age_years}-{self.max_age_years} are not a range "
+                             "of completed years within 0-150")
+
+    @classmethod
+    def from_card(cls, intended: Mapping[str, Any] | None) -> "IntendedPopulation | None":
+        """The population a card's ``intended_population`` states; None when it states no ages (no gate)."""
+        ages = (intended or {}).get("age_years")
+        if not ages:
+            return None
+        try:
+            low, high = ages.get("min"), ages.get("max")
+            return cls(min_age_years=int(low or 0), max_age_years=None if high is None else int(high),
+                       description=str(intended.get("description") or ""))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ValueError(f"model card intended_population.age_years must be like {{\"min\": 1, \"max\": 5}} "
+                             f"(completed years), got {ages!r}: {exc}") from None
+
+    @property
+    def ages(self) -> str:
+        if self.max_age_years is None:
+            return f"ages {self.min_age_years} and over"
+        return f"ages {self.min_age_years}-{self.max_age_years}"
+
+    def includes(self, age_years: float) -> bool:
+        completed = math.floor(age_years + 1e-6)
+        return completed >= self.min_age_years and (self.max_age_years is None or completed <= self.max_age_years)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +129,11 @@ class EligibilityPolicy:
     """Smallest accepted Rows / Columns."""
     lateral_views: frozenset[str] = field(default=LATERAL_VIEWS)
     """ViewPosition values refused: the model reads frontal (PA/AP) films."""
+    population: IntendedPopulation | None = None
+    """Whom the model was trained on (its card); films of other ages are refused. None: no age gate."""
+    screen_any_age: bool = False
+    """Screen films outside ``population`` too, each one noted (``PNEUMOSCREEN_INTENDED_POPULATION=any``,
+    for a site that has validated the model on its own films)."""
 
     def __post_init__(self) -> None:
         if not self.modalities:
@@ -61,7 +168,29 @@ class EligibilityPolicy:
         rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         if min(rows, columns) < self.min_side:
             return Eligibility(False, f"image {columns}x{rows} is smaller than {self.min_side} px")
-        return Eligibility(True)
+        return self._judge_age(ds)
+
+    def _judge_age(self, ds: Dataset) -> "Eligibility":
+        """Outside the intended population: refused, or screened with a note. A film whose header does
+        not tell the age is screened with a note: refusing it would refuse every de-identified film."""
+        population = self.population
+        if population is None:
+            return Eligibility(True)
+        age = patient_age_years(ds)
+        if age is None:
+            return Eligibility(True, note=f"age unknown: not confirmed within the intended population "
+                                          f"({population.ages})")
+        if population.includes(age):
+            return Eligibility(True)
+        aged = f"patient aged {describe_age(age)}"
+        if self.screen_any_age:
+            return Eligibility(True, note=f"outside the intended population: {aged} (trained on {population.ages})")
+        # cut, so that the stored reason (500 characters at most) keeps the way out at its end
+        description = population.description if len(population.description) <= 200 \
+            else population.description[:197] + "..."
+        trained_on = population.ages + (f": {description}" if description else "")
+        return Eligibility(False, f"outside the model's intended population: {aged} (the model was trained on "
+                                  f"{trained_on}); {OVERRIDE_HINT}")
 
 
 def _lateral_hint(ds: Dataset) -> str | None:
@@ -89,3 +218,6 @@ class Eligibility:
 
     eligible: bool
     reason: str | None = None
+    note: str | None = None
+    """What the reader of a screened film's result must know: its patient is outside, or not known
+    to be within, the model's intended population."""

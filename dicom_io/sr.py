@@ -5,7 +5,9 @@
   one measurement group per screened image (finding Pneumonia, the probability
   and the decision threshold as NUM items identifying the algorithm, Pneumonia
   present/absent as the flag, the image as source) and one study summary group
-  (the maximum probability over the images, flagged if any image is).
+  (the maximum probability over the images, flagged if any image is). An image
+  whose patient is outside, or not known to be within, the model's intended
+  population carries that note as a TEXT Comment in its group.
 - The Grad-CAM overlay as a Secondary Capture image, not for diagnosis.
 
 TID 1600's image library is not used: highdicom builds it only from CR/DX
@@ -23,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import highdicom as hd
@@ -40,8 +42,11 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
+    RelationshipTypeValues,
     SourceImageForMeasurementGroup,
+    TextContentItem,
     TrackingIdentifier,
+    ValueTypeValues,
 )
 from highdicom.sr.utils import find_content_items
 from pydicom.dataset import Dataset
@@ -56,6 +61,8 @@ PRESENT, ABSENT = codes.SCT.Present, codes.SCT.Absent
 PROBABILITY = codes.DCM.Probability
 THRESHOLD = codes.DCM.ThresholdValue
 NO_UNITS = codes.UCUM.NoUnits
+COMMENT = codes.DCM.Comment
+"""Concept name of an image's population note (TEXT)."""
 STUDY_SUMMARY = "Study summary"
 """Tracking identifier of the study-level group; image groups are tracked by their SOPInstanceUID."""
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE: screening aid, to be read with the original image"
@@ -116,6 +123,9 @@ class ScreeningReport:
     model_version: str
     weights_sha256: str
     images: tuple[ImageResult, ...]
+    notes: dict[str, str] = field(default_factory=dict)
+    """SOPInstanceUID -> population note, for the images whose patient is outside, or not known to
+    be within, the model's intended population."""
 
 
 def _check_probability(value: float) -> float:
@@ -156,9 +166,10 @@ def _check_sources(sources: Sequence[Dataset], probabilities: Sequence[float],
 
 
 def _group(tracking: str, tracking_uid: str, probability: float, flagged: bool, algorithm: AlgorithmInfo,
-           sources: Sequence[Dataset], derivation: Code | None = None) -> MeasurementsAndQualitativeEvaluations:
+           sources: Sequence[Dataset], derivation: Code | None = None,
+           note: str | None = None) -> MeasurementsAndQualitativeEvaluations:
     flag = PRESENT if flagged else ABSENT
-    return MeasurementsAndQualitativeEvaluations(
+    group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=tracking_uid, identifier=tracking),
         finding_type=PNEUMONIA,
         finding_sites=[FindingSite(codes.SCT.Lung)],
@@ -170,25 +181,33 @@ def _group(tracking: str, tracking_uid: str, probability: float, flagged: bool, 
         qualitative_evaluations=[QualitativeEvaluation(PNEUMONIA, flag)],
         source_images=[SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources],
     )
+    if note:  # highdicom's group takes coded evaluations only; the note is free text
+        group[0].ContentSequence.append(
+            TextContentItem(name=COMMENT, value=note, relationship_type=RelationshipTypeValues.CONTAINS))
+    return group
 
 
 def build_screening_report(
     sources: Sequence[Dataset], probabilities: Sequence[float], flags: Sequence[bool], *, algorithm: AlgorithmInfo,
     sop_instance_uid: str, series_instance_uid: str | None = None, series_number: int = 9001,
-    instance_number: int = 1,
+    instance_number: int = 1, notes: Sequence[str | None] | None = None,
 ) -> Dataset:
     """A Comprehensive 3D SR holding a TID 1500 Measurement Report for one study.
 
     ``sources`` are the screened images (full datasets or headers), ``probabilities``
     the model's output for each and ``flags`` whether it was flagged (as recorded, by the model
     card's rule), in the same order. The study summary is flagged when any image is.
+    ``notes``, in the same order too: each image's population note, or None.
     """
     headers = _check_sources(sources, probabilities, flags)
     values = [_check_probability(p) for p in probabilities]
+    notes = list(notes) if notes is not None else [None] * len(headers)
+    if len(notes) != len(headers):
+        raise ValueError(f"{len(headers)} source images and {len(notes)} notes")
     groups = [
         _group(str(h.SOPInstanceUID), generate_uid(entropy_srcs=[sop_instance_uid, str(h.SOPInstanceUID)]),
-               p, bool(f), algorithm, [h])
-        for h, p, f in zip(headers, values, flags)
+               p, bool(f), algorithm, [h], note=note)
+        for h, p, f, note in zip(headers, values, flags, notes)
     ]
     groups.append(_group(STUDY_SUMMARY, generate_uid(entropy_srcs=[sop_instance_uid, STUDY_SUMMARY]),
                          max(values), any(flags), algorithm, headers, derivation=codes.SCT.Maximum))
@@ -251,7 +270,7 @@ def read_screening_report(ds: Dataset) -> ScreeningReport:
     if len(summaries) != 1:
         raise ValueError(f"expected one {STUDY_SUMMARY!r} group, found {len(summaries)}")
     max_probability, threshold, flagged, algorithm = _read_group(summaries[0])
-    images = []
+    images, notes = [], {}
     for group in groups:
         if group is summaries[0]:
             continue
@@ -261,11 +280,15 @@ def read_screening_report(ds: Dataset) -> ScreeningReport:
         sources = group.source_images
         if len(sources) != 1:
             raise ValueError(f"image group {group.tracking_identifier!r} references {len(sources)} images")
-        images.append(ImageResult(str(sources[0].referenced_sop_instance_uid), probability, image_flagged))
+        uid = str(sources[0].referenced_sop_instance_uid)
+        images.append(ImageResult(uid, probability, image_flagged))
+        comments = find_content_items(group[0], name=COMMENT, value_type=ValueTypeValues.TEXT)
+        if comments:
+            notes[uid] = "; ".join(str(item.value) for item in comments)
     return ScreeningReport(
         study_instance_uid=str(ds.StudyInstanceUID), flagged=flagged, max_probability=max_probability,
         threshold=threshold, model_name=algorithm[0], model_version=algorithm[1], weights_sha256=algorithm[2],
-        images=tuple(images),
+        images=tuple(images), notes=notes,
     )
 
 

@@ -39,9 +39,10 @@ ORDER = {
     "received": ["FLAG_EARLY", "FLAG_LATE", "FAILED", "PENDING", "ROUTINE", "RESCREENED", "SKIPPED"],
 }
 WORKLIST_FIELDS = {"study_instance_uid", "accession_number", "priority", "flagged", "max_probability", "state",
-                   "received_at", "model_version"}
+                   "received_at", "model_version", "population_note"}
 INSTANCE_FIELDS = {"sop_instance_uid", "study_instance_uid", "series_instance_uid", "state", "reason", "probability",
-                   "model_version"}
+                   "model_version", "population_note"}
+AGE_UNKNOWN = "age unknown: not confirmed within the intended population (ages 1-5)"
 
 
 def _at(day: int, hour: int, minute: int = 0) -> datetime:
@@ -72,6 +73,7 @@ def populate(sessions) -> None:
         predict(s, receive_image(s, ROUTINE, 1), 0.10, queued=_at(2, 9, 1), after=45)
         predict(s, receive_image(s, ROUTINE, 2), 0.05, queued=None, after=1)
         rescreened = receive_image(s, RESCREENED, 1)
+        s.execute(update(Instance).where(Instance.id == rescreened).values(population_note=AGE_UNKNOWN))
         predict(s, rescreened, 0.80, queued=_at(2, 10, 1), after=2)
         predict(s, rescreened, 0.30, queued=_at(20, 1), after=200, version="2.0")
         predict(s, receive_image(s, FLAG_LATE, 1), 0.95, queued=_at(3, 23, 31), after=1.5)
@@ -252,7 +254,8 @@ def test_api_answers_with_the_token_refuses_without_and_audits_every_query(
     assert top["study_instance_uid"] == FLAG_LATE and top["flagged"] is True and top["priority"] == 1
     assert top["max_probability"] == pytest.approx(0.95) and top["state"] == "SCREENED"
     assert top["images"] == 2 and top["study_date"] == "20261101" and top["model_version"] == "1.0"
-    assert top["received_at"] == "2026-11-03T23:30:00+00:00"
+    assert top["received_at"] == "2026-11-03T23:30:00+00:00" and top["population_note"] is None
+    assert [r["population_note"] for r in rows if r["accession_number"] == "RESCREENED"] == [AGE_UNKNOWN]
 
     # one study, with every model's answers
     detail = c.get(f"/studies/{RESCREENED}", action="GET /studies/{study_instance_uid}",
@@ -264,6 +267,7 @@ def test_api_answers_with_the_token_refuses_without_and_audits_every_query(
     assert [p["model_version"] for p in image["predictions"]] == ["1.0", "2.0"]
     assert [p["flagged"] for p in image["predictions"]] == [True, False]
     assert image["probability"] == pytest.approx(0.3) and image["state"] == "PREDICTED"
+    assert body["population_note"] == image["population_note"] == AGE_UNKNOWN
     unknown = c.get("/studies/1.2.3.4.5", action="GET /studies/{study_instance_uid}",
                     audit_params={"study_instance_uid": "1.2.3.4.5"})
     assert unknown.status_code == 404 and unknown.json() == {"detail": "no study 1.2.3.4.5"}
@@ -367,7 +371,16 @@ def test_healthz_says_503_when_the_schema_falls_behind_or_the_database_goes(tmp_
     assert behind.status_code == 503
     assert behind.json() == {"status": "unavailable", "database": "ok", "schema": "not current",
                              "model_version": read_card().version, "detail": "run `pneumoscreen db upgrade`"}
-    # the instances still answer on the old schema, but it has no audit log: no answer goes out unaudited
+    # the old schema's instance table lacks the newer columns: the instances cannot be read
+    old_schema = http.get("/instances")
+    assert old_schema.status_code == 503
+    assert old_schema.json() == {"detail": "the database is unavailable (see /healthz)"}
+    # the instances answer, but the audit log is gone: no answer goes out unaudited
+    upgrade(pg_url)
+    schema = create_engine(pg_url)
+    with schema.begin() as connection:
+        connection.execute(text("DROP TABLE audit_log"))
+    schema.dispose()
     unaudited = http.get("/instances")
     assert unaudited.status_code == 503
     assert unaudited.json() == {"detail": "the request could not be recorded in the audit log"}

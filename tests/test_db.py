@@ -34,6 +34,17 @@ def test_migration_creates_the_tables(sessions, database_url):
             "alembic_version"} <= names
 
 
+def test_the_migrations_make_the_schema_the_models_describe(sessions):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from db.models import Base
+
+    with sessions() as s:
+        context = MigrationContext.configure(s.connection(), opts={"compare_type": True})
+        assert compare_metadata(context, Base.metadata) == []
+
+
 def test_record_received_is_idempotent_per_sop_instance(sessions):
     with sessions.begin() as s:
         first, created = receive(s, "1.2.3", "1.2.3.1.1")
@@ -121,6 +132,30 @@ def test_terminal_state_is_never_left(sessions):
     with sessions() as s:
         [row] = list_instances(s, state=InstanceState.SKIPPED)
     assert row["reason"] == "lateral"
+
+
+def test_population_notes_are_set_when_prepared_and_shown_for_screened_images(sessions):
+    unknown = "age unknown: not confirmed within the intended population (ages 1-5)"
+    outside = "outside the intended population: patient aged 45 years (trained on ages 1-5)"
+    with sessions.begin() as s:
+        ids = [receive(s, "1.1", f"1.1.1.{n}", "MIXED")[0] for n in range(1, 4)]
+        only, _ = receive(s, "1.2", "1.2.1.1", "UNKNOWN")
+        plain, _ = receive(s, "1.3", "1.3.1.1", "PLAIN")
+        later, _ = receive(s, "1.4", "1.4.1.1", "SKIPPED")
+        touch_instances(s, ids=[*ids, only, plain, later], state=InstanceState.PREPROCESSED,
+                        notes={ids[0]: unknown, ids[1]: outside, only: unknown, later: unknown})
+        touch_instances(s, ids=ids, state=InstanceState.QUEUED)  # the reconciler: the notes stay
+        answer(s, [(i, 0.3) for i in (*ids, only, plain)])
+        set_state(s, instance_id=later, state=InstanceState.SKIPPED, reason="not readable")
+    with sessions() as s:
+        notes = {r["accession_number"]: r["population_note"] for r in worklist(s)}
+        instances = {r["sop_instance_uid"]: r["population_note"] for r in list_instances(s)}
+        detail = study_detail(s, study_instance_uid="1.1")
+    assert notes == {"MIXED": outside, "UNKNOWN": unknown, "PLAIN": None, "SKIPPED": None}
+    assert instances == {"1.1.1.1": unknown, "1.1.1.2": outside, "1.1.1.3": None, "1.2.1.1": unknown,
+                         "1.3.1.1": None, "1.4.1.1": None}
+    assert detail["population_note"] == outside
+    assert [i["population_note"] for i in detail["instances"]] == [unknown, outside, None]
 
 
 def test_worklist_puts_flagged_studies_first_by_probability(sessions):
@@ -248,6 +283,7 @@ def test_a_study_report_is_claimed_by_one_sender_and_requested_again_when_the_st
         second, _ = receive(s, "1.1", "1.1.1.2", "A")
         answer(s, [(first, 0.9)])
         assert deliveries.completed_studies(s, instance_ids=[first]) == [], "an image of the study is still open"
+        touch_instances(s, ids=[second], state=InstanceState.PREPROCESSED, notes={second: "age unknown"})
         answer(s, [(second, 0.1)])
         [study_id] = deliveries.completed_studies(s, instance_ids=[first, second])
         delivery = deliveries.request_delivery(s, study_id=study_id, model_version="1.0", destination="PACS@pacs:104")
@@ -258,6 +294,7 @@ def test_a_study_report_is_claimed_by_one_sender_and_requested_again_when_the_st
         job = deliveries.delivery_job(s, delivery_id=delivery)
         assert job.StudyInstanceUID == "1.1" and [i.SOPInstanceUID for i in job.images] == ["1.1.1.1", "1.1.1.2"]
         assert [i.flagged for i in job.images] == [True, False] and job.attempts == 1
+        assert [i.population_note for i in job.images] == [None, "age unknown"]  # for the report's comments
         deliveries.release_delivery(s, delivery_id=delivery, reason="PACS down", final=False)
         assert deliveries.stale_deliveries(s, older_than=future) == [delivery]
         assert deliveries.claim_delivery(s, delivery_id=delivery, stale_before=past)

@@ -1,7 +1,9 @@
 """A chest X-ray sent by a PACS becomes a prioritized result, end to end, with
 real peers: dcmtk's storescu and pynetdicom as senders, the listener and a
 Celery worker as separate processes over Redis and PostgreSQL, and the
-embedded default (`pneumoscreen run`, SQLite, in-process broker)."""
+embedded default (`pneumoscreen run`, SQLite, in-process broker). Films of
+patients outside the model card's intended population (ages 1-5) are skipped,
+or screened and marked when the site screens every age."""
 
 from __future__ import annotations
 
@@ -26,11 +28,16 @@ from tests.helpers.processes import (
     cli_env,
     cli_json,
     free_port,
+    run_cli,
     start_run,
     storescu,
     wait_for_port,
     wait_until,
 )
+
+AGE_UNKNOWN = "age unknown: not confirmed within the intended population (ages 1-5)"
+ADULT_BIRTH_DATE = "19800101"
+"""46 years old at the generated films' study date (2026-11-26)."""
 
 pytestmark = pytest.mark.slow
 
@@ -41,17 +48,21 @@ def _all_terminal(env):
 
 
 def _assert_screened(env, *, pneumonia_study: str, normal_study: str, expected_instances: int) -> None:
+    """Every instance ended; the pneumonia and the normal study's films were screened, within the
+    intended population, and the pneumonia study is read first."""
     card = read_card()
     instances = wait_until(lambda: _all_terminal(env), timeout=90, what="every instance terminal")
     assert len(instances) == expected_instances
+    studies = (pneumonia_study, normal_study)
     for row in instances:
-        assert row["state"] == "PREDICTED", row
-        assert 0.0 <= row["probability"] <= 1.0
-        assert row["model_version"] == card.version
+        if row["study_instance_uid"] in studies:
+            assert row["state"] == "PREDICTED" and row["population_note"] is None, row
+            assert 0.0 <= row["probability"] <= 1.0
+            assert row["model_version"] == card.version
 
-    worklist = cli_json("worklist", env=env)
+    worklist = [row for row in cli_json("worklist", env=env) if row["study_instance_uid"] in studies]
     by_study = {row["study_instance_uid"]: row for row in worklist}
-    assert set(by_study) == {pneumonia_study, normal_study}
+    assert set(by_study) == set(studies)
     for row in worklist:
         assert row["state"] == "SCREENED"
         assert row["model_version"] == card.version
@@ -83,25 +94,47 @@ def _send_with_pynetdicom(port: int, path: Path) -> int:
 def test_study_from_storescu_and_pynetdicom_is_predicted_with_redis_postgres_and_worker_process(
     tmp_path, processes, production
 ):
+    """With them, three films outside the intended population or of unknown age: the worker skips
+    the adults' (aged by PatientAge, and by birth date and study date) and screens the third, noted."""
     env, port, _, _ = production(study_quiet_seconds=1)
 
     pneumonia = write_chest_dicom(tmp_path / "pneumonia.dcm", PNEUMONIA_JPEG, transfer_syntax=ExplicitVRLittleEndian)
     normal = write_chest_dicom(tmp_path / "normal_jpeg.dcm", NORMAL_JPEG, transfer_syntax=JPEGBaseline8Bit)
-    sent = storescu(port, tmp_path / "pneumonia.dcm")
+    aged_45 = write_chest_dicom(tmp_path / "aged_45.dcm", NORMAL_JPEG, sop_class="CR", birth_date=None,
+                                patient_age="045Y", accession="AGED45")
+    born_1980 = write_chest_dicom(tmp_path / "born_1980.dcm", NORMAL_JPEG, sop_class="CR",
+                                  birth_date=ADULT_BIRTH_DATE, accession="BORN1980")
+    no_age = write_chest_dicom(tmp_path / "no_age.dcm", NORMAL_JPEG, sop_class="CR", birth_date=None, accession="NOAGE")
+    sent = storescu(port, *(tmp_path / f"{name}.dcm" for name in ("pneumonia", "aged_45", "born_1980", "no_age")))
     assert sent.returncode == 0, sent.stderr
     assert _send_with_pynetdicom(port, tmp_path / "normal_jpeg.dcm") == 0x0000
 
     _assert_screened(env, pneumonia_study=pneumonia.StudyInstanceUID, normal_study=normal.StudyInstanceUID,
-                     expected_instances=2)
+                     expected_instances=5)
+    rows = {row["sop_instance_uid"]: row for row in cli_json("instances", env=env)}
+    for ds, aged in ((aged_45, "45 years"), (born_1980, "46 years")):
+        row = rows[ds.SOPInstanceUID]
+        assert row["state"] == "SKIPPED" and row["probability"] is None and row["population_note"] is None
+        assert row["reason"].startswith(f"outside the model's intended population: patient aged {aged} (the model "
+                                        "was trained on ages 1-5: paediatric chest radiographs")
+        assert "PNEUMOSCREEN_INTENDED_POPULATION=any" in row["reason"]
+    unknown = rows[no_age.SOPInstanceUID]
+    assert unknown["state"] == "PREDICTED" and unknown["population_note"] == AGE_UNKNOWN
+    worklist = {row["accession_number"]: row for row in cli_json("worklist", env=env)}
+    assert worklist["NOAGE"]["state"] == "SCREENED" and worklist["NOAGE"]["population_note"] == AGE_UNKNOWN
+    assert worklist["AGED45"]["state"] == worklist["BORN1980"]["state"] == "NOT_SCREENED"
     for p in processes:
         assert PLANTED_PATIENT_NAME.split("^")[0] not in p.log()
         assert PLANTED_PATIENT_ID not in p.log()
+        assert ADULT_BIRTH_DATE not in p.log()
 
 
 def test_embedded_default_screens_uncompressed_and_jpeg_baseline_from_storescu(tmp_path, processes):
+    """At a site that screens every age (``PNEUMOSCREEN_INTENDED_POPULATION=any``), an adult's film is
+    screened too, and its result marked."""
     port = free_port()
     data_dir = tmp_path / "data"
-    env = cli_env(study_quiet_seconds=1)
+    env = cli_env(study_quiet_seconds=1, intended_population="any")
     runner = Process(["run", "--data-dir", str(data_dir), "--port", str(port)], env, tmp_path / "run.log")
     processes.append(runner)
     wait_for_port(port, runner.proc)
@@ -109,18 +142,27 @@ def test_embedded_default_screens_uncompressed_and_jpeg_baseline_from_storescu(t
     pneumonia = write_chest_dicom(tmp_path / "pneumonia_jpeg.dcm", PNEUMONIA_JPEG, transfer_syntax=JPEGBaseline8Bit)
     normal = write_chest_dicom(tmp_path / "normal.dcm", NORMAL_JPEG, transfer_syntax=ExplicitVRLittleEndian,
                                sop_class="CR", modality="CR")
+    adult = write_chest_dicom(tmp_path / "adult.dcm", NORMAL_JPEG, sop_class="CR", birth_date=None,
+                              patient_age="045Y", accession="ADULT")
     sent = storescu(port, tmp_path / "pneumonia_jpeg.dcm", jpeg_as_is=True)
     assert sent.returncode == 0, sent.stderr
-    sent = storescu(port, tmp_path / "normal.dcm")
+    sent = storescu(port, tmp_path / "normal.dcm", tmp_path / "adult.dcm")
     assert sent.returncode == 0, sent.stderr
 
     query_env = cli_env(data_dir=data_dir)
     _assert_screened(query_env, pneumonia_study=pneumonia.StudyInstanceUID, normal_study=normal.StudyInstanceUID,
-                     expected_instances=2)
+                     expected_instances=3)
+    outside = "outside the intended population: patient aged 45 years (trained on ages 1-5)"
+    [row] = cli_json("instances", "--study", adult.StudyInstanceUID, env=query_env)
+    assert row["state"] == "PREDICTED" and row["population_note"] == outside
+    [study] = [r for r in cli_json("worklist", env=query_env) if r["accession_number"] == "ADULT"]
+    assert study["state"] == "SCREENED" and study["population_note"] == outside
+    assert "outside the intended population" in run_cli("worklist", env=query_env).stdout
     assert (data_dir / "pneumoscreen.db").is_file()
     spooled = sorted(p.name for p in (data_dir / "spool").rglob("*.dcm"))
-    assert spooled == sorted([f"{pneumonia.SOPInstanceUID}.dcm", f"{normal.SOPInstanceUID}.dcm"])
+    assert spooled == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in (pneumonia, normal, adult))
     assert PLANTED_PATIENT_NAME.split("^")[0] not in runner.log()
+    assert "every age is screened (PNEUMOSCREEN_INTENDED_POPULATION=any)" in runner.log()
 
 
 def test_embedded_default_resumes_work_left_in_flight_by_a_previous_run(tmp_path, processes):

@@ -15,7 +15,13 @@ from pynetdicom import AE, _config
 from dicom_io.pixels import display_image
 from dicom_io.status import StoreStatus
 from tests.helpers.corpus import ORIGINAL, build_malformed, build_pixel_corpus
-from tests.helpers.dicom_factory import PLANTED_PATIENT_ID, PLANTED_PATIENT_NAME, PNEUMONIA_JPEG, chest_dataset
+from tests.helpers.dicom_factory import (
+    PLANTED_BIRTH_DATE,
+    PLANTED_PATIENT_ID,
+    PLANTED_PATIENT_NAME,
+    PNEUMONIA_JPEG,
+    chest_dataset,
+)
 from tests.helpers.processes import Process, cli_env, cli_json, free_port, storescu, wait_for_port, wait_until
 from worker.runtime import eligibility_policy
 from worker.settings import Settings
@@ -69,7 +75,12 @@ def test_real_chest_cr_in_three_encodings_decodes_alike():
 
 def test_real_files_are_judged_by_the_eligibility_policy():
     policy = eligibility_policy(Settings(_env_file=None))
-    assert policy.judge(dcmread(real_file("RG1_UNCI.dcm"))).eligible
+    adult = dcmread(real_file("RG1_UNCI.dcm"))  # a chest PA of a patient born in 1940, studied in 2004
+    verdict = policy.judge(adult)
+    assert not verdict.eligible and "outside the model's intended population: patient aged 64 years" in verdict.reason
+    verdict = eligibility_policy(Settings(_env_file=None, intended_population="any")).judge(adult)
+    assert verdict.eligible and verdict.note == ("outside the intended population: patient aged 64 years "
+                                                 "(trained on ages 1-5)")
     verdict = policy.judge(dcmread(real_file("RG3_UNCI.dcm")))
     assert not verdict.eligible and "EXTREMITY" in verdict.reason
     verdict = policy.judge(dcmread(real_file("JPEG-LL.dcm")))
@@ -122,8 +133,9 @@ def test_corpus_real_files_and_malformed_inputs_over_tcp_each_end_terminal_with_
         tmp_path, corpus, malformed, processes):
     port = free_port()
     data_dir = tmp_path / "data"
+    # RG1 is an adult's chest film: screened, with its note, only when every age is
     runner = Process(["--log-level", "DEBUG", "run", "--data-dir", str(data_dir), "--port", str(port)],
-                     cli_env(study_quiet_seconds=1), tmp_path / "run.log")
+                     cli_env(study_quiet_seconds=1, intended_population="any"), tmp_path / "run.log")
     processes.append(runner)
     wait_for_port(port, runner.proc)
 
@@ -155,6 +167,7 @@ def test_corpus_real_files_and_malformed_inputs_over_tcp_each_end_terminal_with_
     not_predicted = {c.name: row_of(c.path) for c in corpus if row_of(c.path)["state"] != "PREDICTED"}
     assert not not_predicted, json.dumps(not_predicted, indent=1)
     assert row_of(real[0])["state"] == "PREDICTED"
+    assert row_of(real[0])["population_note"].startswith("outside the intended population: patient aged 64 years")
     assert row_of(real[1])["state"] == "SKIPPED" and "EXTREMITY" in row_of(real[1])["reason"]
 
     verdicts = {name: row_of(path) for name, path in malformed.items()}
@@ -171,7 +184,7 @@ def test_corpus_real_files_and_malformed_inputs_over_tcp_each_end_terminal_with_
     assert all(p.with_suffix("").with_suffix(".dcm").is_file() for p in reasons)
 
     log = runner.log()
-    for secret in (PLANTED_PATIENT_NAME.split("^")[0], PLANTED_PATIENT_ID, "20190101"):
+    for secret in (PLANTED_PATIENT_NAME.split("^")[0], PLANTED_PATIENT_ID, PLANTED_BIRTH_DATE):
         assert secret not in log
     assert "DEBUG" in log  # the scan ran over debug-level output
 
@@ -220,7 +233,8 @@ def test_orthanc_sends_studies_through_its_rest_api(tmp_path, processes):
     port = free_port()
     data_dir = tmp_path / "data"
     runner = Process(["run", "--data-dir", str(data_dir), "--port", str(port)],
-                     cli_env(study_quiet_seconds=1, allowed_aes="ORTHANC"), tmp_path / "run.log")
+                     cli_env(study_quiet_seconds=1, allowed_aes="ORTHANC", intended_population="any"),
+                     tmp_path / "run.log")  # RG1 is an adult's chest film
     processes.append(runner)
     wait_for_port(port, runner.proc)
     orthanc = Orthanc(tmp_path / "orthanc", modalities={"pneumoscreen": ("PNEUMOSCREEN", "127.0.0.1", port)})

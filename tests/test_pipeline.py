@@ -71,6 +71,7 @@ def test_prepared_payloads_of_this_and_the_earlier_version_decode_and_garbage_is
     ({"body_part": "CHESTNUT"}, "body part CHESTNUT is not chest"),
     ({"body_part": "CHEST LAT"}, "names a lateral view"),
     ({"sop_class": "DX", "modality": "DX", "presentation_intent": "FOR PROCESSING"}, "FOR PROCESSING"),
+    ({"patient_age": "045Y"}, "outside the model's intended population: patient aged 45 years"),
 ])
 def test_ineligible_instance_is_skipped_with_a_reason(sessions, tmp_path, kwargs, reason):
     ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG, **kwargs)
@@ -85,6 +86,23 @@ def test_chest_like_body_parts_are_screened(sessions, tmp_path, body_part):
     ds = write_chest_dicom(tmp_path / "a.dcm", PNEUMONIA_JPEG, body_part=body_part)
     assert pipeline.preprocess_instance(sessions, _receive(sessions, tmp_path / "a.dcm", ds), policy=POLICY) is not None
     assert _state(sessions) == ("PREPROCESSED", None)
+
+
+def test_the_instances_prepared_together_keep_each_its_population_note(sessions, tmp_path):
+    films = {"child": {}, "unknown": {"birth_date": None}, "adult": {"patient_age": "045Y"}}
+    ids = {}
+    for name, attributes in films.items():
+        ds = write_chest_dicom(tmp_path / f"{name}.dcm", PNEUMONIA_JPEG, **attributes)
+        ids[name] = _receive(sessions, tmp_path / f"{name}.dcm", ds)
+    any_age = eligibility_policy(Settings(_env_file=None, intended_population="any"))
+    prepared = pipeline.preprocess_instances(sessions, list(ids.values()), policy=any_age)
+    assert [instance_id for instance_id, _ in prepared] == list(ids.values())
+    with sessions() as s:
+        rows = {row["sop_instance_uid"]: row for row in list_instances(s)}
+    notes = [row["population_note"] for row in rows.values()]
+    assert {row["state"] for row in rows.values()} == {"PREPROCESSED"}
+    assert notes == [None, "age unknown: not confirmed within the intended population (ages 1-5)",
+                     "outside the intended population: patient aged 45 years (trained on ages 1-5)"]
 
 
 def _view_code(meaning: str) -> Dataset:

@@ -109,6 +109,7 @@ def test_screened_studies_go_back_to_the_pacs_as_sr_and_heatmaps_even_when_it_is
         assert flagged == (probability >= card.threshold)
     assert report.flagged == any(flagged for _, _, flagged in report.images)
     assert report.max_probability == pytest.approx(max(p for _, p, _ in report.images), abs=1e-5)
+    assert report.notes == {}  # children within the model's intended population
     # patient and study modules come from the source images
     assert str(sr.PatientID) == PLANTED_PATIENT_ID and sr.StudyInstanceUID == study
 

@@ -18,6 +18,8 @@ def test_defaults_match_the_design():
     policy = eligibility_policy(s)
     assert policy.modalities == {"CR", "DX"} and policy.min_side == 128
     assert policy.chest_body_parts == {"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "CXR", "PORTABLE CHEST"}
+    assert s.intended_population == "card" and not policy.screen_any_age
+    assert (policy.population.min_age_years, policy.population.max_age_years) == (1, 5)
     config = listener_config(s)
     assert (config.host, config.port, config.ae_title, config.max_pdu_size) == ("127.0.0.1", 11112, "PNEUMOSCREEN",
                                                                                   262144)
@@ -37,6 +39,7 @@ def test_environment_variables_are_read(monkeypatch):
     ({"host": "0.0.0.0"}, "PNEUMOSCREEN_ALLOWED_AES"),
     ({"database_url": "not a url"}, "not a database URL"),
     ({"results_destination": "PACS"}, "AET@host:port"),
+    ({"intended_population": "adults"}, "'card' or 'any'"),
 ])
 def test_bad_values_fail_with_a_clear_message(kwargs, message):
     with pytest.raises(ValidationError, match=message):
@@ -65,6 +68,7 @@ def test_eligibility_policy_follows_the_settings(monkeypatch):
 
     monkeypatch.setenv("PNEUMOSCREEN_ELIGIBLE_MODALITIES", "DX")
     monkeypatch.setenv("PNEUMOSCREEN_MIN_IMAGE_SIDE", "300")
+    monkeypatch.setenv("PNEUMOSCREEN_INTENDED_POPULATION", "any")
     runtime.configure(Settings())
     try:
         policy = runtime.eligibility_policy()
@@ -72,6 +76,7 @@ def test_eligibility_policy_follows_the_settings(monkeypatch):
         assert not verdict.eligible and "DX only" in verdict.reason
         verdict = policy.judge(chest_dataset(PNEUMONIA_JPEG, modality="DX"))
         assert not verdict.eligible and "smaller than 300" in verdict.reason
+        assert policy.screen_any_age
     finally:
         runtime.configure(Settings())
 

@@ -22,6 +22,7 @@ from dicom_io.sr import (
 )
 from tests.helpers.dicom_factory import (
     NORMAL_JPEG,
+    PLANTED_BIRTH_DATE,
     PLANTED_PATIENT_ID,
     PLANTED_PATIENT_NAME,
     PNEUMONIA_JPEG,
@@ -75,11 +76,32 @@ def test_report_reads_back_with_every_field(study):
     )
 
 
+def test_population_notes_are_comments_in_their_images_groups_and_read_back(study):
+    unknown = "age unknown: not confirmed within the intended population (ages 1-5)"
+    outside = "outside the intended population: patient aged 45 years (trained on ages 1-5)"
+    ds = round_trip(build_screening_report(study, [0.91, 0.2, 0.49], [True, False, False], algorithm=ALGORITHM,
+                                           sop_instance_uid=generate_uid(), notes=[outside, None, unknown]))
+    report = read_screening_report(ds)
+
+    assert report.notes == {study[0].SOPInstanceUID: outside, study[2].SOPInstanceUID: unknown}
+    groups = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_image_measurement_groups()
+    comments = {group.tracking_identifier: [item.value for item in hd.sr.utils.find_content_items(
+        group[0], name=hd.sr.CodedConcept("121106", "DCM", "Comment"))] for group in groups}
+    assert comments == {study[0].SOPInstanceUID: [outside], study[1].SOPInstanceUID: [],
+                        study[2].SOPInstanceUID: [unknown], "Study summary": []}
+    plain = read_screening_report(round_trip(build_screening_report(
+        study, [0.1, 0.2, 0.3], [False] * 3, algorithm=ALGORITHM, sop_instance_uid=generate_uid())))
+    assert plain.notes == {}
+    with pytest.raises(ValueError, match="3 source images and 1 notes"):
+        build_screening_report(study, [0.1, 0.2, 0.3], [False] * 3, algorithm=ALGORITHM,
+                               sop_instance_uid=generate_uid(), notes=[unknown])
+
+
 def test_report_copies_the_patient_and_study_modules_and_lists_the_sources_as_evidence(study):
     ds = round_trip(build_screening_report(study, [0.1, 0.2, 0.3], [False, False, False], algorithm=ALGORITHM,
                                            sop_instance_uid=generate_uid(), series_number=9001))
     assert str(ds.PatientName) == PLANTED_PATIENT_NAME and ds.PatientID == PLANTED_PATIENT_ID
-    assert (ds.PatientBirthDate, ds.PatientSex, ds.StudyID) == ("20190101", "F", "S1")
+    assert (ds.PatientBirthDate, ds.PatientSex, ds.StudyID) == (PLANTED_BIRTH_DATE, "F", "S1")
     assert (ds.StudyInstanceUID, ds.AccessionNumber, ds.StudyDate) == (study[0].StudyInstanceUID, "ACC0001",
                                                                        "20261126")
     assert ds.SeriesNumber == 9001 and ds.SeriesInstanceUID not in {s.SeriesInstanceUID for s in study}

@@ -42,13 +42,18 @@ SCREENSHOTS = Path(os.environ.get("PNEUMOSCREEN_SCREENSHOTS", "")) if os.environ
     else None
 
 
+AGE_UNKNOWN = "age unknown: not confirmed within the intended population (ages 1-5)"
+
+
 class Site:
-    def __init__(self, base: str, data_dir: Path, api: Process, flagged_study: str, skipped_study: str) -> None:
+    def __init__(self, base: str, data_dir: Path, api: Process, flagged_study: str, skipped_study: str,
+                 age_unknown_study: str) -> None:
         self.base = base
         self.data_dir = data_dir
         self.api = api
         self.flagged_study = flagged_study
         self.skipped_study = skipped_study
+        self.age_unknown_study = age_unknown_study
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.base, timeout=60, follow_redirects=False, **kwargs)
@@ -84,14 +89,16 @@ def site(tmp_path_factory):
         normal = write_chest_dicom(tmp / "normal.dcm", NORMAL_JPEG, sop_class="CR", accession="NORM1")
         lateral = write_chest_dicom(tmp / "lateral.dcm", NORMAL_JPEG, sop_class="CR", accession="LAT1",
                                     view_position="LL")
-        sent = storescu(port, tmp / "pneumonia.dcm", tmp / "normal.dcm", tmp / "lateral.dcm")
+        no_age = write_chest_dicom(tmp / "no_age.dcm", NORMAL_JPEG, sop_class="CR", accession="NOAGE1",
+                                   birth_date=None)
+        sent = storescu(port, *(tmp / f"{name}.dcm" for name in ("pneumonia", "normal", "lateral", "no_age")))
         assert sent.returncode == 0, sent.stderr
         terminal = {"PREDICTED", "SKIPPED", "FAILED"}
-        wait_until(lambda: len([r for r in cli_json("instances", env=env) if r["state"] in terminal]) == 3,
-                   timeout=120, what="three instances ended")
+        wait_until(lambda: len([r for r in cli_json("instances", env=env) if r["state"] in terminal]) == 4,
+                   timeout=120, what="four instances ended")
         states = {r["sop_instance_uid"]: r["state"] for r in cli_json("instances", env=env)}
         assert states == {pneumonia.SOPInstanceUID: "PREDICTED", normal.SOPInstanceUID: "PREDICTED",
-                          lateral.SOPInstanceUID: "SKIPPED"}
+                          lateral.SOPInstanceUID: "SKIPPED", no_age.SOPInstanceUID: "PREDICTED"}
         [flagged] = [r for r in cli_json("worklist", env=env) if r["flagged"]]
         assert flagged["study_instance_uid"] == pneumonia.StudyInstanceUID
         processes.pop().stop()
@@ -101,7 +108,7 @@ def site(tmp_path_factory):
         processes.append(api)
         wait_for_port(api_port, api.proc)
         yield Site(f"http://127.0.0.1:{api_port}", data_dir, api, pneumonia.StudyInstanceUID,
-                   lateral.StudyInstanceUID)
+                   lateral.StudyInstanceUID, no_age.StudyInstanceUID)
     finally:
         for p in reversed(processes):
             p.stop()
@@ -164,6 +171,11 @@ def test_every_page_answers_and_is_audited_with_the_session_actor(site):
         assert worklist.status_code == 200
         assert "PNEU1" in worklist.text and "NORM1" in worklist.text and "FLAGGED" in worklist.text
         assert "lateral" in worklist.text.lower(), "a skipped study shows its reason"
+        badge = f'<span class="note" title="{AGE_UNKNOWN}">age unknown</span>'
+        assert worklist.text.count(badge) == 1, "a study screened outside its known population is marked"
+        noted = client.get(f"/web/studies/{site.age_unknown_study}").text
+        assert noted.count(badge) == 2 and f'<p class="reason">{AGE_UNKNOWN}</p>' in noted  # the study, its image
+        assert 'class="note"' not in client.get(f"/web/studies/{site.flagged_study}").text
         flagged = client.get("/web/worklist", params={"flagged_only": "true"}).text
         assert "PNEU1" in flagged and "NORM1" not in flagged
         assert client.get("/web/worklist", params={"state": "NOT_SCREENED"}).text.count("LAT1") == 1
@@ -174,6 +186,7 @@ def test_every_page_answers_and_is_audited_with_the_session_actor(site):
         assert client.get("/web/studies/1.2.3.4").status_code == 404
         operations = client.get("/web/operations")
         assert operations.status_code == 200 and "Instances by state" in operations.text
+        assert "Intended population" in operations.text and "films of other ages are skipped" in operations.text
         sop = re.search(r'/web/images/([0-9.]+)/film\.png', study.text).group(1)
         for kind in ("film", "gradcam"):
             image = client.get(f"/web/images/{sop}/{kind}.png")

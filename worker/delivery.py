@@ -63,7 +63,7 @@ def _algorithm(job: DeliveryJob) -> AlgorithmInfo:
 
 
 def build_report(job: DeliveryJob) -> Dataset:
-    """The study's SR from the spool files' headers and the recorded predictions."""
+    """The study's SR from the spool files' headers, the recorded predictions and population notes."""
     sources = [dcmread(image.path, stop_before_pixels=True) for image in job.images]
     sop_uids = sorted(image.SOPInstanceUID for image in job.images)
     return build_screening_report(
@@ -71,6 +71,7 @@ def build_report(job: DeliveryJob) -> Dataset:
         algorithm=_algorithm(job),
         sop_instance_uid=generate_uid(entropy_srcs=[job.StudyInstanceUID, job.model_version, *sop_uids]),
         series_instance_uid=generate_uid(entropy_srcs=[job.StudyInstanceUID, job.model_version, "SR"]),
+        notes=[image.population_note for image in job.images],
     )
 
 

@@ -92,13 +92,15 @@ def preprocess_instances(sessions: sessionmaker[Session], instance_ids: list[int
                          policy: EligibilityPolicy, spool: Spool | None = None) -> list[tuple[int, np.ndarray]]:
     """(instance id, prepared image) for each of ``instance_ids`` that could be prepared, in order;
     the others end SKIPPED or FAILED with their reason (or had already ended). The instances are
-    read in one query and marked PREPROCESSED in one transaction.
+    read in one query and marked PREPROCESSED, each with its population note (or none), in one
+    transaction: the note stands beside the result the prediction then records.
 
     With ``spool``, the file of a FAILED instance is moved to its quarantine.
     """
     with sessions.begin() as session:
         found = paths_and_states(session, ids=instance_ids)
     prepared: list[tuple[int, np.ndarray]] = []
+    notes: dict[int, str | None] = {}
     for instance_id in instance_ids:
         if instance_id not in found:
             log.warning("instance %d is not in the database", instance_id)
@@ -122,10 +124,13 @@ def preprocess_instances(sessions: sessionmaker[Session], instance_ids: list[int
             _fail(sessions, spool, instance_id, path, str(exc) or type(exc).__name__)
             continue
         prepared.append((instance_id, image))
+        notes[instance_id] = eligibility.note
+        if eligibility.note:
+            log.info("instance %d: %s", instance_id, eligibility.note)
     if prepared:
         with sessions.begin() as session:
             touch_instances(session, ids=[instance_id for instance_id, _ in prepared],
-                            state=InstanceState.PREPROCESSED)
+                            state=InstanceState.PREPROCESSED, notes=notes)
     return prepared
 
 

@@ -1,6 +1,7 @@
 """Process-wide resources, made once per process on first use: the settings,
 the database engine and session factory, the spool, the eligibility policy and
-the listener's configuration (from the settings), the model and its micro-batcher. Worker child processes make their
+the listener's configuration (from the settings), the model card's intended population,
+the model and its micro-batcher. Worker child processes make their
 own (an engine must not cross a fork)."""
 
 from __future__ import annotations
@@ -8,12 +9,13 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.session import make_engine, make_sessionmaker
-from dicom_io.eligibility import EligibilityPolicy
+from dicom_io.eligibility import EligibilityPolicy, IntendedPopulation
 from dicom_io.spool import Spool
 from worker.settings import Settings
 
@@ -25,6 +27,7 @@ _lock = threading.RLock()
 _settings: Settings | None = None
 _sessions: tuple[int, sessionmaker[Session]] | None = None
 _batchers: dict[tuple[int, str], "BatchPredictor"] = {}
+_populations: dict[str, IntendedPopulation | None] = {}
 
 
 def configure(settings: Settings) -> None:
@@ -63,11 +66,26 @@ def spool() -> Spool:
                  min_free_bytes=current.min_free_mb * 1024 * 1024)
 
 
-def eligibility_policy(current: Settings | None = None) -> EligibilityPolicy:
-    """Which instances are screened, from ``current`` (default: this process's settings)."""
+def eligibility_policy(current: Settings | None = None, *, model_dir: str | Path | None = None) -> EligibilityPolicy:
+    """Which instances are screened, from ``current`` (default: this process's settings) and the
+    intended population of the model in ``model_dir`` (default: the configured one)."""
     current = current or settings()
     return EligibilityPolicy(modalities=current.eligible_modality_set, chest_body_parts=current.chest_body_part_set,
-                             min_side=current.min_image_side)
+                             min_side=current.min_image_side,
+                             population=intended_population(model_dir or current.model_dir),
+                             screen_any_age=current.intended_population == "any")
+
+
+def intended_population(model_dir: str | Path | None = None) -> IntendedPopulation | None:
+    """The intended population the card in ``model_dir`` (default: the shipped model) states, read once
+    per process; the weights are not read (the inference worker verifies them)."""
+    from model.artifact import read_card
+
+    key = str(Path(model_dir).resolve()) if model_dir else ""
+    with _lock:
+        if key not in _populations:
+            _populations[key] = IntendedPopulation.from_card(read_card(model_dir, verify=False).intended_population)
+        return _populations[key]
 
 
 def listener_config(current: Settings | None = None, *, reuse_port: bool = False) -> "ListenerConfig":

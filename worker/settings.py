@@ -87,6 +87,10 @@ class Settings(BaseSettings):
                                   description="BodyPartExamined values taken as chest, whole or as one word of "
                                               "the value (CHEST_PA); absent is accepted")
     min_image_side: int = Field(128, ge=1, description="smaller images are SKIPPED")
+    intended_population: Literal["card", "any"] = Field(
+        "card", description="card: films of patients whose age is outside the model card's intended population "
+                            "are SKIPPED; any: every age is screened (after the site has validated the model), "
+                            "off-population results marked")
     inference_batch_size: int = Field(32, ge=1, le=1024, description="images per forward pass at most")
     inference_batch_ms: float = Field(20.0, ge=0, le=10000, description="wait this long for a batch to fill")
     tf_threads: int = Field(0, ge=0, le=256,

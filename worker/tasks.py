@@ -59,7 +59,8 @@ class InstanceTask(Task):
 def preprocess(instance_ids: int | list[int], model_dir: str | None = None,
                expected_preprocessing: str | None = None) -> None:
     """Decode and prepare each instance; those prepared go on together in one ``infer`` message.
-    ``model_dir`` (a rescreen with another model) travels on to ``infer``.
+    ``model_dir`` (a rescreen with another model) travels on to ``infer``; its card's intended
+    population decides which films are screened.
 
     ``expected_preprocessing`` comes with instances that an inference worker sent back (its model
     expects that version): a worker that prepares another version fails them with the reason rather
@@ -74,7 +75,7 @@ def preprocess(instance_ids: int | list[int], model_dir: str | None = None,
                                      level=logging.ERROR)
         return
     prepared = [(instance_id, pipeline.encode_prepared(image)) for instance_id, image in pipeline.preprocess_instances(
-        runtime.sessions(), ids, policy=runtime.eligibility_policy(), spool=runtime.spool())]
+        runtime.sessions(), ids, policy=runtime.eligibility_policy(model_dir=model_dir), spool=runtime.spool())]
     if prepared:
         kwargs = {"preprocessing": PREPROCESSING_VERSION, **({"model_dir": model_dir} if model_dir else {})}
         sent = [instance_id for instance_id, _ in prepared]

@@ -147,9 +147,9 @@ def run_dataset_fuzz(work: Path, sessions: sessionmaker[Session], *, count: int,
     rng = random.Random(seed)
     spool = Spool(work / "spool", quarantine_root=work / "quarantine")
     context = StoreContext.for_database(spool, sessions)
-    # every modality and size screened, so that every seed's pixels reach the decoders
+    # every modality, size and age screened, so that every seed's pixels reach the decoders
     policy = eligibility_policy(Settings(_env_file=None, eligible_modalities="CR,DX,CT,MR,OT,SC,NM,US,XA,MG",
-                                         min_image_side=1))
+                                         min_image_side=1, intended_population="any"))
     model = load_model()
     seeds = [(path, path.read_bytes()) for path in seed_files(work / "seeds")]
     staging = work / "incoming"

@@ -2,8 +2,10 @@
 
 A baseline JPEG can be wrapped as it is (JPEG Baseline transfer syntax, like
 the RSNA pneumonia challenge's Secondary Capture objects) or decoded and
-stored uncompressed. The planted patient name lets tests check that it never
-reaches a log line.
+stored uncompressed. The planted patient name, ID and birth date let tests check
+that they never reach a log line. The planted birth date makes the patient a
+child of three at the study, within the shipped model's intended population
+(ages 1-5): the films are screened.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ NORMAL_JPEG = FIXTURES / "NORMAL" / "IM-0115-0001.jpeg"
 PNEUMONIA_JPEG = FIXTURES / "PNEUMONIA" / "person1003_virus_1685.jpeg"
 PLANTED_PATIENT_NAME = "Zyxwvut^Plantedname"
 PLANTED_PATIENT_ID = "PID-97531-PLANTED"
+PLANTED_BIRTH_DATE = "20230101"
 
 SOP_CLASSES = {
     "SC": SecondaryCaptureImageStorage,
@@ -42,8 +45,10 @@ def chest_dataset(
     modality: str = "CR", photometric: str = "MONOCHROME2", study_uid: str | None = None,
     series_uid: str | None = None, accession: str = "ACC0001", view_position: str | None = "PA",
     body_part: str | None = "CHEST", presentation_intent: str = "FOR PRESENTATION",
+    birth_date: str | None = PLANTED_BIRTH_DATE, patient_age: str | None = None,
 ) -> Dataset:
-    """A chest radiograph dataset built from ``jpeg_path``."""
+    """A chest radiograph dataset built from ``jpeg_path`` (``birth_date`` / ``patient_age`` None:
+    the attribute is left out)."""
     pixels = cv2.imread(str(jpeg_path), cv2.IMREAD_GRAYSCALE)
     rows, columns = pixels.shape
     ds = Dataset()
@@ -58,7 +63,10 @@ def chest_dataset(
     ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.PatientName = PLANTED_PATIENT_NAME
     ds.PatientID = PLANTED_PATIENT_ID
-    ds.PatientBirthDate = "20190101"
+    if birth_date is not None:
+        ds.PatientBirthDate = birth_date
+    if patient_age is not None:
+        ds.PatientAge = patient_age
     ds.AccessionNumber = accession
     ds.Modality = modality
     if sop_class == "DX":

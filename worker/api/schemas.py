@@ -14,6 +14,9 @@ _DATE_TIME = {"format": "date-time"}
 UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 """A DICOM UID as a path or query parameter."""
 
+_POPULATION_NOTE = ("its patient is outside, or not known to be within, the model's intended population: "
+                    "read the result with that in mind")
+
 
 class WorklistRow(BaseModel):
     """One study on the radiologists' worklist (a row of ``pneumoscreen worklist --json``)."""
@@ -28,6 +31,9 @@ class WorklistRow(BaseModel):
     model_version: str | None
     study_date: str | None = Field(description="DICOM StudyDate as sent (YYYYMMDD)")
     images: int = Field(description="images received for the study")
+    population_note: str | None = Field(None, description="a screened image's patient is outside, or not known to "
+                                                          "be within, the model's intended population (the most "
+                                                          "serious note of the study's images)")
 
 
 class InstanceRow(BaseModel):
@@ -40,6 +46,7 @@ class InstanceRow(BaseModel):
     reason: str | None = Field(description="why it was skipped or failed")
     probability: float | None = Field(description="latest probability of pneumonia")
     model_version: str | None
+    population_note: str | None = Field(None, description=_POPULATION_NOTE)
 
 
 class PredictionOut(BaseModel):
@@ -63,6 +70,7 @@ class StudyInstance(BaseModel):
     sop_class_uid: str
     state: InstanceState
     reason: str | None
+    population_note: str | None = Field(None, description=_POPULATION_NOTE)
     received_at: str | None = Field(json_schema_extra=_DATE_TIME)
     probability: float | None = Field(description="latest probability of pneumonia")
     model_version: str | None
@@ -82,6 +90,7 @@ class StudyDetail(BaseModel):
     state: StudyState | None = None
     model_version: str | None = None
     images: int | None = None
+    population_note: str | None = None
     instances: list[StudyInstance]
 
 

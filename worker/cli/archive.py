@@ -133,8 +133,8 @@ def _rescreen_stored(settings, since, until, model_dir, wait, timeout, as_json) 
         with progress_bar(f"screening with {card.version}") as progress:
             task = progress.add_task("screen", total=queued.count)
             rescreen.screen_here(sessions(), queued.ids, model=model,
-                                             policy=runtime.eligibility_policy(), spool=runtime.spool(),
-                                             batch_size=settings.inference_batch_size,
+                                             policy=runtime.eligibility_policy(model_dir=model_arg),
+                                             spool=runtime.spool(), batch_size=settings.inference_batch_size,
                                              progress=lambda n: progress.advance(task, n))
         left = rescreen.open_count(sessions(), queued.ids)
         _send_reports_here(settings, queued.ids, card.version)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 _PRIORITY = {1: "[bold red]FLAGGED[/]", 2: "[yellow]pending[/]", 3: "routine"}
@@ -29,6 +30,11 @@ def _probability(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _population(note: str | None) -> str:
+    """A population note as the worklist marks it: its words before the colon."""
+    return f"[yellow]{escape(note.split(':', 1)[0])}[/]" if note else ""
+
+
 def worklist_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title=f"Worklist ({len(rows)} studies)")
     for column in ("#", "priority", "p(pneumonia)", "state", "accession", "study date", "images"):
@@ -36,12 +42,14 @@ def worklist_table(rows: list[dict[str, Any]]) -> None:
     table.add_column("study", overflow="fold", min_width=20)
     table.add_column("received", no_wrap=True)
     table.add_column("model", no_wrap=True)
+    table.add_column("population", no_wrap=True)
     for i, r in enumerate(rows, 1):
         date = r.get("study_date") or ""
         table.add_row(str(i), _PRIORITY.get(r["priority"], str(r["priority"])), _probability(r["max_probability"]),
                       r["state"], r["accession_number"] or "", f"{date[:4]}-{date[4:6]}-{date[6:]}" if date else "",
                       str(r.get("images", "")), r["study_instance_uid"],
-                      (r["received_at"] or "")[:19].replace("T", " "), r["model_version"] or "")
+                      (r["received_at"] or "")[:19].replace("T", " "), r["model_version"] or "",
+                      _population(r.get("population_note")))
     _console().print(table)
 
 
@@ -49,11 +57,11 @@ def instances_table(rows: list[dict[str, Any]]) -> None:
     table = Table(title=f"Instances ({len(rows)})")
     table.add_column("state", no_wrap=True)
     table.add_column("p", no_wrap=True)
-    for column in ("reason", "SOP instance", "study"):
+    for column in ("reason or note", "SOP instance", "study"):
         table.add_column(column, overflow="fold")
     for r in rows:
-        table.add_row(r["state"], _probability(r["probability"]), r["reason"] or "", r["sop_instance_uid"],
-                      r["study_instance_uid"])
+        table.add_row(r["state"], _probability(r["probability"]), escape(r["reason"] or r.get("population_note") or ""),
+                      r["sop_instance_uid"], r["study_instance_uid"])
     _console().print(table)
 
 

@@ -30,6 +30,24 @@ def _load_model(settings: Settings, *, load: bool = True) -> None:
     log.info("model %s %s (sha256 %s..., threshold %.4f)", card.name, card.version, card.sha256[:12], card.threshold)
 
 
+def _check_population(settings: Settings) -> None:
+    """Read the model card's intended population now, so that a card stating it wrongly stops start-up."""
+    from model.artifact import ModelArtifactError
+    from worker import runtime
+
+    try:
+        population = runtime.eligibility_policy(settings).population
+    except (ModelArtifactError, ValueError, OSError) as exc:
+        raise click.ClickException(f"model artifact: {exc}") from None
+    if population is None:
+        log.info("the model card states no intended population: every age is screened")
+    elif settings.intended_population == "any":
+        log.warning("intended population %s: every age is screened (PNEUMOSCREEN_INTENDED_POPULATION=any), "
+                    "the others' results marked", population.ages)
+    else:
+        log.info("intended population %s: films of other ages are SKIPPED", population.ages)
+
+
 def _start_listener(settings: Settings, *, reuse_port: bool = False):
     from dicom_io.server import start_listener
     from worker import runtime
@@ -138,6 +156,7 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
     from worker.receivers import Receivers
 
     _load_model(settings)
+    _check_population(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_data_dir(settings)
     _receive_into_data_dir(settings, clear=True)
@@ -265,6 +284,8 @@ def worker_command(queues: str, concurrency: int | None, pool: str) -> None:
     if "inference" in queues.split(","):
         # prefork children load it themselves: TensorFlow must not cross a fork
         _load_model(settings, load=pool != "prefork")
+    if "preprocess" in queues.split(","):
+        _check_population(settings)
     app = configure_app(settings)
     from celery.signals import worker_init
 

@@ -42,6 +42,8 @@ from worker.web.session import (
 log = logging.getLogger(__name__)
 
 TEMPLATES = Jinja2Templates(directory=FilePath(__file__).parent / "templates")
+# a population note's badge: its words before the colon ("age unknown", "outside the intended population")
+TEMPLATES.env.filters["note_label"] = lambda note: str(note).split(":", 1)[0]
 PAGE_SIZE = 50
 REFRESH_SECONDS = 30
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -189,7 +191,8 @@ def pages_router(settings: Settings, sessions: Sessions, page_auth: PageAuth) ->
                       queues=queue_depths(broker), shares_broker=settings.shares_broker,
                       failures=list_instances(session, state=InstanceState.FAILED, limit=20, newest_first=True),
                       failed_deliveries=list_deliveries(session, state=DeliveryState.FAILED, limit=20),
-                      card=_card(settings), versions=model_versions(session))
+                      card=_card(settings), versions=model_versions(session),
+                      intended_population=settings.intended_population)
 
     @router.get("/web/images/{sop_instance_uid}/{kind}.png")
     def image(request: Request, session: SessionDep,
