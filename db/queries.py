@@ -239,16 +239,20 @@ def register_model(session: Session, *, name: str, version: str, weights_sha256:
 
 
 def requeue_for_model(session: Session, *, model_version: str, received_since: datetime | None = None,
-                      received_until: datetime | None = None, limit: int | None = None) -> list[int]:
+                      received_until: datetime | None = None, limit: int | None = None,
+                      skipped_before: datetime | None = None) -> list[int]:
     """Mark PREDICTED instances that ``model_version`` has not yet answered QUEUED again; return their ids.
 
     The rescreening of an archive: each id must then be sent to ``preprocess``.
-    Instances received in [``received_since``, ``received_until``) only, when given.
+    Instances received in [``received_since``, ``received_until``) only, when given. With
+    ``skipped_before``, also the instances that ended SKIPPED before that time (to be judged again
+    with the current settings; one skipped again during this rescreen is not taken twice).
     """
     answered = select(Prediction.instance_id).where(Prediction.model_version == model_version)
-    stmt = (select(Instance.id)
-            .where(Instance.state == InstanceState.PREDICTED, Instance.id.not_in(answered))
-            .order_by(Instance.id))
+    wanted = and_(Instance.state == InstanceState.PREDICTED, Instance.id.not_in(answered))
+    if skipped_before is not None:
+        wanted = or_(wanted, and_(Instance.state == InstanceState.SKIPPED, Instance.updated_at < skipped_before))
+    stmt = select(Instance.id).where(wanted).order_by(Instance.id)
     if received_since is not None:
         stmt = stmt.where(Instance.received_at >= received_since)
     if received_until is not None:
@@ -260,8 +264,8 @@ def requeue_for_model(session: Session, *, model_version: str, received_since: d
         now = utcnow()
         session.execute(
             update(Instance)
-            .where(Instance.id.in_(ids), Instance.state == InstanceState.PREDICTED)
-            .values(state=InstanceState.QUEUED, queued_at=now, updated_at=now)
+            .where(Instance.id.in_(ids), Instance.state.in_([InstanceState.PREDICTED, InstanceState.SKIPPED]))
+            .values(state=InstanceState.QUEUED, queued_at=now, updated_at=now, reason=None)
         )
     return ids
 

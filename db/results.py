@@ -219,15 +219,17 @@ def study_detail(session: Session, *, study_instance_uid: str) -> dict[str, Any]
 def rescreen_changes(session: Session, *, instance_ids: list[int], model_version: str) -> dict[str, Any]:
     """What ``model_version`` changed for ``instance_ids``, compared with each one's previous answer.
 
-    Returns counts (``rescreened``, ``pending``, ``newly_flagged``, ``unflagged``,
-    ``unchanged``) and the studies whose flag changed (``changed_studies``:
-    study UID, accession number, before, after).
+    Returns counts (``rescreened``, ``pending``, ``not_screened``: ended SKIPPED or FAILED
+    without an answer, ``newly_flagged``, ``unflagged``, ``unchanged``) and the studies whose
+    flag changed (``changed_studies``: study UID, accession number, before, after).
     """
-    result = {"rescreened": 0, "pending": 0, "newly_flagged": 0, "unflagged": 0, "unchanged": 0}
+    result = {"rescreened": 0, "pending": 0, "not_screened": 0, "newly_flagged": 0, "unflagged": 0,
+              "unchanged": 0}
     if not instance_ids:
         return {**result, "changed_studies": []}
     answers: dict[int, list[Prediction]] = {}
     study_of: dict[int, tuple[str, str | None]] = {}
+    ended_unanswered: set[int] = set()
     for ids in in_chunks(instance_ids):
         for p in session.scalars(select(Prediction).where(Prediction.instance_id.in_(ids)).order_by(Prediction.id)):
             answers.setdefault(p.instance_id, []).append(p)
@@ -236,6 +238,8 @@ def rescreen_changes(session: Session, *, instance_ids: list[int], model_version
             .join(Series, Instance.series_id == Series.id)
             .join(Study, Series.study_id == Study.id).where(Instance.id.in_(ids))
         ))
+        ended_unanswered.update(session.scalars(select(Instance.id).where(
+            Instance.id.in_(ids), Instance.state.in_([InstanceState.SKIPPED, InstanceState.FAILED]))))
     before_by_study: dict[tuple[str, str | None], bool] = {}
     after_by_study: dict[tuple[str, str | None], bool] = {}
     for instance_id in instance_ids:
@@ -243,7 +247,7 @@ def rescreen_changes(session: Session, *, instance_ids: list[int], model_version
         new = next((p for p in history if p.model_version == model_version), None)
         old = next((p for p in reversed(history) if p.model_version != model_version), None)
         if new is None:
-            result["pending"] += 1
+            result["not_screened" if instance_id in ended_unanswered else "pending"] += 1
             continue
         result["rescreened"] += 1
         was = bool(old.flagged) if old is not None else False

@@ -51,6 +51,7 @@ def test_ingest_then_rescreen_with_a_new_model_on_the_embedded_default(tmp_path,
     pneumonia = write_chest_dicom(folder / "2026" / "pneumonia.dcm", PNEUMONIA_JPEG, sop_class="CR")
     normal = write_chest_dicom(folder / "2026" / "normal.dcm", NORMAL_JPEG, sop_class="DX",
                                transfer_syntax=JPEGBaseline8Bit)
+    adult = write_chest_dicom(folder / "2026" / "adult.dcm", NORMAL_JPEG, sop_class="CR", patient_age="045Y")
     shutil.copy(folder / "2026" / "pneumonia.dcm", folder / "copy-of-pneumonia.dcm")  # same SOP Instance UID
     shutil.copy(get_testdata_file("CT_small.dcm"), folder / "ct.dcm")  # a real CT: stored, then SKIPPED
     (folder / "README.txt").write_text("not DICOM\n")
@@ -61,7 +62,7 @@ def test_ingest_then_rescreen_with_a_new_model_on_the_embedded_default(tmp_path,
     env = cli_env(data_dir=data_dir, study_quiet_seconds=0.5)
     run_cli("db", "upgrade", env=env)
     imported = cli_json("ingest", str(folder), env=env)
-    assert (imported["files"], imported["stored"], imported["duplicates"]) == (6, 3, 1)
+    assert (imported["files"], imported["stored"], imported["duplicates"]) == (7, 4, 1)
     # a cut-off file is refused (quarantined, FAILED with its reason), never half-recorded
     assert imported["not_dicom"] + imported["refused"] == 2
     assert _digest(folder) == before, "ingest must not change the source folder"
@@ -74,8 +75,10 @@ def test_ingest_then_rescreen_with_a_new_model_on_the_embedded_default(tmp_path,
     states = {r["sop_instance_uid"]: r for r in rows}
     assert states[pneumonia.SOPInstanceUID]["state"] == "PREDICTED"
     assert states[normal.SOPInstanceUID]["state"] == "PREDICTED"
-    assert [r["reason"] for r in rows if r["state"] == "SKIPPED"] and all(
-        "CT" in r["reason"] for r in rows if r["state"] == "SKIPPED")
+    skipped = [r for r in rows if r["state"] == "SKIPPED"]
+    assert len(skipped) == 2 and "intended population" in states[adult.SOPInstanceUID]["reason"]
+    ct = next(r for r in skipped if r["sop_instance_uid"] != adult.SOPInstanceUID)
+    assert "CT" in ct["reason"]
     runner.stop()
     assert PLANTED_PATIENT_ID not in runner.log()
 
@@ -102,6 +105,18 @@ def test_ingest_then_rescreen_with_a_new_model_on_the_embedded_default(tmp_path,
     assert len(cli_json("worklist", "--state", "SCREENED", "--flagged-only", env=env)) == 2
     table = run_cli("rescreen", "--model", str(eager), env=env).stdout
     assert "queued" in table and "9.0.0-eager" in table
+
+    # the site has validated the model on every age: the films skipped for their age are screened now,
+    # the others judged again and skipped again with their reason
+    screen_any = {**env, "PNEUMOSCREEN_INTENDED_POPULATION": "any"}
+    report = cli_json("rescreen", "--model", str(eager), "--include-skipped", env=screen_any)
+    assert (report["queued"], report["rescreened"], report["not_screened"], report["pending"]) == (2, 1, 1, 0)
+    states = {r["sop_instance_uid"]: r for r in cli_json("instances", env=env)}
+    assert states[adult.SOPInstanceUID]["state"] == "PREDICTED" and states[adult.SOPInstanceUID]["reason"] is None
+    assert states[adult.SOPInstanceUID]["population_note"].startswith("outside the intended population")
+    assert states[ct["sop_instance_uid"]]["state"] == "SKIPPED" and "CT" in states[ct["sop_instance_uid"]]["reason"]
+    again = cli_json("rescreen", "--model", str(eager), "--include-skipped", env=screen_any)
+    assert (again["queued"], again["rescreened"], again["not_screened"]) == (1, 0, 1)  # the CT, judged again
 
 
 def test_rescreen_and_nightly_job_through_celery_workers_on_redis_and_postgresql(tmp_path, redis_url, processes,

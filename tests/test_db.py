@@ -275,6 +275,24 @@ def test_requeue_for_model_honours_the_received_window(sessions):
         assert requeue_for_model(s, model_version="2.0", received_until=now) == [a]
 
 
+def test_requeue_for_model_takes_instances_skipped_before_the_rescreen_only_when_asked(sessions):
+    with sessions.begin() as s:
+        a, _ = receive(s, "1.1", "1.1.1.1", "A")
+        skipped, _ = receive(s, "1.2", "1.2.1.1", "B")
+        answer(s, [(a, 0.2)], model_card("1.0"))
+        set_state(s, instance_id=skipped, state=InstanceState.SKIPPED, reason="outside the intended population")
+    started = utcnow()
+    with sessions.begin() as s:
+        assert requeue_for_model(s, model_version="2.0", skipped_before=started) == [a, skipped]
+        [row] = [r for r in list_instances(s) if r["sop_instance_uid"] == "1.2.1.1"]
+        assert (row["state"], row["reason"]) == ("QUEUED", None)
+    with sessions.begin() as s:  # skipped again during this rescreen: not taken twice
+        set_state(s, instance_id=skipped, state=InstanceState.SKIPPED, reason="lateral")
+        assert requeue_for_model(s, model_version="2.0", skipped_before=started) == []
+        assert rescreen_changes(s, instance_ids=[a, skipped], model_version="2.0")["not_screened"] == 1
+        assert requeue_for_model(s, model_version="2.0") == []  # without being asked: never
+
+
 def test_a_study_report_is_claimed_by_one_sender_and_requested_again_when_the_study_grows(sessions):
     from db import deliveries
 

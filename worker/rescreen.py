@@ -48,9 +48,11 @@ class Requeued:
 
 def requeue(sessions: sessionmaker[Session], *, model_card: ModelCard, model_dir: str | None,
             since: datetime | None = None, until: datetime | None = None, window_days: int | None = None,
-            send: bool = True, batch: int = IN_CLAUSE_CHUNK, progress: Progress | None = None) -> Requeued:
+            include_skipped: bool = False, send: bool = True, batch: int = IN_CLAUSE_CHUNK,
+            progress: Progress | None = None) -> Requeued:
     """Queue again what ``model_card``'s version has not answered (received in [since, until), or
-    in the last ``window_days`` days).
+    in the last ``window_days`` days); with ``include_skipped``, the SKIPPED instances too, to be
+    judged again (after ``PNEUMOSCREEN_INTENDED_POPULATION=any``, say).
 
     With ``send``, each instance goes to the ``preprocess`` queue (with
     ``model_dir`` when it is not the workers' configured model).
@@ -60,10 +62,11 @@ def requeue(sessions: sessionmaker[Session], *, model_card: ModelCard, model_dir
     if window_days is not None:
         since = utcnow() - timedelta(days=window_days)
     done = Requeued(model_card.version)
+    skipped_before = utcnow() if include_skipped else None
     while True:
         with sessions.begin() as session:
             ids = requeue_for_model(session, model_version=model_card.version, received_since=since,
-                                    received_until=until, limit=batch)
+                                    received_until=until, limit=batch, skipped_before=skipped_before)
         if not ids:
             break
         done.ids += ids

@@ -125,7 +125,8 @@ class NetworkFuzzer:
         while not self._stop.is_set():
             self.report.peak_rss_mb = max(self.report.peak_rss_mb, _rss_mb(self.pid))
             started = time.monotonic()
-            assoc = self._associate("PROBER", Verification, timeout=5)
+            # as a PACS retries: longer than the hoarding case holds every slot on a slow machine (5.6 s seen)
+            assoc = self._associate("PROBER", Verification, timeout=15)
             ok = False
             if assoc is not None:
                 status = assoc.send_c_echo()

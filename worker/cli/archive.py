@@ -80,11 +80,14 @@ def ingest(folder: Path, as_json: bool) -> None:
 @click.option("--from-pacs", "pacs", metavar="AET@HOST:PORT",
               help="find CR/DX studies on this PACS (C-FIND) and pull them to our listener (C-MOVE)")
 @click.option("--include-known", is_flag=True, help="with --from-pacs: pull studies already received too")
+@click.option("--include-skipped", is_flag=True,
+              help="also the instances that ended SKIPPED, judged again with the current settings (for instance "
+                   "the films of other ages after PNEUMOSCREEN_INTENDED_POPULATION=any)")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="wait for the results and report them")
 @click.option("--timeout", type=float, default=3600.0, show_default=True, help="seconds to wait at most")
 @click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
 def rescreen(since: datetime | None, until: datetime | None, model_dir: Path | None, pacs: str | None,
-             include_known: bool, wait: bool, timeout: float, as_json: bool) -> None:
+             include_known: bool, include_skipped: bool, wait: bool, timeout: float, as_json: bool) -> None:
     """Screen stored studies again with a (new) model version, or pull studies from a PACS.
 
     Without --from-pacs: every stored instance received in the date range that
@@ -100,12 +103,14 @@ def rescreen(since: datetime | None, until: datetime | None, model_dir: Path | N
     if pacs:
         if model_dir is not None:
             raise click.UsageError("--model does not apply to --from-pacs (studies are screened by the workers' model)")
+        if include_skipped:
+            raise click.UsageError("--include-skipped does not apply to --from-pacs")
         _rescreen_from_pacs(settings, pacs, since, until, include_known, wait, timeout, as_json)
     else:
-        _rescreen_stored(settings, since, until, model_dir, wait, timeout, as_json)
+        _rescreen_stored(settings, since, until, model_dir, include_skipped, wait, timeout, as_json)
 
 
-def _rescreen_stored(settings, since, until, model_dir, wait, timeout, as_json) -> None:
+def _rescreen_stored(settings, since, until, model_dir, include_skipped, wait, timeout, as_json) -> None:
     from db.results import rescreen_changes
     from model.artifact import ModelArtifactError, read_card
     from worker import rescreen, runtime
@@ -124,7 +129,7 @@ def _rescreen_stored(settings, since, until, model_dir, wait, timeout, as_json) 
     with progress_bar(f"queueing for model {card.version}") as progress:
         task = progress.add_task("queue", total=None)
         queued = rescreen.requeue(sessions(), model_card=card, model_dir=model_arg, since=received_since,
-                                  until=received_until, send=not here,
+                                  until=received_until, include_skipped=include_skipped, send=not here,
                                   progress=lambda n: progress.advance(task, n))
     left = queued.count
     if queued.count and here:
