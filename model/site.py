@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.artifact import CARD_FILE, WEIGHTS_FILE, ModelCard, read_card
+from model.artifact import CARD_FILE, WEIGHTS_FILE, ModelCard, read_card, sha256_file
 from model.metrics import report_with_intervals, threshold_for_sensitivity
 
 #: Misses at the target sensitivity that the sample must be able to show (see the module's docstring).
@@ -73,14 +73,8 @@ def site_name(text: str) -> str:
 
 def sample_hash(files: list[tuple[Path, int]]) -> str:
     """sha256 of the sample: each file's content hash with its label, in sorted order."""
-    lines = []
-    for path, label in files:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        lines.append(f"{digest.hexdigest()}\t{label}\n")
-    return hashlib.sha256("".join(sorted(lines)).encode()).hexdigest()
+    lines = sorted(f"{sha256_file(path)}\t{label}\n" for path, label in files)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def calibrate(model_dir: Path, labels: np.ndarray, scores: np.ndarray, *, sensitivity: float, name: str,
