@@ -10,10 +10,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
-from db.models import TERMINAL_STATES, DeliveryState, Instance, Prediction, ResultDelivery, Series, Study, utcnow
+from db.models import (
+    TERMINAL_STATES,
+    DeliveryState,
+    Instance,
+    InstanceState,
+    Prediction,
+    ResultDelivery,
+    Series,
+    Study,
+    utcnow,
+)
 from db.queries import iso_utc, upsert
 
 
@@ -142,6 +152,37 @@ def stale_deliveries(session: Session, *, older_than: datetime, limit: int = 500
                ResultDelivery.updated_at < older_than)
         .order_by(ResultDelivery.id).limit(limit)
     ))
+
+
+def unreported_studies(session: Session, *, destination: str, answered_since: datetime, answered_before: datetime,
+                       limit: int = 500) -> list[tuple[int, str]]:
+    """(study id, model version) of the studies answered between ``answered_since`` and
+    ``answered_before`` whose report to ``destination`` was never asked for after their latest
+    answer: every image has ended, and no delivery of that version is on its way or was
+    (re)requested since. A worker that died between recording a batch's answers and asking for
+    the reports leaves exactly these; the reconciler asks for them."""
+    answered = (
+        select(Series.study_id.label("study_id"), Prediction.model_version.label("model_version"),
+               func.max(Prediction.created_at).label("latest"))
+        .join(Instance, Instance.series_id == Series.id)
+        .join(Prediction, Prediction.instance_id == Instance.id)
+        .where(Instance.state == InstanceState.PREDICTED, Instance.updated_at >= answered_since,
+               Instance.updated_at < answered_before, Prediction.created_at >= answered_since)
+        .group_by(Series.study_id, Prediction.model_version)
+        .subquery()
+    )
+    series, instance = aliased(Series), aliased(Instance)
+    still_open = (exists().where(series.study_id == answered.c.study_id, instance.series_id == series.id,
+                                 instance.state.not_in(TERMINAL_STATES)))
+    asked = (exists().where(ResultDelivery.study_id == answered.c.study_id,
+                            ResultDelivery.model_version == answered.c.model_version,
+                            ResultDelivery.destination == destination,
+                            or_(ResultDelivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING]),
+                                ResultDelivery.updated_at >= answered.c.latest)))
+    rows = session.execute(select(answered.c.study_id, answered.c.model_version)
+                           .where(~still_open, ~asked)
+                           .order_by(answered.c.study_id, answered.c.model_version).limit(limit))
+    return [(study_id, version) for study_id, version in rows]
 
 
 def delivery_counts(session: Session) -> dict[str, int]:

@@ -327,6 +327,47 @@ def test_a_study_report_is_claimed_by_one_sender_and_requested_again_when_the_st
         assert deliveries.delivery_counts(s) == {"FAILED": 1}
 
 
+def test_studies_answered_without_a_report_asked_for_are_found_until_one_is(sessions):
+    """What a worker killed between recording a batch's answers and asking for the reports leaves."""
+    from db import deliveries
+
+    pacs, other = "PACS@pacs:104", "ARCHIVE@archive:104"
+    with sessions.begin() as s:
+        a1, _ = receive(s, "2.1", "2.1.1.1")
+        a2, _ = receive(s, "2.1", "2.1.1.2")
+        b1, _ = receive(s, "2.2", "2.2.1.1")
+        receive(s, "2.2", "2.2.1.2")  # still in flight
+        c1, _ = receive(s, "2.3", "2.3.1.1")
+        d1, _ = receive(s, "2.4", "2.4.1.1")
+        set_state(s, instance_id=d1, state=InstanceState.SKIPPED, reason="lateral")
+        answer(s, [(a1, 0.9), (a2, 0.2), (b1, 0.7), (c1, 0.1)])
+        study = {uid: deliveries.completed_studies(s, instance_ids=[i]) for uid, i in (("2.1", a1), ("2.3", c1))}
+        c_delivery = deliveries.request_delivery(s, study_id=study["2.3"][0], model_version="1.0", destination=pacs)
+    past, future = utcnow().replace(year=2000), utcnow().replace(year=2999)
+
+    def unreported(destination=pacs, before=future):
+        with sessions.begin() as s:
+            return deliveries.unreported_studies(s, destination=destination, answered_since=past,
+                                                 answered_before=before)
+
+    [a_study], [c_study] = study["2.1"], study["2.3"]
+    assert unreported() == [(a_study, "1.0")], "study 2.2 is still open, 2.3 was asked for, 2.4 has no answer"
+    assert unreported(before=past) == [], "answered too recently: the worker may still be asking"
+    assert unreported(other) == [(a_study, "1.0"), (c_study, "1.0")], "reports are per destination"
+    with sessions.begin() as s:
+        deliveries.request_delivery(s, study_id=a_study, model_version="1.0", destination=pacs)
+        assert deliveries.claim_delivery(s, delivery_id=c_delivery, stale_before=past)
+        deliveries.finish_delivery(s, delivery_id=c_delivery, sr_sop_instance_uid="1.2.3", instance_count=1)
+    assert unreported() == []
+    with sessions.begin() as s:  # a late image of 2.3 answered after its report was sent, then the worker died
+        c2, _ = receive(s, "2.3", "2.3.1.2")
+        answer(s, [(c2, 0.8)])
+    assert unreported() == [(c_study, "1.0")]
+    with sessions.begin() as s:  # a new model's answers need their own report
+        answer(s, [(a1, 0.5)], model_card("2.0"))
+    assert unreported() == [(a_study, "2.0"), (c_study, "1.0")]
+
+
 def test_received_window_turns_local_days_into_utc_bounds():
     from datetime import date, datetime, timezone
 

@@ -103,3 +103,21 @@ def test_the_in_process_broker_of_pneumoscreen_run_tells_its_oldest_message_too(
         with app.connection_for_write() as connection:
             connection.default_channel.queues.pop(PREPROCESS_QUEUE, None)
         app.conf.broker_url = before
+
+
+def test_reports_a_dead_worker_never_asked_for_are_asked_for_once(sessions):
+    """A worker killed between recording a batch's answers and asking for the study's report."""
+    from db.deliveries import delivery_counts
+    from tests.helpers.records import answer
+    from worker import delivery
+
+    with sessions.begin() as s:
+        old = [receive(s, "1.5", f"1.5.{i}")[0] for i in range(2)]
+        recent, _ = receive(s, "1.6", "1.6.0")
+        answer(s, [(old[0], 0.9), (old[1], 0.1), (recent, 0.4)])
+    _age(sessions, old, minutes=10)
+    asked = delivery.unreported_reports(sessions, destination="PACS@pacs:104", older_than_seconds=60)
+    assert len(asked) == 1, "study 1.6 was answered a moment ago: its worker may still be asking"
+    assert delivery.unreported_reports(sessions, destination="PACS@pacs:104", older_than_seconds=60) == []
+    with sessions.begin() as s:
+        assert delivery_counts(s) == {"PENDING": 1}

@@ -30,6 +30,7 @@ from db.deliveries import (
     release_delivery,
     request_delivery,
     stale_deliveries,
+    unreported_studies,
 )
 from db.models import utcnow
 from db.session import in_chunks
@@ -54,6 +55,26 @@ def request_reports(sessions: sessionmaker[Session], *, instance_ids: list[int],
 def stale_reports(sessions: sessionmaker[Session], *, older_than_seconds: float) -> list[int]:
     with sessions.begin() as session:
         return stale_deliveries(session, older_than=utcnow() - timedelta(seconds=older_than_seconds))
+
+
+#: how far back the reconciler looks for studies answered without a report being asked for
+UNREPORTED_LOOKBACK = timedelta(hours=24)
+
+
+def unreported_reports(sessions: sessionmaker[Session], *, destination: str, older_than_seconds: float) -> list[int]:
+    """Ask for the reports that a worker killed between recording its answers and asking for them
+    left unasked (studies answered in the last day, at least ``older_than_seconds`` ago); returns
+    the delivery ids to send."""
+    now = utcnow()
+    with sessions.begin() as session:
+        missing = unreported_studies(session, destination=destination, answered_since=now - UNREPORTED_LOOKBACK,
+                                     answered_before=now - timedelta(seconds=older_than_seconds))
+        ids = [request_delivery(session, study_id=study_id, model_version=version, destination=destination)
+               for study_id, version in missing]
+    if ids:
+        log.warning("%d study report(s) were never asked for (a worker stopped after recording the answers); "
+                    "asked for now", len(ids))
+    return ids
 
 
 def _algorithm(job: DeliveryJob) -> AlgorithmInfo:

@@ -128,9 +128,13 @@ def deliver_results(self, delivery_id: int) -> str:
 
 @app.task(name="pneumoscreen.reconcile", acks_late=True, autoretry_for=_TRANSIENT, retry_backoff=True)
 def reconcile() -> int:
-    after = runtime.settings().reconcile_after_seconds
+    settings = runtime.settings()
+    after = settings.reconcile_after_seconds
     resent = dispatcher.reconcile(runtime.sessions(), older_than_seconds=after)
-    for delivery_id in delivery.stale_reports(runtime.sessions(), older_than_seconds=after):
+    stale = delivery.stale_reports(runtime.sessions(), older_than_seconds=after)
+    unasked = (delivery.unreported_reports(runtime.sessions(), destination=settings.results_destination,
+                                           older_than_seconds=after) if settings.results_destination else [])
+    for delivery_id in sorted(set(stale) | set(unasked)):
         deliver_results.delay(delivery_id)
     return resent
 

@@ -30,6 +30,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import cv2
@@ -41,14 +42,18 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, ComprehensiveSRStorage
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
-from db.models import DeliveryState, Instance, Prediction, ResultDelivery
+from db.deliveries import unreported_studies
+from db.models import DeliveryState, Instance, Prediction, ResultDelivery, utcnow
 from dicom_io.sr import read_screening_report
 from tests.helpers.dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG
 from tests.helpers.processes import free_port, wait_until
 from tests.helpers.topology import Topology
 
 log = logging.getLogger(__name__)
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 KINDS = ("listener", "receiver", "preprocess", "inference", "beat")
 SUCCESS = {0x0000, 0xB000, 0xB006, 0xB007}
@@ -366,7 +371,7 @@ class Soak:
             stop_faults.set()
             for thread in fault_threads:
                 thread.join(timeout=120)
-            last_predicted = self._wait_for_the_end(topology, acked, deadline)
+            last_predicted = self._wait_for_the_end(topology, sink.destination, acked, deadline)
             time.sleep(3)  # the last reports reach the sink
             monitor.stop()
             return self._report(topology, sink, monitor, acked, started, sent_at, last_predicted)
@@ -404,8 +409,9 @@ class Soak:
             self.faults.append(record)
             stop.wait(rng.uniform(0.5, 2.0))  # the next fault does not land on the same restart
 
-    def _wait_for_the_end(self, topology: Topology, acked: set[str], deadline: float) -> float:
-        """Until every acknowledged instance has ended and no report is pending; when that was."""
+    def _wait_for_the_end(self, topology: Topology, destination: str, acked: set[str], deadline: float) -> float:
+        """Until every acknowledged instance has ended, no report is pending and none is left
+        unasked (the reconciler asks for those); when that was."""
         def ended():
             try:
                 with topology.engine.connect() as c:
@@ -413,9 +419,12 @@ class Soak:
                     terminal = c.scalar(select(func.count()).where(Instance.state.in_(TERMINAL)))
                     open_reports = c.scalar(select(func.count()).select_from(ResultDelivery).where(
                         ResultDelivery.state.in_([DeliveryState.PENDING, DeliveryState.SENDING])))
+                with Session(topology.engine) as session:
+                    unasked = unreported_studies(session, destination=destination, answered_since=EPOCH,
+                                                 answered_before=utcnow() + timedelta(days=1))
             except SQLAlchemyError:
                 return False
-            return open_instances == 0 and terminal >= len(acked) and open_reports == 0
+            return open_instances == 0 and terminal >= len(acked) and open_reports == 0 and not unasked
 
         try:
             wait_until(ended, timeout=max(10.0, deadline - time.monotonic()), interval=1, what="the end")
