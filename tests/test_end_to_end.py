@@ -255,3 +255,38 @@ def test_embedded_default_receives_in_a_process_of_its_own_started_again_when_ki
     wait_until(lambda: [row["state"] for row in cli_json("instances", env=query_env)] == ["PREDICTED"] * 2,
                timeout=120, what="both films PREDICTED")
     assert "exited with status -9; starting it again" in runner.log()
+
+
+def test_a_model_of_another_input_size_is_fed_at_its_card_s_size_through_the_listener_and_the_cli(
+        tmp_path, processes):
+    """The pipeline prepares each film at the size the configured model's card names (here an
+    untrained 96-pixel network): its probability is the network's own on the film prepared at 96."""
+    import numpy as np
+    from pydicom import dcmread
+
+    from dicom_io.pixels import display_image
+    from model.artifact import get_model, save_artifact
+    from model.network import build_network
+    from model.preprocessing import prepare
+
+    model_dir = tmp_path / "model96"
+    save_artifact(build_network(96, augment=False), model_dir, name="cnn96", version="0.0.96", threshold=0.5,
+                  input_size=96)
+    film = tmp_path / "pneumonia.dcm"
+    ds = write_chest_dicom(film, PNEUMONIA_JPEG, sop_class="CR", accession="SIZE96")
+    expected = get_model(model_dir).predict(prepare(display_image(dcmread(film)), 96)[None])[0]
+
+    port = free_port()
+    env = cli_env(data_dir=tmp_path / "data", port=port, study_quiet_seconds=1, model_dir=model_dir)
+    start_run(env, processes, tmp_path / "run.log")
+    sent = storescu(port, film)
+    assert sent.returncode == 0, sent.stderr
+    [row] = wait_until(lambda: _all_terminal(env), timeout=90, what="the instance ended")
+    assert row["sop_instance_uid"] == ds.SOPInstanceUID
+    assert row["state"] == "PREDICTED", row["reason"]
+    assert row["model_version"] == "0.0.96" and row["probability"] == pytest.approx(expected, abs=1e-5)
+
+    [predicted] = cli_json("predict", str(film), "--model", str(model_dir), "--heatmap", str(tmp_path / "maps"),
+                           env=env)
+    assert predicted["probability"] == pytest.approx(expected, abs=1e-5) and predicted["error"] is None
+    assert Path(predicted["heatmap"]).is_file() and np.isfinite(predicted["probability"])

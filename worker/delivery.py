@@ -106,7 +106,7 @@ def build_heatmaps(job: DeliveryJob, keras_model, *, which: str) -> list[Dataset
         if which == "flagged" and not image.flagged:
             continue
         source = dcmread(image.path)
-        film, prepared = prepare_film(source)
+        film, prepared = prepare_film(source, keras_model.input_shape[1])
         rgb = cv2.cvtColor(overlay(film, gradcam(keras_model, prepared)), cv2.COLOR_BGR2RGB)
         captures.append(build_heatmap_capture(
             source, rgb, algorithm=_algorithm(job), probability=image.probability,

@@ -90,7 +90,8 @@ def screen_here(sessions: sessionmaker[Session], ids: list[int], *, model, polic
         chunk = ids[start:start + batch_size]
         items = []
         for instance_id in chunk:
-            prepared = pipeline.preprocess_instance(sessions, instance_id, policy=policy, spool=spool)
+            prepared = pipeline.preprocess_instance(sessions, instance_id, policy=policy, spool=spool,
+                                                    size=model.card.input_size)
             if prepared is not None:
                 items.append((instance_id, prepared))
         pipeline.predict_and_record(sessions, model, items)

@@ -1,7 +1,7 @@
 """Process-wide resources, made once per process on first use: the settings,
 the database engine and session factory, the spool, the eligibility policy and
-the listener's configuration (from the settings), the model card's intended population,
-the model and its micro-batcher. Worker child processes make their
+the listener's configuration (from the settings), the model card (its intended population and
+input size), the model and its micro-batcher. Worker child processes make their
 own (an engine must not cross a fork)."""
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from worker.settings import Settings
 
 if TYPE_CHECKING:
     from dicom_io.server import ListenerConfig
+    from model.artifact import ModelCard
     from worker.batching import BatchPredictor
 
 _lock = threading.RLock()
 _settings: Settings | None = None
 _sessions: tuple[int, sessionmaker[Session]] | None = None
 _batchers: dict[tuple[int, str], "BatchPredictor"] = {}
-_populations: dict[str, IntendedPopulation | None] = {}
+_cards: dict[str, ModelCard] = {}
 
 
 def configure(settings: Settings) -> None:
@@ -76,16 +77,26 @@ def eligibility_policy(current: Settings | None = None, *, model_dir: str | Path
                              screen_any_age=current.intended_population == "any")
 
 
-def intended_population(model_dir: str | Path | None = None) -> IntendedPopulation | None:
-    """The intended population the card in ``model_dir`` (default: the shipped model) states, read once
-    per process; the weights are not read (the inference worker verifies them)."""
+def model_card(model_dir: str | Path | None = None) -> ModelCard:
+    """The card in ``model_dir`` (default: the shipped model), read once per process; the weights are
+    not read (the inference worker verifies them)."""
     from model.artifact import read_card
 
     key = str(Path(model_dir).resolve()) if model_dir else ""
     with _lock:
-        if key not in _populations:
-            _populations[key] = IntendedPopulation.from_card(read_card(model_dir, verify=False).intended_population)
-        return _populations[key]
+        if key not in _cards:
+            _cards[key] = read_card(model_dir, verify=False)
+        return _cards[key]
+
+
+def intended_population(model_dir: str | Path | None = None) -> IntendedPopulation | None:
+    """The intended population the card in ``model_dir`` (default: the shipped model) states."""
+    return IntendedPopulation.from_card(model_card(model_dir).intended_population)
+
+
+def input_size(model_dir: str | Path | None = None) -> int:
+    """The side of the square image the model in ``model_dir`` (default: the configured one) takes."""
+    return model_card(model_dir or settings().model_dir).input_size
 
 
 def listener_config(current: Settings | None = None, *, reuse_port: bool = False) -> "ListenerConfig":

@@ -75,7 +75,8 @@ def preprocess(instance_ids: int | list[int], model_dir: str | None = None,
                                      level=logging.ERROR)
         return
     prepared = [(instance_id, pipeline.encode_prepared(image)) for instance_id, image in pipeline.preprocess_instances(
-        runtime.sessions(), ids, policy=runtime.eligibility_policy(model_dir=model_dir), spool=runtime.spool())]
+        runtime.sessions(), ids, policy=runtime.eligibility_policy(model_dir=model_dir), spool=runtime.spool(),
+        size=runtime.input_size(model_dir))]
     if prepared:
         kwargs = {"preprocessing": PREPROCESSING_VERSION, **({"model_dir": model_dir} if model_dir else {})}
         sent = [instance_id for instance_id, _ in prepared]

@@ -40,8 +40,11 @@ LABEL_VALUES = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
 @click.option("--stretch", type=click.FloatRange(0.0, 0.5), default=0.0, show_default=True,
               help="above 0: the training zoom zooms each axis in by up to this much on its own, so that a "
                    "film's proportions are less of a cue; 0: one zoom for both axes, +-10%")
+@click.option("--input-size", type=click.IntRange(min=64), default=224, show_default=True,
+              help="side of the square image the network takes (the card records it; the pipeline prepares "
+                   "films at the configured model's size)")
 def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, model_version: str, folds: int,
-          augmentation: str, label_smoothing: float, stretch: float) -> None:
+          augmentation: str, label_smoothing: float, stretch: float, input_size: int) -> None:
     """Train the screening CNN and write a model artifact."""
     from model.train import TrainingConfig
     from model.train import train as run_training
@@ -49,7 +52,8 @@ def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, mo
     if folds == 1:
         raise click.BadParameter("use 0 (no check) or at least 2", param_hint="--folds")
     config = TrainingConfig(epochs=epochs, seed=seed, version=model_version, folds=folds,
-                            augmentation=augmentation, label_smoothing=label_smoothing, stretch=stretch)
+                            augmentation=augmentation, label_smoothing=label_smoothing, stretch=stretch,
+                            input_size=input_size)
     card = run_training(list(data_dirs), out_dir, config)
     val = card.validation["patient_split"]
     click.echo(f"wrote {out_dir}: threshold {card.threshold:.4f}, validation AUC {val['auc']:.4f}, "
@@ -76,7 +80,7 @@ def _score_files(files: list[Path], model, *, batch_size: int = 32):
             batch, prepared = [], []
             for path in files[start:start + batch_size]:
                 try:
-                    prepared.append(prepare_film(path)[1])
+                    prepared.append(prepare_film(path, model.card.input_size)[1])
                     batch.append(path)
                 except UnreadableInput as exc:
                     results.append((path, None, str(exc)))
@@ -260,7 +264,7 @@ def predict(paths: tuple[Path, ...], model_dir: Path | None, as_json: bool, heat
         for row in rows:
             if row["probability"] is None:
                 continue
-            film, prepared = prepare_film(Path(row["path"]))
+            film, prepared = prepare_film(Path(row["path"]), card.input_size)
             out = heatmap_dir / f"{Path(row['path']).stem}_gradcam.png"
             cv2.imwrite(str(out), overlay(film, gradcam(model.keras_model, prepared)))
             row["heatmap"] = str(out)

@@ -72,7 +72,7 @@ def gradcam_png(path: Path, keras_model) -> bytes:
     """The Grad-CAM overlay of the model on the film, in the film's own proportions, scaled down."""
     from model.gradcam import gradcam, overlay
 
-    film, prepared = prepare_film(path)
+    film, prepared = prepare_film(path, keras_model.input_shape[1])
     with _model_lock:  # one forward and backward pass at a time in this process
         heat = gradcam(keras_model, prepared)
     return _png(_scaled(overlay(film, heat)))
