@@ -56,6 +56,9 @@ class TrainingConfig:
     augmentation: str = "standard"
     label_smoothing: float = 0.0
     stretch: float = 0.0
+    #: Above 0: the momentum of an exponential moving average of the weights (Polyak averaging),
+    #: which is what validation, early stopping and the artifact use; 0 keeps the raw weights.
+    ema: float = 0.0
     folds: int = 0
 
     def __post_init__(self) -> None:
@@ -67,6 +70,8 @@ class TrainingConfig:
             raise ValueError("label_smoothing must lie in [0, 0.5)")
         if not 0.0 <= self.stretch <= 0.5:
             raise ValueError("stretch must lie in [0, 0.5]")
+        if not (self.ema == 0.0 or 0.5 <= self.ema < 1.0):
+            raise ValueError("ema must be 0 (off) or a momentum in [0.5, 1)")
         if self.folds == 1 or self.folds < 0:
             raise ValueError("folds must be 0 (no k-fold check) or at least 2")
         if not 0.05 <= self.val_fraction <= 0.5:
@@ -131,7 +136,11 @@ def serving_copy(model, input_size: int):
 
 def fit_network(tr: LabelledImages, va: LabelledImages, config: TrainingConfig):
     """Train the network on ``tr``, stopping early on (and restoring the best
-    epoch for) validation AUC on ``va``. Returns (model, facts about the run)."""
+    epoch for) validation AUC on ``va``. Returns (model, facts about the run).
+
+    With ``config.ema``, the optimizer keeps a moving average of the weights; it is
+    swapped in for each epoch's validation and at each epoch's end, so the best epoch
+    is chosen on, and the returned model holds, the averaged weights."""
     import keras
 
     from model.network import build_network
@@ -142,10 +151,13 @@ def fit_network(tr: LabelledImages, va: LabelledImages, config: TrainingConfig):
     steps = int(np.ceil(len(tr) / config.batch_size)) * config.epochs
     schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=steps, alpha=0.05)
     model = build_network(config.input_size, stretch=config.stretch)
-    model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
+    averaging = {"use_ema": True, "ema_momentum": config.ema} if config.ema else {}
+    model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, **averaging),
                   loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=[keras.metrics.AUC(name="auc")])
-    callbacks = [keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience,
+    # SwapEMAWeights goes first: EarlyStopping then sees (and restores) the averaged weights.
+    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.ema else []
+    callbacks += [keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.patience,
                                                restore_best_weights=True, verbose=1)]
     started = time.monotonic()
     history = model.fit(
@@ -296,7 +308,7 @@ def train(data_dir: str | Path | list[str | Path], out_dir: str | Path, config: 
         intended_population=KERMANY_POPULATION,
         training={**facts, "seed": config.seed, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
                   "epochs": config.epochs, "augmentation": config.augmentation,
-                  "label_smoothing": config.label_smoothing, "stretch": config.stretch,
+                  "label_smoothing": config.label_smoothing, "stretch": config.stretch, "ema": config.ema,
                   "target_sensitivity": config.target_sensitivity},
     )
     log.info("wrote %s (threshold %.4f, validation AUC %.4f)", out_dir, threshold,

@@ -267,3 +267,33 @@ def test_the_framing_recipe_needs_the_films_proportions():
     with pytest.raises(ValueError, match="aspects"):
         _dataset(np.zeros((2, 64, 64), np.uint8), np.array([0, 1]), batch_size=2, shuffle=False, seed=0,
                  augmentation="framing")
+
+
+@pytest.mark.slow
+def test_weight_averaging_returns_the_averaged_weights(tmp_path):
+    """With a momentum near 1 the moving average stays near the initial weights, so
+    the network ``fit_network`` returns (and validated) must be much closer to its
+    initial weights than the raw weights of the same run without averaging."""
+    import keras
+
+    from model.dataset import load_folder, patient_split
+    from model.network import build_network
+    from model.train import TrainingConfig, fit_network
+
+    full = load_folder(_tiny_dataset(tmp_path / "data") / "train", size=64)
+    train_idx, val_idx = patient_split(full, val_fraction=0.3, seed=1)
+    tr, va = full.subset(train_idx), full.subset(val_idx)
+    base = TrainingConfig(epochs=2, batch_size=4, input_size=64, patience=5)
+    keras.utils.set_random_seed(base.seed)
+    initial = [w.numpy() for w in build_network(64).trainable_weights]
+
+    def moved(config: TrainingConfig) -> float:
+        model, facts = fit_network(tr, va, config)
+        assert facts["epochs_run"] == 2
+        return float(sum(np.abs(w.numpy() - w0).sum() for w, w0 in zip(model.trainable_weights, initial)))
+
+    raw, averaged = moved(base), moved(TrainingConfig(**{**base.__dict__, "ema": 0.99}))
+    assert raw > 0.0
+    assert averaged < 0.5 * raw
+    with pytest.raises(ValueError, match="ema"):
+        TrainingConfig(ema=1.0)

@@ -40,20 +40,26 @@ LABEL_VALUES = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
 @click.option("--stretch", type=click.FloatRange(0.0, 0.5), default=0.0, show_default=True,
               help="above 0: the training zoom zooms each axis in by up to this much on its own, so that a "
                    "film's proportions are less of a cue; 0: one zoom for both axes, +-10%")
+@click.option("--ema", type=float, default=0.0, show_default=True,
+              help="above 0: momentum of a moving average of the weights (e.g. 0.99), used for validation, "
+                   "early stopping and the artifact; 0: the raw weights")
 @click.option("--input-size", type=click.IntRange(min=64), default=224, show_default=True,
               help="side of the square image the network takes (the card records it; the pipeline prepares "
                    "films at the configured model's size)")
 def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, model_version: str, folds: int,
-          augmentation: str, label_smoothing: float, stretch: float, input_size: int) -> None:
+          augmentation: str, label_smoothing: float, stretch: float, ema: float, input_size: int) -> None:
     """Train the screening CNN and write a model artifact."""
     from model.train import TrainingConfig
     from model.train import train as run_training
 
     if folds == 1:
         raise click.BadParameter("use 0 (no check) or at least 2", param_hint="--folds")
-    config = TrainingConfig(epochs=epochs, seed=seed, version=model_version, folds=folds,
-                            augmentation=augmentation, label_smoothing=label_smoothing, stretch=stretch,
-                            input_size=input_size)
+    try:
+        config = TrainingConfig(epochs=epochs, seed=seed, version=model_version, folds=folds,
+                                augmentation=augmentation, label_smoothing=label_smoothing, stretch=stretch,
+                                ema=ema, input_size=input_size)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
     card = run_training(list(data_dirs), out_dir, config)
     val = card.validation["patient_split"]
     click.echo(f"wrote {out_dir}: threshold {card.threshold:.4f}, validation AUC {val['auc']:.4f}, "
