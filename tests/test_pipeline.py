@@ -4,6 +4,7 @@ SKIPPED or FAILED with a reason."""
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import cv2
@@ -262,6 +263,62 @@ def test_an_image_queued_by_an_older_preprocessing_goes_back_to_the_preprocess_q
     assert row["state"] == InstanceState.PREDICTED.value, row["reason"]
     assert row["probability"] == pytest.approx(expected, abs=1e-5)
     assert abs(model.predict(stale)[0] - expected) > 1e-3  # the stale tensor would have scored otherwise
+
+
+def _queued_kwargs(broker: redis.Redis, queue: str) -> list[dict]:
+    """The keyword arguments of the task messages waiting in ``queue`` (Celery's JSON protocol 2)."""
+    def body(envelope: dict):
+        encoded = envelope["properties"].get("body_encoding") == "base64"
+        return json.loads(base64.b64decode(envelope["body"]) if encoded else envelope["body"])
+
+    return [body(json.loads(raw))[1] for raw in broker.lrange(queue, 0, -1)]
+
+
+@pytest.mark.slow
+def test_an_image_prepared_at_another_size_goes_back_to_be_prepared_at_the_models(pg_url, redis_url, processes,
+                                                                                 tmp_path):
+    # A preprocess worker still configured with a model of another input size (a rollout in
+    # progress) prepared the film at 96 px; the inference worker's model takes its card's size.
+    # The instance goes back to the preprocess queue with the size to prepare at, then ends
+    # PREDICTED with the score of the film prepared at that size, not FAILED.
+    from model.preprocessing import PREPROCESSING_VERSION
+
+    env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", inference_batch_ms=1)
+    run_cli("db", "upgrade", env=env)
+    engine = make_engine(pg_url)
+    sessions = make_sessionmaker(engine)
+    broker = redis.Redis.from_url(redis_url)
+    model = get_model()
+    try:
+        path = tmp_path / "a.dcm"
+        ds = write_chest_dicom(path, PNEUMONIA_JPEG)
+        instance_id = _receive(sessions, path, ds)
+        small = pipeline.encode_prepared(prepare(display_image(dcmread(path)), 96))
+        other_rollout = Celery("other-rollout", broker=redis_url)
+        other_rollout.send_task("pneumoscreen.infer", args=[[instance_id], [small]],
+                                kwargs={"preprocessing": PREPROCESSING_VERSION}, queue="inference", serializer="json")
+        other_rollout.close()
+
+        inference = Process(["worker", "--queues", "inference"], env, tmp_path / "inference.log")
+        processes.append(inference)
+        wait_until(lambda: broker.llen("preprocess") == 1 and broker.llen("inference") == 0, timeout=120,
+                   what="the instance sent back to the preprocess queue")
+        [kwargs] = _queued_kwargs(broker, "preprocess")
+        assert kwargs["size"] == model.card.input_size != 96
+        assert kwargs["expected_preprocessing"] == PREPROCESSING_VERSION
+        assert _state(sessions)[0] not in ("FAILED", "PREDICTED")
+        assert "prepared at [96] px" in inference.log()
+
+        processes.append(Process(["worker", "--queues", "preprocess"], env, tmp_path / "preprocess.log"))
+        wait_until(lambda: _state(sessions)[0] in ("FAILED", "PREDICTED"), timeout=120, what="a final state")
+        with sessions() as s:
+            [row] = list_instances(s)
+    finally:
+        broker.close()
+        engine.dispose()
+    assert row["state"] == InstanceState.PREDICTED.value, row["reason"]
+    expected = model.predict(prepare(display_image(dcmread(path)), model.card.input_size))[0]
+    assert row["probability"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_a_preprocess_worker_of_another_version_fails_an_instance_sent_back_instead_of_looping(

@@ -57,14 +57,16 @@ class InstanceTask(Task):
 
 @app.task(name="pneumoscreen.preprocess", base=InstanceTask, **_RETRY)
 def preprocess(instance_ids: int | list[int], model_dir: str | None = None,
-               expected_preprocessing: str | None = None) -> None:
+               expected_preprocessing: str | None = None, size: int | None = None) -> None:
     """Decode and prepare each instance; those prepared go on together in one ``infer`` message.
     ``model_dir`` (a rescreen with another model) travels on to ``infer``; its card's intended
     population decides which films are screened.
 
     ``expected_preprocessing`` comes with instances that an inference worker sent back (its model
     expects that version): a worker that prepares another version fails them with the reason rather
-    than sending them round again.
+    than sending them round again. ``size`` comes with them too: the side the model takes, which
+    the worker prepares at instead of its own configured model's (the two differ while a model of
+    another input size is being rolled out).
     """
     ids = _ids(instance_ids)
     if expected_preprocessing is not None and expected_preprocessing != PREPROCESSING_VERSION:
@@ -76,7 +78,7 @@ def preprocess(instance_ids: int | list[int], model_dir: str | None = None,
         return
     prepared = [(instance_id, pipeline.encode_prepared(image)) for instance_id, image in pipeline.preprocess_instances(
         runtime.sessions(), ids, policy=runtime.eligibility_policy(model_dir=model_dir), spool=runtime.spool(),
-        size=runtime.input_size(model_dir))]
+        size=size or runtime.input_size(model_dir))]
     if prepared:
         kwargs = {"preprocessing": PREPROCESSING_VERSION, **({"model_dir": model_dir} if model_dir else {})}
         sent = [instance_id for instance_id, _ in prepared]
@@ -88,20 +90,32 @@ def preprocess(instance_ids: int | list[int], model_dir: str | None = None,
 def infer(instance_ids: int | list[int], prepared: str | list[str], model_dir: str | None = None,
           preprocessing: str = "1") -> None:
     """Batch and predict. Images prepared by another preprocessing version than the model's
-    (a message queued before an upgrade) go back to the preprocess queue, whose workers read
-    the spool: an inference worker may run on a machine without it."""
+    (a message queued before an upgrade), or at another size than its input (prepared for a
+    model of another size), go back to the preprocess queue, whose workers read the spool: an
+    inference worker may run on a machine without it."""
     ids = _ids(instance_ids)
     images = [prepared] if isinstance(prepared, str) else list(prepared)
     model = runtime.load_model(model_dir)
-    if preprocessing != model.card.preprocessing_version:
+    card = model.card
+    back_kwargs = {"expected_preprocessing": card.preprocessing_version, "size": card.input_size,
+                   **({"model_dir": model_dir} if model_dir else {})}
+    if preprocessing != card.preprocessing_version:
         log.info("instances %s were prepared with preprocessing %s, the model expects %s; sent back to be "
-                 "prepared again", ids, preprocessing, model.card.preprocessing_version)
-        kwargs = {"expected_preprocessing": model.card.preprocessing_version,
-                  **({"model_dir": model_dir} if model_dir else {})}
-        preprocess.apply_async(args=[ids], kwargs=kwargs, headers=sent_now())
+                 "prepared again", ids, preprocessing, card.preprocessing_version)
+        preprocess.apply_async(args=[ids], kwargs=back_kwargs, headers=sent_now())
         return
+    decoded = [pipeline.decode_prepared(image) for image in images]
+    other_size = [(i, image.shape[0]) for i, image in zip(ids, decoded) if image.shape[0] != card.input_size]
+    if other_size:
+        log.info("instances %s were prepared at %s px, the model takes %d px; sent back to be prepared again",
+                 [i for i, _ in other_size], sorted({side for _, side in other_size}), card.input_size)
+        preprocess.apply_async(args=[[i for i, _ in other_size]], kwargs=back_kwargs, headers=sent_now())
+        kept = [(i, image) for i, image in zip(ids, decoded) if image.shape[0] == card.input_size]
+        ids, decoded = [i for i, _ in kept], [image for _, image in kept]
+        if not ids:
+            return
     # stored with the rest of their batch before it returns
-    runtime.batch_predictor(model_dir).predict_many(ids, [pipeline.decode_prepared(image) for image in images])
+    runtime.batch_predictor(model_dir).predict_many(ids, decoded)
     destination = runtime.settings().results_destination
     if destination:
         for delivery_id in delivery.request_reports(runtime.sessions(), instance_ids=ids,
