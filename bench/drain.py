@@ -41,6 +41,7 @@ def queue_prepared(database_url: str, redis_url: str, count: int) -> None:
     from db.models import InstanceState
     from db.queries import record_received, set_state
     from db.session import make_engine, make_sessionmaker
+    from model.artifact import read_card
     from model.preprocessing import PREPROCESSING_VERSION
     from worker import pipeline
     from worker.celery_app import configure_app, in_messages, sent_now
@@ -51,7 +52,7 @@ def queue_prepared(database_url: str, redis_url: str, count: int) -> None:
     engine = make_engine(database_url)
     sessions = make_sessionmaker(engine)
     configure_app(Settings(broker_url=redis_url, database_url=database_url))
-    images = fixture_images(16)  # prepared films (their PNG payloads are the size of real ones)
+    images = fixture_images(16, size=read_card().input_size)  # prepared films (their PNG payloads are the size of real ones)
     with sessions.begin() as session:
         ids = []
         for i in range(count):

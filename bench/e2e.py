@@ -149,7 +149,8 @@ def pure_inference_rate(batch_size: int, seconds: float = 10.0) -> float:
 
     model = get_model()
     rng = np.random.default_rng(0)
-    batch = rng.integers(0, 256, size=(batch_size, 224, 224), dtype=np.uint8)
+    side = model.card.input_size
+    batch = rng.integers(0, 256, size=(batch_size, side, side), dtype=np.uint8)
     model.predict(batch)  # warm-up
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:

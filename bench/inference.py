@@ -64,8 +64,8 @@ BATCHER_WAIT_MS = 20.0
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def fixture_images(count: int, seed: int = 0) -> np.ndarray:
-    """``count`` prepared images made from the fixture films by seeded augmentation."""
+def fixture_images(count: int, seed: int = 0, size: int = INPUT_SIZE) -> np.ndarray:
+    """``count`` images prepared at ``size``, made from the fixture films by seeded augmentation."""
     films = [read_image_file(p) for p in sorted(FIXTURES.glob("*/*.jpeg"))]
     if not films:
         raise FileNotFoundError(f"no fixture films under {FIXTURES}")
@@ -74,7 +74,7 @@ def fixture_images(count: int, seed: int = 0) -> np.ndarray:
     for i in range(count):
         film = films[i % len(films)]
         if i < len(films):
-            out.append(prepare(film))
+            out.append(prepare(film, size))
             continue
         rows, cols = film.shape
         matrix = cv2.getRotationMatrix2D((cols / 2, rows / 2), rng.uniform(-7, 7), rng.uniform(0.92, 1.08))
@@ -84,14 +84,15 @@ def fixture_images(count: int, seed: int = 0) -> np.ndarray:
         image = (255.0 * (image / 255.0) ** gamma).astype(np.uint8)
         if rng.random() < 0.5:
             image = image[:, ::-1]
-        out.append(prepare(np.ascontiguousarray(image)))
+        out.append(prepare(np.ascontiguousarray(image), size))
     return np.stack(out)
 
 
 def tf_function_variant(keras_model, *, jit_compile: bool) -> Predict:
     import tensorflow as tf
 
-    spec = [tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32)]
+    size = keras_model.input_shape[1]
+    spec = [tf.TensorSpec([None, size, size, 3], tf.float32)]
     forward = tf.function(lambda x: keras_model(x, training=False), input_signature=spec, jit_compile=jit_compile)
     return lambda batch: forward(to_model_input(batch)).numpy().reshape(-1)
 
@@ -112,7 +113,7 @@ def tflite_variant(keras_model) -> Predict:
                 warnings.simplefilter("ignore")
                 interpreter = tf.lite.Interpreter(model_content=flatbuffer, num_threads=os.cpu_count())
             index = interpreter.get_input_details()[0]["index"]
-            interpreter.resize_tensor_input(index, [n, INPUT_SIZE, INPUT_SIZE, 3])
+            interpreter.resize_tensor_input(index, [n, *keras_model.input_shape[1:]])
             interpreter.allocate_tensors()
             interpreters[n] = interpreter
         interpreter = interpreters[n]
@@ -190,7 +191,7 @@ def main() -> None:
 
     loaded = get_model()
     keras_model = loaded.keras_model
-    images = fixture_images(max(BATCH_SIZES))
+    images = fixture_images(max(BATCH_SIZES), size=loaded.card.input_size)
     scratch = tempfile.TemporaryDirectory(prefix="pneumoscreen-inference-")
     sessions, ids = scratch_instances(Path(scratch.name), len(images))
     reference = keras_model.predict(to_model_input(images), batch_size=32, verbose=0).reshape(-1)

@@ -259,7 +259,7 @@ def test_an_image_queued_by_an_older_preprocessing_goes_back_to_the_preprocess_q
         broker.close()
         engine.dispose()
     model = get_model()
-    expected = model.predict(prepare(display_image(dcmread(path))))[0]
+    expected = model.predict(prepare(display_image(dcmread(path)), model.card.input_size))[0]
     assert row["state"] == InstanceState.PREDICTED.value, row["reason"]
     assert row["probability"] == pytest.approx(expected, abs=1e-5)
     assert abs(model.predict(stale)[0] - expected) > 1e-3  # the stale tensor would have scored otherwise

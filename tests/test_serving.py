@@ -20,25 +20,25 @@ from worker.batching import BatchPredictor
 PARITY_TOLERANCE = 1e-4
 
 
-def _fixture_batch(count: int = 32) -> np.ndarray:
-    """``count`` distinct prepared images: the four fixture films, then seeded variations of them."""
+def _fixture_batch(count: int = 32, size: int = 224) -> np.ndarray:
+    """``count`` distinct images prepared at ``size``: the four fixture films, then seeded variations of them."""
     films = [read_image_file(p) for p in sorted(FIXTURES.glob("*/*.jpeg"))]
     rng = np.random.default_rng(7)
-    out = [prepare(film) for film in films]
+    out = [prepare(film, size) for film in films]
     while len(out) < count:
         film = films[len(out) % len(films)]
         rows, cols = film.shape
         matrix = cv2.getRotationMatrix2D((cols / 2, rows / 2), rng.uniform(-7, 7), rng.uniform(0.92, 1.08))
         image = cv2.warpAffine(film, matrix, (cols, rows), borderMode=cv2.BORDER_REFLECT)
         image = (255.0 * (image / 255.0) ** rng.uniform(0.8, 1.25)).astype(np.uint8)
-        out.append(prepare(image[:, ::-1] if rng.random() < 0.5 else image))
+        out.append(prepare(image[:, ::-1] if rng.random() < 0.5 else image, size))
     return np.stack(out)
 
 
 @pytest.fixture(scope="module")
 def films_and_keras_scores():
     model = get_model()
-    films = _fixture_batch(32)
+    films = _fixture_batch(32, model.card.input_size)
     reference = model.keras_model.predict(to_model_input(films), batch_size=32, verbose=0).reshape(-1)
     # Both classes among the films, so a path that mixed images up or mis-scaled them would show.
     assert reference.min() < model.card.threshold < reference.max()
