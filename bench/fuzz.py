@@ -6,8 +6,8 @@
 - ``network`` (tests/helpers/network_fuzz.py): starts `pneumoscreen listen` (SQLite in a scratch
   data dir, ARTIM 2 s) and runs COUNT hostile connections from 4 threads, every case in turn,
   while a well-behaved sender stores films and a prober sends C-ECHO every half second. Reports
-  cases tried, the listener alive, films stored and recorded, rejections retried, echo failures
-  and the slowest echo, the listener's resident memory (start, peak, end), files left in incoming/,
+  cases tried, the listener alive, films stored and recorded, rejections and aborts retried, echo
+  failures and the slowest echo, the listener's resident memory (start, peak, end), files left in incoming/,
   tracebacks logged.
 - ``datasets`` (tests/helpers/dataset_fuzz.py): COUNT mutants of real files of many transfer
   syntaxes through the path of every received file (spool and row) and the pipeline (eligibility,

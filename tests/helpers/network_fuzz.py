@@ -69,6 +69,7 @@ class FuzzReport:
     echoes: int = 0
     echo_failures: int = 0
     rejections: int = 0
+    aborts: int = 0
     """Associations of the well-behaved peers rejected while every slot was taken (then retried)."""
     slowest_echo_s: float = 0.0
     peak_rss_mb: float = 0.0
@@ -79,8 +80,7 @@ class FuzzReport:
     def as_dict(self) -> dict:
         return {"cases": dict(self.cases), "cases_total": sum(self.cases.values()), "stored": len(self.stored),
                 "store_failures": len(self.store_failures), "rejected_then_retried": self.rejections,
-                "echoes": self.echoes,
-                "echo_failures": self.echo_failures, "slowest_echo_s": round(self.slowest_echo_s, 3),
+                "aborted_then_retried": self.aborts, "echoes": self.echoes, "echo_failures": self.echo_failures, "slowest_echo_s": round(self.slowest_echo_s, 3),
                 "rss_mb": {"start": round(self.start_rss_mb, 1), "peak": round(self.peak_rss_mb, 1),
                            "end": round(self.end_rss_mb, 1)}, "seconds": round(self.seconds, 1)}
 
@@ -138,8 +138,9 @@ class NetworkFuzzer:
             self._stop.wait(0.5)
 
     def _associate(self, calling: str, sop_class: str, *, timeout: float):
-        """An association as a PACS gets one: a transient rejection (every slot taken) is retried
-        for up to ``timeout`` seconds. Counts the rejections; None if it never got one."""
+        """An association as a PACS gets one: a rejection (every slot taken) or an abort is retried,
+        as a PACS's send queue retries, for up to ``timeout`` seconds. Counts each; None if it never
+        got one."""
         deadline = time.monotonic() + timeout
         while True:
             ae = AE(ae_title=calling)
@@ -148,8 +149,11 @@ class NetworkFuzzer:
             assoc = ae.associate("127.0.0.1", self.port, ae_title="PNEUMOSCREEN")
             if assoc.is_established:
                 return assoc
-            self.report.rejections += 1
-            if time.monotonic() >= deadline or not assoc.is_rejected:
+            if assoc.is_rejected:
+                self.report.rejections += 1
+            else:
+                self.report.aborts += 1
+            if time.monotonic() >= deadline:
                 return None
             time.sleep(0.2)
 
