@@ -270,30 +270,59 @@ def test_the_framing_recipe_needs_the_films_proportions():
 
 
 @pytest.mark.slow
-def test_weight_averaging_returns_the_averaged_weights(tmp_path):
-    """With a momentum near 1 the moving average stays near the initial weights, so
-    the network ``fit_network`` returns (and validated) must be much closer to its
-    initial weights than the raw weights of the same run without averaging."""
+@pytest.mark.parametrize("average", ["swa", "ema"])
+def test_averaged_weights_come_back_with_batch_norm_statistics_of_their_own(tmp_path, average):
+    """The network of an averaged run holds the average, not the last (or best) epoch's weights,
+    and its batch-norm statistics are those of the averaged weights on training batches."""
     import keras
 
     from model.dataset import load_folder, patient_split
     from model.network import build_network
-    from model.train import TrainingConfig, fit_network
+    from model.train import TrainingConfig, fit_network, predict_prepared
 
     full = load_folder(_tiny_dataset(tmp_path / "data") / "train", size=64)
     train_idx, val_idx = patient_split(full, val_fraction=0.3, seed=1)
     tr, va = full.subset(train_idx), full.subset(val_idx)
-    base = TrainingConfig(epochs=2, batch_size=4, input_size=64, patience=5)
+    base = TrainingConfig(epochs=3, batch_size=4, input_size=64, average="swa", average_epochs=1)
     keras.utils.set_random_seed(base.seed)
     initial = [w.numpy() for w in build_network(64).trainable_weights]
 
-    def moved(config: TrainingConfig) -> float:
+    def run(config: TrainingConfig):
         model, facts = fit_network(tr, va, config)
-        assert facts["epochs_run"] == 2
-        return float(sum(np.abs(w.numpy() - w0).sum() for w, w0 in zip(model.trainable_weights, initial)))
+        assert facts["epochs_run"] == 3
+        moved = float(sum(np.abs(w.numpy() - w0).sum() for w, w0 in zip(model.trainable_weights, initial)))
+        return model, facts, moved
 
-    raw, averaged = moved(base), moved(TrainingConfig(**{**base.__dict__, "ema": 0.99}))
-    assert raw > 0.0
-    assert averaged < 0.5 * raw
-    with pytest.raises(ValueError, match="ema"):
-        TrainingConfig(ema=1.0)
+    last_model, _, last = run(base)  # the "mean" of the last epoch alone: the raw weights at the end
+    if average == "swa":
+        model, facts, averaged = run(TrainingConfig(**{**base.__dict__, "average_epochs": 3}))
+        assert facts["weights"] == "mean of epochs 1-3"
+        assert 0.0 < averaged < 0.97 * last  # the first epochs pull the mean back towards the start
+        assert any(np.abs(a - b).max() > 1e-3 for a, b in zip(model.get_weights(), last_model.get_weights()))
+    else:
+        model, facts, averaged = run(TrainingConfig(**{**base.__dict__, "average": "ema", "ema": 0.99}))
+        assert "momentum 0.99" in facts["weights"]
+        assert averaged < 0.5 * last  # a dozen steps at momentum 0.99 barely leave the start
+    assert facts["batch_norm_batches"] == -(-len(tr) // 4)  # every training batch, fewer than BN_BATCHES
+    assert np.isfinite(predict_prepared(model, va.images)).all()
+    with pytest.raises(ValueError, match="average"):
+        TrainingConfig(average="mean")
+    with pytest.raises(ValueError, match="average_epochs"):
+        TrainingConfig(epochs=3, average="swa", average_epochs=4)
+
+
+def test_batch_norm_statistics_are_re_estimated_as_the_plain_mean_over_batches():
+    import keras
+    import tensorflow as tf
+
+    from model.train import recalibrate_batch_norm
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(momentum=0.9)])
+    x = np.random.default_rng(0).normal([1.0, -2.0, 5.0], [1.0, 3.0, 0.5], size=(12, 3)).astype(np.float32)
+    batches = tf.data.Dataset.from_tensor_slices((x, np.zeros(12, np.float32))).batch(4)
+    assert recalibrate_batch_norm(model, batches, batches=10) == 3
+    layer = model.layers[0]
+    chunks = x.reshape(3, 4, 3)
+    assert np.allclose(layer.moving_mean.numpy(), chunks.mean(axis=1).mean(axis=0), atol=1e-5)
+    assert np.allclose(layer.moving_variance.numpy(), chunks.var(axis=1).mean(axis=0), atol=1e-4)
+    assert layer.momentum == 0.9  # given back

@@ -40,14 +40,18 @@ LABEL_VALUES = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
 @click.option("--stretch", type=click.FloatRange(0.0, 0.5), default=0.0, show_default=True,
               help="above 0: the training zoom zooms each axis in by up to this much on its own, so that a "
                    "film's proportions are less of a cue; 0: one zoom for both axes, +-10%")
-@click.option("--ema", type=float, default=0.0, show_default=True,
-              help="above 0: momentum of a moving average of the weights (e.g. 0.99), used for validation, "
-                   "early stopping and the artifact; 0: the raw weights")
+@click.option("--average", type=click.Choice(["best", "swa", "ema"]), default="best", show_default=True,
+              help="the weights kept: best, the epoch of highest validation AUC (stopping early); swa, the mean "
+                   "of the last --average-epochs epochs' weights; ema, a moving average of every step's weights "
+                   "(momentum --ema); averaged weights get batch-norm statistics re-estimated on training batches")
+@click.option("--average-epochs", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--ema", type=click.FloatRange(0.5, 1.0, max_open=True), default=0.995, show_default=True)
 @click.option("--input-size", type=click.IntRange(min=64), default=224, show_default=True,
               help="side of the square image the network takes (the card records it; the pipeline prepares "
                    "films at the configured model's size)")
 def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, model_version: str, folds: int,
-          augmentation: str, label_smoothing: float, stretch: float, ema: float, input_size: int) -> None:
+          augmentation: str, label_smoothing: float, stretch: float, average: str, average_epochs: int, ema: float,
+          input_size: int) -> None:
     """Train the screening CNN and write a model artifact."""
     from model.train import TrainingConfig
     from model.train import train as run_training
@@ -57,7 +61,7 @@ def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, mo
     try:
         config = TrainingConfig(epochs=epochs, seed=seed, version=model_version, folds=folds,
                                 augmentation=augmentation, label_smoothing=label_smoothing, stretch=stretch,
-                                ema=ema, input_size=input_size)
+                                average=average, average_epochs=average_epochs, ema=ema, input_size=input_size)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     card = run_training(list(data_dirs), out_dir, config)
