@@ -4,6 +4,7 @@ SKIPPED or FAILED with a reason."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from pathlib import Path
 
@@ -219,13 +220,10 @@ def test_a_task_that_gives_up_marks_the_instance_failed_with_the_reason(sessions
     assert "pneumoscreen.infer gave up" in reason and "ConnectionError: broker gone" in reason
 
 
-@pytest.mark.slow
-def test_an_image_queued_by_an_older_preprocessing_goes_back_to_the_preprocess_queue(pg_url, redis_url, processes,
-                                                                                    tmp_path):
-    # An infer message from before an upgrade carries no preprocessing version (version "1", the
-    # resize alone); the shipped model expects the current one. The inference worker runs where the
-    # spool is not (the file is moved away while it works): it must send the instance back to the
-    # preprocess queue rather than read the file or predict from the stale tensor.
+@contextlib.contextmanager
+def _sent_back_rig(pg_url: str, redis_url: str, processes, tmp_path: Path):
+    """A received film (its row in PostgreSQL) and Redis, for the cases where an inference worker
+    sends an instance back to the preprocess queue. Yields (env, sessions, broker, path, instance id)."""
     env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", inference_batch_ms=1)
     run_cli("db", "upgrade", env=env)
     engine = make_engine(pg_url)
@@ -233,8 +231,41 @@ def test_an_image_queued_by_an_older_preprocessing_goes_back_to_the_preprocess_q
     broker = redis.Redis.from_url(redis_url)
     try:
         path = tmp_path / "a.dcm"
-        ds = write_chest_dicom(path, PNEUMONIA_JPEG)
-        instance_id = _receive(sessions, path, ds)
+        instance_id = _receive(sessions, path, write_chest_dicom(path, PNEUMONIA_JPEG))
+        yield env, sessions, broker, path, instance_id
+    finally:
+        broker.close()
+        engine.dispose()
+
+
+def _start_inference_until_sent_back(env, sessions, broker, processes, tmp_path: Path) -> Process:
+    """Start an inference worker; wait for the instance to wait alone in the preprocess queue, still open."""
+    inference = Process(["worker", "--queues", "inference"], env, tmp_path / "inference.log")
+    processes.append(inference)
+    wait_until(lambda: broker.llen("preprocess") == 1 and broker.llen("inference") == 0, timeout=120,
+               what="the instance sent back to the preprocess queue")
+    assert _state(sessions)[0] not in ("FAILED", "PREDICTED")
+    assert "sent back to be prepared again" in inference.log()
+    return inference
+
+
+def _preprocess_until_final(env, sessions, processes, tmp_path: Path) -> dict:
+    """Start a preprocess worker; the instance's row once it has ended."""
+    processes.append(Process(["worker", "--queues", "preprocess"], env, tmp_path / "preprocess.log"))
+    wait_until(lambda: _state(sessions)[0] in ("FAILED", "PREDICTED"), timeout=120, what="a final state")
+    with sessions() as s:
+        [row] = list_instances(s)
+    return row
+
+
+@pytest.mark.slow
+def test_an_image_queued_by_an_older_preprocessing_goes_back_to_the_preprocess_queue(pg_url, redis_url, processes,
+                                                                                    tmp_path):
+    # An infer message from before an upgrade carries no preprocessing version (version "1", the
+    # resize alone); the shipped model expects the current one. The inference worker runs where the
+    # spool is not (the file is moved away while it works): it must send the instance back to the
+    # preprocess queue rather than read the file or predict from the stale tensor.
+    with _sent_back_rig(pg_url, redis_url, processes, tmp_path) as (env, sessions, broker, path, instance_id):
         stale = cv2.resize(read_image_file(NORMAL_JPEG), (INPUT_SIZE, INPUT_SIZE))  # not what the file holds
         elsewhere = path.rename(tmp_path / "elsewhere.dcm")
         older_release = Celery("older-release", broker=redis_url)
@@ -242,22 +273,9 @@ def test_an_image_queued_by_an_older_preprocessing_goes_back_to_the_preprocess_q
         older_release.send_task("pneumoscreen.infer", args=[instance_id, png],
                                 queue="inference", serializer="json")
         older_release.close()
-
-        inference = Process(["worker", "--queues", "inference"], env, tmp_path / "inference.log")
-        processes.append(inference)
-        wait_until(lambda: broker.llen("preprocess") == 1 and broker.llen("inference") == 0, timeout=120,
-                   what="the instance sent back to the preprocess queue")
-        assert _state(sessions)[0] not in ("FAILED", "PREDICTED")
-        assert "sent back to be prepared again" in inference.log()
-
+        _start_inference_until_sent_back(env, sessions, broker, processes, tmp_path)
         elsewhere.rename(path)
-        processes.append(Process(["worker", "--queues", "preprocess"], env, tmp_path / "preprocess.log"))
-        wait_until(lambda: _state(sessions)[0] in ("FAILED", "PREDICTED"), timeout=120, what="a final state")
-        with sessions() as s:
-            [row] = list_instances(s)
-    finally:
-        broker.close()
-        engine.dispose()
+        row = _preprocess_until_final(env, sessions, processes, tmp_path)
     model = get_model()
     expected = model.predict(prepare(display_image(dcmread(path)), model.card.input_size))[0]
     assert row["state"] == InstanceState.PREDICTED.value, row["reason"]
@@ -283,39 +301,19 @@ def test_an_image_prepared_at_another_size_goes_back_to_be_prepared_at_the_model
     # PREDICTED with the score of the film prepared at that size, not FAILED.
     from model.preprocessing import PREPROCESSING_VERSION
 
-    env = cli_env(database_url=pg_url, broker_url=redis_url, data_dir=tmp_path / "data", inference_batch_ms=1)
-    run_cli("db", "upgrade", env=env)
-    engine = make_engine(pg_url)
-    sessions = make_sessionmaker(engine)
-    broker = redis.Redis.from_url(redis_url)
     model = get_model()
-    try:
-        path = tmp_path / "a.dcm"
-        ds = write_chest_dicom(path, PNEUMONIA_JPEG)
-        instance_id = _receive(sessions, path, ds)
+    with _sent_back_rig(pg_url, redis_url, processes, tmp_path) as (env, sessions, broker, path, instance_id):
         small = pipeline.encode_prepared(prepare(display_image(dcmread(path)), 96))
         other_rollout = Celery("other-rollout", broker=redis_url)
         other_rollout.send_task("pneumoscreen.infer", args=[[instance_id], [small]],
                                 kwargs={"preprocessing": PREPROCESSING_VERSION}, queue="inference", serializer="json")
         other_rollout.close()
-
-        inference = Process(["worker", "--queues", "inference"], env, tmp_path / "inference.log")
-        processes.append(inference)
-        wait_until(lambda: broker.llen("preprocess") == 1 and broker.llen("inference") == 0, timeout=120,
-                   what="the instance sent back to the preprocess queue")
+        inference = _start_inference_until_sent_back(env, sessions, broker, processes, tmp_path)
         [kwargs] = _queued_kwargs(broker, "preprocess")
         assert kwargs["size"] == model.card.input_size != 96
         assert kwargs["expected_preprocessing"] == PREPROCESSING_VERSION
-        assert _state(sessions)[0] not in ("FAILED", "PREDICTED")
-        assert "prepared at [96] px" in inference.log()
-
-        processes.append(Process(["worker", "--queues", "preprocess"], env, tmp_path / "preprocess.log"))
-        wait_until(lambda: _state(sessions)[0] in ("FAILED", "PREDICTED"), timeout=120, what="a final state")
-        with sessions() as s:
-            [row] = list_instances(s)
-    finally:
-        broker.close()
-        engine.dispose()
+        assert "prepared at another size" in inference.log()
+        row = _preprocess_until_final(env, sessions, processes, tmp_path)
     assert row["state"] == InstanceState.PREDICTED.value, row["reason"]
     expected = model.predict(prepare(display_image(dcmread(path)), model.card.input_size))[0]
     assert row["probability"] == pytest.approx(expected, abs=1e-5)

@@ -105,13 +105,13 @@ def infer(instance_ids: int | list[int], prepared: str | list[str], model_dir: s
         preprocess.apply_async(args=[ids], kwargs=back_kwargs, headers=sent_now())
         return
     decoded = [pipeline.decode_prepared(image) for image in images]
-    other_size = [(i, image.shape[0]) for i, image in zip(ids, decoded) if image.shape[0] != card.input_size]
-    if other_size:
-        log.info("instances %s were prepared at %s px, the model takes %d px; sent back to be prepared again",
-                 [i for i, _ in other_size], sorted({side for _, side in other_size}), card.input_size)
-        preprocess.apply_async(args=[[i for i, _ in other_size]], kwargs=back_kwargs, headers=sent_now())
-        kept = [(i, image) for i, image in zip(ids, decoded) if image.shape[0] == card.input_size]
-        ids, decoded = [i for i, _ in kept], [image for _, image in kept]
+    fits = [image.shape[0] == card.input_size for image in decoded]
+    if not all(fits):
+        other = [i for i, ok in zip(ids, fits) if not ok]
+        log.info("instances %s were prepared at another size than the %d px the model takes; sent back to be "
+                 "prepared again", other, card.input_size)
+        preprocess.apply_async(args=[other], kwargs=back_kwargs, headers=sent_now())
+        ids, decoded = [i for i, ok in zip(ids, fits) if ok], [d for d, ok in zip(decoded, fits) if ok]
         if not ids:
             return
     # stored with the rest of their batch before it returns
