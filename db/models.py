@@ -41,6 +41,8 @@ class InstanceState(str, enum.Enum):
 
 
 TERMINAL_STATES = frozenset({InstanceState.PREDICTED, InstanceState.SKIPPED, InstanceState.FAILED})
+#: The states an image is in while still on its way, in pipeline order (the index on state serves them).
+OPEN_STATES = tuple(state for state in InstanceState if state not in TERMINAL_STATES)
 MAX_NOTE = 160
 
 _state_type = Enum(InstanceState, name="instance_state", native_enum=False, length=16,

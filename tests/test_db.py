@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from datetime import timedelta
+
 import pytest
 from sqlalchemy import inspect, text
 
@@ -18,7 +21,7 @@ from db.results import (
     worklist,
 )
 from db.session import make_engine, make_sessionmaker
-from tests.helpers.records import answer, model_card, receive
+from tests.helpers.records import answer, fill_answered_day, model_card, receive
 
 
 @pytest.fixture
@@ -366,6 +369,41 @@ def test_studies_answered_without_a_report_asked_for_are_found_until_one_is(sess
     with sessions.begin() as s:  # a new model's answers need their own report
         answer(s, [(a1, 0.5)], model_card("2.0"))
     assert unreported() == [(a_study, "2.0"), (c_study, "1.0")]
+
+
+def _plan_nodes(node: dict):
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+@pytest.mark.parametrize("statistics", ["VACUUM", "ANALYZE"])
+def test_the_unreported_report_query_reads_the_instance_table_once_whatever_the_planner_knows(pg_url, statistics):
+    """With row counts but no column statistics (after a VACUUM, before autovacuum's ANALYZE) a
+    planner takes the day's answers for one row; the "study still open" check must not then be
+    rescanned per answer: per answer, an index probe at this size, a sequential scan of the whole
+    table at 50,000 studies a day (minutes, see bench/reconcile.py)."""
+    from db import deliveries
+
+    upgrade(pg_url)
+    engine = make_engine(pg_url)
+    fill_answered_day(make_sessionmaker(engine), studies=3000, missing=3, destination="PACS@pacs:104", version="1.0")
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        for table in ("study", "series", "instance", "prediction", "result_delivery"):
+            c.execute(text(f"{statistics} {table}"))
+    now = utcnow()
+    statement = deliveries.unreported_studies_statement(destination="PACS@pacs:104",
+                                                        answered_since=now - timedelta(hours=24), answered_before=now)
+    sql = statement.compile(engine, compile_kwargs={"literal_binds": True})
+    with engine.connect() as c:
+        [(plan,)] = c.execute(text(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}")).all()
+        found = c.execute(statement).all()
+    engine.dispose()
+    plan = plan if isinstance(plan, list) else json.loads(plan)
+    scans = [(n["Node Type"], n["Actual Loops"]) for n in _plan_nodes(plan[0]["Plan"])
+             if n.get("Relation Name") == "instance"]
+    assert len(found) == 3
+    assert all(loops == 1 for _, loops in scans), f"instance scanned per answered study: {scans}"
 
 
 def test_received_window_turns_local_days_into_utc_bounds():

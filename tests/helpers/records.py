@@ -3,10 +3,13 @@ them: a received instance, a model's answer (flagged by the model card's rule)."
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from db.models import DeliveryState, Instance, InstanceState, Prediction, ResultDelivery, Series, Study, utcnow
 from db.queries import record_predictions, record_received
 from model.artifact import ModelCard
 
@@ -46,3 +49,32 @@ def answer(session: Session, results: list[tuple[int, float]], card: ModelCard |
     return record_predictions(session, model_name=card.name, model_version=card.version,
                               weights_sha256=card.sha256, threshold=card.threshold,
                               results=[(i, p, card.flags(p)) for i, p in results])
+
+
+def fill_answered_day(sessions, *, studies: int, missing: int, destination: str, version: str,
+                      chunk: int = 5000) -> None:
+    """A busy day in bulk: ``studies`` studies answered over the last 24 hours (one CR series of
+    two PREDICTED images each, one prediction each), the report to ``destination`` SENT for all
+    but ``missing`` of them, spread evenly. Ids are set, so the database must be empty."""
+    now = utcnow()
+    for start in range(0, studies, chunk):
+        ids = range(start + 1, min(studies, start + chunk) + 1)
+        at = {i: now - timedelta(seconds=(i * 86_000) // studies + 120) for i in ids}
+        with sessions.begin() as s:
+            s.execute(insert(Study), [{"id": i, "StudyInstanceUID": f"1.2.826.0.1.3680043.10.1.{i}",
+                                       "received_at": at[i], "last_received_at": at[i]} for i in ids])
+            s.execute(insert(Series), [{"id": i, "study_id": i, "SeriesInstanceUID": f"1.2.826.0.1.3680043.10.2.{i}",
+                                        "Modality": "CR"} for i in ids])
+            s.execute(insert(Instance), [
+                {"id": 2 * i + j, "series_id": i, "SOPInstanceUID": f"1.2.826.0.1.3680043.10.3.{i}.{j}",
+                 "SOPClassUID": CR_IMAGE_STORAGE, "TransferSyntaxUID": EXPLICIT_VR_LITTLE_ENDIAN,
+                 "path": f"/spool/{i}.{j}.dcm", "size_bytes": 1_000_000, "state": InstanceState.PREDICTED,
+                 "received_at": at[i], "updated_at": at[i]} for i in ids for j in (0, 1)])
+            s.execute(insert(Prediction), [
+                {"instance_id": 2 * i + j, "model_name": "pneumoscreen-cnn", "model_version": version,
+                 "weights_sha256": "a" * 64, "probability": 0.5, "threshold": 0.7, "flagged": False,
+                 "created_at": at[i]} for i in ids for j in (0, 1)])
+            s.execute(insert(ResultDelivery), [
+                {"study_id": i, "model_version": version, "destination": destination, "state": DeliveryState.SENT,
+                 "attempts": 1, "instance_count": 2, "updated_at": at[i] + timedelta(seconds=5)}
+                for i in ids if i % max(1, studies // max(1, missing)) != 0 or missing == 0])
