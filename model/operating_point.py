@@ -104,14 +104,49 @@ def _at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, f
             "specificity": float((~flagged[negatives]).mean()) if negatives.any() else float("nan")}
 
 
+#: The highest design sensitivity :func:`design_sensitivity` tries.
+DESIGN_CEILING = 0.995
+DESIGN_STEP = 0.001
+
+
+def _pooled_threshold(calibrated: Sequence[tuple[np.ndarray, np.ndarray]], members: Sequence[int],
+                      sensitivity: float) -> float:
+    return threshold_for_sensitivity(np.concatenate([calibrated[j][0] for j in members]),
+                                     np.concatenate([calibrated[j][1] for j in members]), sensitivity)
+
+
+def design_sensitivity(calibrated: Sequence[tuple[np.ndarray, np.ndarray]], target_sensitivity: float) -> float:
+    """The sensitivity to choose a pooled threshold at so that ``target_sensitivity`` holds on
+    sets it was not chosen on: the lowest one, from the target up in steps of 0.001, at which
+    every set of ``calibrated`` ((labels, calibrated scores) pairs) reaches the target at the
+    threshold chosen on the others. The target itself with fewer than two sets;
+    :data:`DESIGN_CEILING` if no lower one does."""
+    if len(calibrated) < 2:
+        return target_sensitivity
+    steps = int(round((DESIGN_CEILING - target_sensitivity) / DESIGN_STEP))
+    for step in range(max(steps, 0) + 1):
+        design = round(target_sensitivity + step * DESIGN_STEP, 6)
+        if all(_at(*calibrated[i], _pooled_threshold(calibrated, [j for j in range(len(calibrated)) if j != i],
+                                                     design))["sensitivity"] >= target_sensitivity
+               for i in range(len(calibrated))):
+            return design
+    return DESIGN_CEILING
+
+
 def transferable_threshold(sets: Sequence[tuple[str, np.ndarray, np.ndarray]], *, target_sensitivity: float,
-                           bootstrap: int = 1000, seed: int = 0) -> dict:
+                           margin: bool = True, bootstrap: int = 1000, seed: int = 0) -> dict:
     """The operating point of held-out score sets ``(name, labels, scores)`` (one per model).
 
-    Returns the threshold (a calibrated probability) for ``target_sensitivity`` on the pooled
-    calibrated scores with its bootstrap 95 % interval, each set's Platt map and own threshold,
-    and the leave-one-out transfer: each set at the threshold chosen on the others, calibrated
-    (``transfer``) and, for comparison, raw (``transfer_raw``).
+    Returns the threshold (a calibrated probability) on the pooled calibrated scores with its
+    bootstrap 95 % interval, each set's Platt map and own threshold, and the leave-one-out
+    transfer: each set at the threshold chosen on the others, calibrated (``transfer``) and, for
+    comparison, raw (``transfer_raw``).
+
+    Without ``margin`` the threshold is the pooled one for ``target_sensitivity``: what a new
+    site then sees scatters around the target, half the sites below it. With ``margin`` (the
+    default) it is the pooled one for the :func:`design_sensitivity` of the sets, the margin the
+    sets' own spread asks for; the transfer of that rule is measured nested, each left-out set
+    at the threshold whose design sensitivity was found on the others alone.
     """
     if len(sets) < 2:
         raise ValueError("a transferable threshold needs at least two held-out sets")
@@ -125,34 +160,47 @@ def transferable_threshold(sets: Sequence[tuple[str, np.ndarray, np.ndarray]], *
                         "raw_threshold": threshold_for_sensitivity(labels, scores, target_sensitivity),
                         "threshold": threshold_for_sensitivity(labels, p, target_sensitivity),
                         "raw": calibration_figures(labels, scores), "calibrated": calibration_figures(labels, p)})
+    everyone = list(range(len(sets)))
+    design = design_sensitivity(calibrated, target_sensitivity) if margin else target_sensitivity
     pooled_labels = np.concatenate([lab for lab, _ in calibrated])
     pooled = np.concatenate([p for _, p in calibrated])
-    threshold = threshold_for_sensitivity(pooled_labels, pooled, target_sensitivity)
+    threshold = _pooled_threshold(calibrated, everyone, design)
 
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(bootstrap):
         pick = rng.integers(0, pooled.size, pooled.size)
         if pooled_labels[pick].any():
-            draws.append(threshold_for_sensitivity(pooled_labels[pick], pooled[pick], target_sensitivity))
+            draws.append(threshold_for_sensitivity(pooled_labels[pick], pooled[pick], design))
 
     transfer, transfer_raw = [], []
     for i, (name, labels, scores) in enumerate(sets):
-        others = [j for j in range(len(sets)) if j != i]
-        t = threshold_for_sensitivity(np.concatenate([calibrated[j][0] for j in others]),
-                                      np.concatenate([calibrated[j][1] for j in others]), target_sensitivity)
+        others = [j for j in everyone if j != i]
+        own_design = (design_sensitivity([calibrated[j] for j in others], target_sensitivity) if margin
+                      else target_sensitivity)
+        t = _pooled_threshold(calibrated, others, own_design)
         t_raw = threshold_for_sensitivity(np.concatenate([np.asarray(sets[j][1]) for j in others]),
                                           np.concatenate([np.asarray(sets[j][2]) for j in others]), target_sensitivity)
-        transfer.append({"name": name, "threshold": t, **_at(calibrated[i][0], calibrated[i][1], t)})
+        transfer.append({"name": name, "design_sensitivity": own_design, "threshold": t,
+                         **_at(calibrated[i][0], calibrated[i][1], t)})
         transfer_raw.append({"name": name, "threshold": t_raw, **_at(labels, scores, t_raw)})
 
     def spread(rows: list[dict], key: str) -> dict[str, float]:
         v = np.array([r[key] for r in rows])
         return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
 
+    if margin:
+        method = (f"threshold on the pooled held-out sets, each calibrated on itself (Platt), for the design "
+                  f"sensitivity {design}: the lowest at which every set reaches {target_sensitivity} at the "
+                  "threshold chosen on the others; transfer = each set at the threshold this rule chooses on "
+                  "the others alone")
+    else:
+        method = (f"threshold for sensitivity {target_sensitivity} on the pooled held-out sets, each calibrated "
+                  "on itself (Platt); transfer = each set at the threshold chosen on the others")
     return {
-        "method": f"threshold for sensitivity {target_sensitivity} on the pooled held-out sets, each calibrated "
-                  "on itself (Platt); transfer = each set at the threshold chosen on the others",
+        "method": method,
+        "target_sensitivity": target_sensitivity,
+        "design_sensitivity": design,
         "threshold": threshold,
         "ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))],
         "pooled": {"n": int(pooled.size), **_at(pooled_labels, pooled, threshold)},

@@ -44,6 +44,9 @@ KERMANY_POPULATION = {
 #: Which weights a run keeps (:attr:`TrainingConfig.average`).
 AVERAGES = ("best", "swa", "ema")
 
+#: How a run chooses its threshold (:attr:`TrainingConfig.operating_point`).
+OPERATING_POINTS = ("margin", "pooled")
+
 #: Training batches over which averaged weights get their batch-norm statistics.
 BN_BATCHES = 60
 
@@ -70,6 +73,10 @@ class TrainingConfig:
     average_epochs: int = 4
     ema: float = 0.995
     folds: int = 0
+    #: How the threshold is chosen on the held-out sets (:func:`model.operating_point.transferable_threshold`):
+    #: ``margin``, for the design sensitivity at which the target holds on sets it was not chosen on;
+    #: ``pooled``, for the target itself on the pooled sets.
+    operating_point: str = "margin"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -92,6 +99,8 @@ class TrainingConfig:
             raise ValueError("val_fraction must lie in [0.05, 0.5]")
         if not 0.5 <= self.target_sensitivity < 1.0:
             raise ValueError("target_sensitivity must lie in [0.5, 1)")
+        if self.operating_point not in OPERATING_POINTS:
+            raise ValueError(f"operating_point must be one of {OPERATING_POINTS}, got {self.operating_point!r}")
 
 
 def _manifest_hash(data: LabelledImages) -> str:
@@ -340,6 +349,7 @@ def train(data_dir: str | Path | list[str | Path], out_dir: str | Path, config: 
         platt = fit_platt(va.labels, raw_val_scores)
         if len(held_out_sets) >= 2:
             operating_point = transferable_threshold(held_out_sets, target_sensitivity=config.target_sensitivity,
+                                                     margin=config.operating_point == "margin",
                                                      seed=config.seed)
     except ValueError as exc:  # a network that has not learnt to rank its validation films
         log.warning("scores left uncalibrated, threshold from the patient split alone: %s", exc)
@@ -381,7 +391,7 @@ def train(data_dir: str | Path | list[str | Path], out_dir: str | Path, config: 
                   "average": config.average,
                   **({"average_epochs": config.average_epochs} if config.average == "swa" else {}),
                   **({"ema": config.ema} if config.average == "ema" else {}),
-                  "target_sensitivity": config.target_sensitivity},
+                  "target_sensitivity": config.target_sensitivity, "operating_point": config.operating_point},
     )
     log.info("wrote %s (threshold %.4f, validation AUC %.4f)", out_dir, threshold,
              validation["patient_split"]["auc"])

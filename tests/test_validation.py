@@ -142,6 +142,8 @@ def test_training_with_folds_writes_the_spread_into_the_card(tmp_path):
         assert written["threshold"] == op["threshold"]
         assert [s["name"] for s in op["sets"]] == ["fold 1", "fold 2", "patient split"]
         assert op["ci95"][0] <= op["threshold"] <= op["ci95"][1]
+        assert 0.97 <= op["design_sensitivity"] <= 0.995 and written["training"]["operating_point"] == "margin"
+        assert op["pooled"]["sensitivity"] >= op["design_sensitivity"]
 
 
 def _zoomed_box_sides(stretch: float) -> np.ndarray:
@@ -187,13 +189,18 @@ def test_train_command_runs_the_fold_check_and_prints_its_spread(tmp_path):
     data = _tiny_dataset(tmp_path / "data", patients_per_class=5)
     result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "model"),
                                       "--epochs", "1", "--folds", "2", "--version", "0.0.1", "--stretch", "0.3",
-                                      "--augmentation", "framing"])
+                                      "--augmentation", "framing", "--sensitivity", "0.95",
+                                      "--operating-point", "pooled"])
     assert result.exit_code == 0, result.output
     assert "2-fold check: AUC" in result.output and "shifted" in result.output
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
     assert len(card["validation"]["cross_validation"]["specificity"]["values"]) == 2
     assert card["validation"]["shifted"]["worst"]["specificity"]["sd"] >= 0.0
     assert card["training"]["stretch"] == 0.3 and card["training"]["augmentation"] == "framing"
+    assert card["training"]["target_sensitivity"] == 0.95 and card["training"]["operating_point"] == "pooled"
+    if "operating_point" in card["validation"]:
+        assert card["validation"]["operating_point"]["design_sensitivity"] == 0.95
+        assert "operating point: design sensitivity 0.95 for 0.95" in result.output
 
 
 def test_train_command_refuses_a_single_fold(tmp_path):

@@ -49,9 +49,15 @@ LABEL_VALUES = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
 @click.option("--input-size", type=click.IntRange(min=64), default=224, show_default=True,
               help="side of the square image the network takes (the card records it; the pipeline prepares "
                    "films at the configured model's size)")
+@click.option("--sensitivity", type=click.FloatRange(0.5, 1.0, max_open=True), default=0.97, show_default=True,
+              help="the sensitivity the card's threshold is for")
+@click.option("--operating-point", type=click.Choice(["margin", "pooled"]), default="margin", show_default=True,
+              help="margin: the threshold for the design sensitivity at which every held-out set reaches "
+                   "--sensitivity at the threshold chosen on the others (a margin as wide as the sets "
+                   "disagree); pooled: the threshold for --sensitivity itself on the pooled held-out sets")
 def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, model_version: str, folds: int,
           augmentation: str, label_smoothing: float, stretch: float, average: str, average_epochs: int, ema: float,
-          input_size: int) -> None:
+          input_size: int, sensitivity: float, operating_point: str) -> None:
     """Train the screening CNN and write a model artifact."""
     from model.train import TrainingConfig
     from model.train import train as run_training
@@ -61,13 +67,21 @@ def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, mo
     try:
         config = TrainingConfig(epochs=epochs, seed=seed, version=model_version, folds=folds,
                                 augmentation=augmentation, label_smoothing=label_smoothing, stretch=stretch,
-                                average=average, average_epochs=average_epochs, ema=ema, input_size=input_size)
+                                average=average, average_epochs=average_epochs, ema=ema, input_size=input_size,
+                                target_sensitivity=sensitivity, operating_point=operating_point)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     card = run_training(list(data_dirs), out_dir, config)
     val = card.validation["patient_split"]
     click.echo(f"wrote {out_dir}: threshold {card.threshold:.4f}, validation AUC {val['auc']:.4f}, "
                f"sensitivity {val['sensitivity']:.3f}, specificity {val['specificity']:.3f}")
+    chosen = card.validation.get("operating_point")
+    if chosen:
+        transfer = chosen["transfer"]
+        click.echo(f"operating point: design sensitivity {chosen['design_sensitivity']} for "
+                   f"{chosen['target_sensitivity']}; each held-out set at the threshold chosen on the others: "
+                   f"sensitivity {transfer['sensitivity']['min']:.3f}-{transfer['sensitivity']['max']:.3f}, "
+                   f"specificity {transfer['specificity']['min']:.3f}-{transfer['specificity']['max']:.3f}")
     if "shifted" in card.validation:
         cv, shifted = card.validation["cross_validation"], card.validation["shifted"]
         click.echo(f"{folds}-fold check: AUC {cv['auc']['mean']:.4f} ± {cv['auc']['sd']:.4f}, "
