@@ -104,6 +104,10 @@ def _at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, f
             "specificity": float((~flagged[negatives]).mean()) if negatives.any() else float("nan")}
 
 
+#: Written by a training run beside its weights: every held-out score set its operating point was
+#: chosen on (raw scores), so that the threshold can be chosen again without training again.
+HELD_OUT_FILE = "held_out_scores.npz"
+
 #: The highest design sensitivity :func:`design_sensitivity` tries.
 DESIGN_CEILING = 0.995
 DESIGN_STEP = 0.001
@@ -212,6 +216,22 @@ def transferable_threshold(sets: Sequence[tuple[str, np.ndarray, np.ndarray]], *
         "transfer_raw": {"sets": transfer_raw, "sensitivity": spread(transfer_raw, "sensitivity"),
                          "specificity": spread(transfer_raw, "specificity")},
     }
+
+
+def save_held_out(path, sets: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    """Write held-out score sets ``(name, labels, raw scores)`` to ``path`` (``.npz``)."""
+    np.savez_compressed(path, names=np.array([name for name, _, _ in sets]),
+                        sizes=np.array([len(labels) for _, labels, _ in sets]),
+                        labels=np.concatenate([np.asarray(labels, dtype=np.int8) for _, labels, _ in sets]),
+                        scores=np.concatenate([np.asarray(scores, dtype=np.float64) for _, _, scores in sets]))
+
+
+def load_held_out(path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The sets :func:`save_held_out` wrote, in their order; feed them to :func:`transferable_threshold`."""
+    with np.load(path) as f:
+        bounds = np.concatenate([[0], np.cumsum(f["sizes"])])
+        return [(str(name), f["labels"][a:b].astype(int), f["scores"][a:b].astype(float))
+                for name, a, b in zip(f["names"], bounds[:-1], bounds[1:])]
 
 
 def fold_into_dense(model, platt: Platt, layer_name: str = "pneumonia") -> None:

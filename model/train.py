@@ -25,7 +25,15 @@ from model.artifact import ModelCard, save_artifact
 from model.augment import AUGMENTATIONS
 from model.dataset import LabelledImages, combine, load_folder, patient_split
 from model.metrics import binary_report, curves, threshold_for_sensitivity
-from model.operating_point import Platt, calibration_figures, fit_platt, fold_into_dense, transferable_threshold
+from model.operating_point import (
+    HELD_OUT_FILE,
+    Platt,
+    calibration_figures,
+    fit_platt,
+    fold_into_dense,
+    save_held_out,
+    transferable_threshold,
+)
 from model.preprocessing import INPUT_SIZE, to_model_input
 
 log = logging.getLogger(__name__)
@@ -393,6 +401,7 @@ def train(data_dir: str | Path | list[str | Path], out_dir: str | Path, config: 
                   **({"ema": config.ema} if config.average == "ema" else {}),
                   "target_sensitivity": config.target_sensitivity, "operating_point": config.operating_point},
     )
+    save_held_out(out_dir / HELD_OUT_FILE, held_out_sets)
     log.info("wrote %s (threshold %.4f, validation AUC %.4f)", out_dir, threshold,
              validation["patient_split"]["auc"])
     return card

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from model.operating_point import HELD_OUT_FILE, load_held_out, transferable_threshold
 from model.preprocessing import INPUT_SIZE, prepare, read_image_file
 from model.validation import PERTURBATIONS, aggregate, fold_report, patient_folds, perturb, shifted_images
 from tests.helpers.dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG
@@ -144,6 +145,12 @@ def test_training_with_folds_writes_the_spread_into_the_card(tmp_path):
         assert op["ci95"][0] <= op["threshold"] <= op["ci95"][1]
         assert 0.97 <= op["design_sensitivity"] <= 0.995 and written["training"]["operating_point"] == "margin"
         assert op["pooled"]["sensitivity"] >= op["design_sensitivity"]
+        # the sets are kept beside the weights: the same threshold comes back from them, and another rule can be tried
+        sets = load_held_out(tmp_path / "model" / HELD_OUT_FILE)
+        assert [name for name, _, _ in sets] == ["fold 1", "fold 2", "patient split"]
+        assert sum(len(labels) for _, labels, _ in sets) == op["pooled"]["n"]
+        again = transferable_threshold(sets, target_sensitivity=0.97, seed=config.seed)
+        assert again["threshold"] == pytest.approx(op["threshold"], abs=1e-6)
 
 
 def _zoomed_box_sides(stretch: float) -> np.ndarray:
