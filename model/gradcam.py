@@ -14,19 +14,33 @@ DEFAULT_LAYER = "head_relu"
 OVERLAY_MAX_SIDE = 1024
 
 
+def _activation_layers(keras_model, layer: str) -> list:
+    """``layer``, or in an ensemble (:func:`model.network.build_ensemble`) every member's copy of it."""
+    found = [candidate for candidate in keras_model.layers
+             if candidate.name == layer or candidate.name.endswith(f"_{layer}")]
+    if not found:
+        raise ValueError(f"the model has no layer {layer!r}")
+    return found
+
+
 def gradcam(keras_model, prepared: np.ndarray, *, layer: str = DEFAULT_LAYER) -> np.ndarray:
-    """A [0, 1] heat map the size of ``prepared`` (a prepared uint8 image) for the pneumonia output."""
+    """A [0, 1] heat map the size of ``prepared`` (a prepared uint8 image) for the pneumonia output.
+
+    In an ensemble each member's last convolutional activation is weighted by the gradient of the
+    ensemble's output, and the members' maps are summed before the ReLU: where the served score looked."""
     import keras
     import tensorflow as tf
 
-    grad_model = keras.Model(keras_model.inputs, [keras_model.get_layer(layer).output, keras_model.output])
+    sources = _activation_layers(keras_model, layer)
+    grad_model = keras.Model(keras_model.inputs, [[source.output for source in sources], keras_model.output])
     x = tf.convert_to_tensor(to_model_input(prepared))
     with tf.GradientTape() as tape:
         activations, output = grad_model(x, training=False)
         score = output[:, 0]
     grads = tape.gradient(score, activations)
-    weights = tf.reduce_mean(grads, axis=(1, 2))
-    cam = tf.nn.relu(tf.reduce_sum(activations * weights[:, None, None, :], axis=-1))[0].numpy()
+    total = sum(tf.reduce_sum(a * tf.reduce_mean(g, axis=(1, 2))[:, None, None, :], axis=-1)
+                for a, g in zip(activations, grads))
+    cam = tf.nn.relu(total)[0].numpy()
     if cam.max() > 0:
         cam = cam / cam.max()
     return cv2.resize(cam.astype(np.float32), prepared.shape[::-1], interpolation=cv2.INTER_LINEAR)

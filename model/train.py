@@ -9,6 +9,11 @@ sensitivity and written into the model card with the validation figures.
 With ``folds`` set, the same recipe first goes through the k-fold check of
 :mod:`model.validation` (clean and acquisition-shifted figures, with their
 spread over folds), which is written into the card beside them.
+
+With ``members`` set, the recipe is an ensemble: one network per augmentation,
+trained on the same films with the same split, served as one model (the mean of
+their logits through one calibrated output, :func:`model.network.build_ensemble`);
+the folds and the operating point score the ensemble as it is served.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +77,9 @@ class TrainingConfig:
     name: str = "pneumoscreen-cnn"
     version: str = "0.1.0"
     augmentation: str = "standard"
+    #: The augmentations of an ensemble's members (at least two, one network each, trained on the same
+    #: films with the same seed); empty: one network, trained with ``augmentation``.
+    members: tuple[str, ...] = ()
     label_smoothing: float = 0.0
     stretch: float = 0.0
     #: Which weights the run keeps: ``best``, the epoch of highest validation AUC; ``swa``, the mean
@@ -89,8 +97,11 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError("epochs must be at least 1")
-        if self.augmentation not in AUGMENTATIONS:
-            raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {self.augmentation!r}")
+        for augmentation in (self.augmentation, *self.members):
+            if augmentation not in AUGMENTATIONS:
+                raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}")
+        if len(self.members) == 1:
+            raise ValueError("an ensemble needs at least two members; for one network give its augmentation")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError("label_smoothing must lie in [0, 0.5)")
         if not 0.0 <= self.stretch <= 0.5:
@@ -109,6 +120,16 @@ class TrainingConfig:
             raise ValueError("target_sensitivity must lie in [0.5, 1)")
         if self.operating_point not in OPERATING_POINTS:
             raise ValueError(f"operating_point must be one of {OPERATING_POINTS}, got {self.operating_point!r}")
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        """The augmentation of each network the recipe trains (one, unless an ensemble)."""
+        return self.members or (self.augmentation,)
+
+    @property
+    def augmentation_name(self) -> str:
+        """The recipe's augmentation as the card names it (``acquisition+framing`` for an ensemble)."""
+        return "+".join(self.networks)
 
 
 def _manifest_hash(data: LabelledImages) -> str:
@@ -155,13 +176,16 @@ def predict_prepared(model, images: np.ndarray, batch_size: int = 64) -> np.ndar
     return np.concatenate(out) if out else np.empty(0)
 
 
-def serving_copy(model, input_size: int):
-    """The trained network without its augmentation layers and optimizer state:
-    same weights, same outputs, a smaller file."""
-    from model.network import build_network
+def serving_copy(models: list, input_size: int):
+    """The trained network without its augmentation layers and optimizer state (same weights,
+    same outputs, a smaller file); for several networks, their ensemble as one model
+    (:func:`model.network.build_ensemble`), its output the sigmoid of their mean logit."""
+    from model.network import build_ensemble, build_network
 
+    if len(models) > 1:
+        return build_ensemble(models)
     serving = build_network(input_size, augment=False)
-    serving.set_weights(model.get_weights())
+    serving.set_weights(models[0].get_weights())
     return serving
 
 
@@ -260,6 +284,28 @@ def fit_network(tr: LabelledImages, va: LabelledImages, config: TrainingConfig):
     return model, facts
 
 
+def fit_recipe(tr: LabelledImages, va: LabelledImages, config: TrainingConfig):
+    """Train every network of the recipe (:attr:`TrainingConfig.networks`) on ``tr`` and return
+    (the served model, facts about the run). The served model has no augmentation layers; for an
+    ensemble the facts keep each member's under ``members``."""
+    models, runs = [], []
+    for augmentation in config.networks:
+        if len(config.networks) > 1:
+            log.info("ensemble member %d/%d: %s augmentation", len(models) + 1, len(config.networks), augmentation)
+        model, facts = fit_network(tr, va, replace(config, augmentation=augmentation, members=()))
+        models.append(model)
+        runs.append(facts)
+    if len(runs) == 1:
+        return serving_copy(models, config.input_size), runs[0]
+    seconds = sum(run["seconds"] for run in runs)
+    return serving_copy(models, config.input_size), {
+        "members": [{"augmentation": augmentation, **facts} for augmentation, facts in zip(config.networks, runs)],
+        "combination": "the mean of the members' logits, through one calibrated sigmoid output",
+        "seconds": round(seconds, 1),
+        "images_per_second": round(sum(len(tr) * run["epochs_run"] for run in runs) / seconds, 1),
+    }
+
+
 def kfold_check(full: LabelledImages, config: TrainingConfig, *, k: int) -> dict:
     """The k-fold check of :mod:`model.validation` for this recipe: each fold
     trained as the final model is, the held-out fold serving as its validation."""
@@ -269,7 +315,7 @@ def kfold_check(full: LabelledImages, config: TrainingConfig, *, k: int) -> dict
     shifted = shifted_images(full.paths, size=config.input_size)
 
     def fit(train_idx: np.ndarray, held_out_idx: np.ndarray, fold: int):
-        model, facts = fit_network(full.subset(train_idx), full.subset(held_out_idx), config)
+        model, facts = fit_recipe(full.subset(train_idx), full.subset(held_out_idx), config)
         return (lambda images: predict_prepared(model, images)), facts
 
     result = cross_validate(full.images, full.labels, full.patients, shifted, fit, k=k, seed=config.seed,
@@ -347,11 +393,10 @@ def train(data_dir: str | Path | list[str | Path], out_dir: str | Path, config: 
     tr, va = full.subset(train_idx), full.subset(val_idx)
     log.info("train %d images (%d patients), validation %d images (%d patients)",
              len(tr), len(set(tr.patients)), len(va), len(set(va.patients)))
-    model, facts = fit_network(tr, va, config)
+    serving, facts = fit_recipe(tr, va, config)
 
-    raw_val_scores = predict_prepared(model, va.images)
+    raw_val_scores = predict_prepared(serving, va.images)
     held_out_sets.append(("patient split", va.labels, raw_val_scores))
-    serving = serving_copy(model, config.input_size)
     operating_point, calibration_note = None, None
     try:
         platt = fit_platt(va.labels, raw_val_scores)
@@ -394,7 +439,7 @@ def train(data_dir: str | Path | list[str | Path], out_dir: str | Path, config: 
         validation=validation,
         intended_population=KERMANY_POPULATION,
         training={**facts, "seed": config.seed, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-                  "epochs": config.epochs, "augmentation": config.augmentation,
+                  "epochs": config.epochs, "augmentation": config.augmentation_name,
                   "label_smoothing": config.label_smoothing, "stretch": config.stretch,
                   "average": config.average,
                   **({"average_epochs": config.average_epochs} if config.average == "swa" else {}),

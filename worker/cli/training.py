@@ -32,10 +32,12 @@ LABEL_VALUES = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
 @click.option("--folds", type=click.IntRange(min=0), default=3, show_default=True,
               help="first run the K-fold patient check (clean and acquisition-shifted figures with their "
                    "spread, written into the card); 0 skips it")
-@click.option("--augmentation", type=click.Choice(["standard", "acquisition", "framing"]), default="standard",
-              show_default=True, help="standard: geometry, brightness, contrast; acquisition: also gamma, "
-                                      "contrast window, blur, noise and crop-zoom; framing: acquisition, the "
-                                      "crop also giving each film proportions drawn whatever its class")
+@click.option("--augmentation", "augmentations", type=click.Choice(["standard", "acquisition", "framing"]),
+              multiple=True, default=["standard"], show_default=True,
+              help="standard: geometry, brightness, contrast; acquisition: also gamma, contrast window, blur, "
+                   "noise and crop-zoom; framing: acquisition, the crop also giving each film proportions drawn "
+                   "whatever its class. Repeat it to train an ensemble, one network per augmentation, served "
+                   "as one model (the mean of their logits)")
 @click.option("--label-smoothing", type=click.FloatRange(0.0, 0.5, max_open=True), default=0.0, show_default=True)
 @click.option("--stretch", type=click.FloatRange(0.0, 0.5), default=0.0, show_default=True,
               help="above 0: the training zoom zooms each axis in by up to this much on its own, so that a "
@@ -56,7 +58,7 @@ LABEL_VALUES = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
                    "--sensitivity at the threshold chosen on the others (a margin as wide as the sets "
                    "disagree); pooled: the threshold for --sensitivity itself on the pooled held-out sets")
 def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, model_version: str, folds: int,
-          augmentation: str, label_smoothing: float, stretch: float, average: str, average_epochs: int, ema: float,
+          augmentations: tuple[str, ...], label_smoothing: float, stretch: float, average: str, average_epochs: int, ema: float,
           input_size: int, sensitivity: float, operating_point: str) -> None:
     """Train the screening CNN and write a model artifact."""
     from model.train import TrainingConfig
@@ -66,7 +68,9 @@ def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, mo
         raise click.BadParameter("use 0 (no check) or at least 2", param_hint="--folds")
     try:
         config = TrainingConfig(epochs=epochs, seed=seed, version=model_version, folds=folds,
-                                augmentation=augmentation, label_smoothing=label_smoothing, stretch=stretch,
+                                augmentation=augmentations[0],
+                                members=tuple(augmentations) if len(augmentations) > 1 else (),
+                                label_smoothing=label_smoothing, stretch=stretch,
                                 average=average, average_epochs=average_epochs, ema=ema, input_size=input_size,
                                 target_sensitivity=sensitivity, operating_point=operating_point)
     except ValueError as exc:
