@@ -15,7 +15,11 @@ Design choices (see the model card for measured figures):
   frame's proportions alone tell the classes apart (width/height AUC 0.86:
   normal films are narrower). Stretching each axis by up to 25 % was measured
   and not kept: it cost clean specificity, and a film cut to other proportions
-  still cost it about half its specificity (see the README's model section).
+  still cost it about half its specificity (see the README's model section);
+- several trained networks of one input size serve as one model
+  (:func:`build_ensemble`): one input, each member's trunk, the mean of their
+  logits through one sigmoid output, so calibration, the threshold, Grad-CAM
+  and every serving path treat an ensemble as they treat one network.
 """
 
 from __future__ import annotations
