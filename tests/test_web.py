@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
+from model.artifact import read_card
 from tests.helpers.dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG, write_chest_dicom
 from tests.helpers.processes import (
     Process,
@@ -187,6 +188,8 @@ def test_every_page_answers_and_is_audited_with_the_session_actor(site):
         operations = client.get("/web/operations")
         assert operations.status_code == 200 and "Instances by state" in operations.text
         assert "Intended population" in operations.text and "films of other ages are skipped" in operations.text
+        members = read_card().training.get("members")
+        assert (f"an ensemble of {len(members)} networks" if members else "one network") in operations.text
         sop = re.search(r'/web/images/([0-9.]+)/film\.png', study.text).group(1)
         for kind in ("film", "gradcam"):
             image = client.get(f"/web/images/{sop}/{kind}.png")
