@@ -26,7 +26,7 @@ Prints median and p90 milliseconds per image, images/s, the ratio to the
 probability from ``keras_model.predict`` (batch 32) on the same images.
 Writes JSON to bench/results/inference-<timestamp>.json.
 
-    .venv/bin/python bench/inference.py [--repeats 5] [--tf-threads 0] [--json-out PATH]
+    .venv/bin/python bench/inference.py [--repeats 5] [--tf-threads 0] [--json-out PATH] [--model DIR]
 """
 
 from __future__ import annotations
@@ -174,6 +174,8 @@ def main() -> None:
     parser.add_argument("--tf-threads", type=int, default=0,
                         help="intra- and inter-op threads for configure_tensorflow (0 = TensorFlow's default)")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="model folder (model.keras + model_card.json); default: the shipped model")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -189,7 +191,7 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    loaded = get_model()
+    loaded = get_model(args.model)
     keras_model = loaded.keras_model
     images = fixture_images(max(BATCH_SIZES), size=loaded.card.input_size)
     scratch = tempfile.TemporaryDirectory(prefix="pneumoscreen-inference-")
@@ -221,6 +223,8 @@ def main() -> None:
     console.print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {threads['cpus']} CPUs; "
                   f"threads intra_op={threads['intra_op']} inter_op={threads['inter_op']} (0 = TensorFlow's "
                   f"default: one per core); configure_tensorflow({args.tf_threads}, {args.tf_threads})")
+    console.print(f"model {loaded.card.name} {loaded.card.version}: {loaded.card.input_size} pixels in, "
+                  f"{len(loaded.card.training.get('members') or [None])} network(s)")
     if skipped:
         console.print(f"skipped: {skipped}")
 
