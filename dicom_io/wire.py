@@ -271,6 +271,10 @@ def read_pdu(dul: DULServiceProvider) -> None:
         return
     try:
         pdu, event = dul._decode_pdu(pdu_bytes)
+        if pdu_type in (0x01, 0x02):
+            # pynetdicom checks some fields (an even presentation context ID...) only when the state
+            # machine builds the primitive, in its reactor thread, which such an error would end
+            pdu.to_primitive()
     except Exception as exc:  # pynetdicom's decoders raise many types on a malformed PDU
         peer_log.refused(peer_address(dul.assoc), f"{name} does not decode ({type(exc).__name__})")
         dul.event_queue.put("Evt19")

@@ -31,6 +31,7 @@ from sqlalchemy import create_engine, select
 
 from db.models import Instance
 from tests.helpers.dicom_factory import chest_dataset, write_chest_dicom
+from tests.helpers.network_fuzz import association_rq
 from tests.helpers.processes import REDIS_URL, Process, flushed_redis, listening, wait_until
 
 pytestmark = pytest.mark.slow
@@ -174,6 +175,27 @@ def test_random_bytes_on_20_connections(target):
         target.well_behaved()
         for s in socks:
             closed_by_listener(s, within=ARTIM + 3)
+    target.assert_healthy()
+
+
+def test_an_association_request_whose_fields_do_not_build_is_refused_without_a_traceback(target):
+    """An A-ASSOCIATE-RQ that decodes but whose presentation contexts carry even IDs (PS3.8 9.3.2.2:
+    odd, 1-255): pynetdicom checks that only when its state machine builds the request's primitive,
+    in the association's reactor thread, which the error ended with a traceback."""
+    request = bytearray(association_rq())
+    offset, evened = 6 + 68, 0  # the PDU header, the fixed fields, then the variable items
+    while offset < len(request):
+        item_type, length = request[offset], struct.unpack(">H", request[offset + 2:offset + 4])[0]
+        if item_type == 0x20:  # a presentation context item: its ID is its first byte
+            request[offset + 4] = 2 * (evened + 1)
+            evened += 1
+        offset += 4 + length
+    assert evened == 2
+    before = target.listener.log()
+    with connections(target.port, [bytes(request)] * 3) as socks:
+        for s in socks:
+            closed_by_listener(s, within=ARTIM + 3)
+    assert "Traceback" not in target.listener.log()[len(before):]
     target.assert_healthy()
 
 

@@ -265,8 +265,10 @@ def test_an_image_queued_by_an_older_preprocessing_goes_back_to_the_preprocess_q
     # resize alone); the shipped model expects the current one. The inference worker runs where the
     # spool is not (the file is moved away while it works): it must send the instance back to the
     # preprocess queue rather than read the file or predict from the stale tensor.
+    model = get_model()
+    side = model.card.input_size  # the stale tensor has the model's shape: only its version tells it apart
     with _sent_back_rig(pg_url, redis_url, processes, tmp_path) as (env, sessions, broker, path, instance_id):
-        stale = cv2.resize(read_image_file(NORMAL_JPEG), (INPUT_SIZE, INPUT_SIZE))  # not what the file holds
+        stale = cv2.resize(read_image_file(NORMAL_JPEG), (side, side))  # not what the file holds
         elsewhere = path.rename(tmp_path / "elsewhere.dcm")
         older_release = Celery("older-release", broker=redis_url)
         png = base64.b64encode(cv2.imencode(".png", stale)[1].tobytes()).decode("ascii")  # an earlier payload
@@ -276,8 +278,7 @@ def test_an_image_queued_by_an_older_preprocessing_goes_back_to_the_preprocess_q
         _start_inference_until_sent_back(env, sessions, broker, processes, tmp_path)
         elsewhere.rename(path)
         row = _preprocess_until_final(env, sessions, processes, tmp_path)
-    model = get_model()
-    expected = model.predict(prepare(display_image(dcmread(path)), model.card.input_size))[0]
+    expected = model.predict(prepare(display_image(dcmread(path)), side))[0]
     assert row["state"] == InstanceState.PREDICTED.value, row["reason"]
     assert row["probability"] == pytest.approx(expected, abs=1e-5)
     assert abs(model.predict(stale)[0] - expected) > 1e-3  # the stale tensor would have scored otherwise

@@ -181,7 +181,8 @@ def run_dataset_fuzz(work: Path, sessions: sessionmaker[Session], *, count: int,
             instance_id = session.scalar(select(Instance.id).where(Instance.SOPInstanceUID == outcome.SOPInstanceUID))
         began = time.monotonic()
         try:
-            image = preprocess_instance(sessions, instance_id, policy=policy, spool=spool)
+            image = preprocess_instance(sessions, instance_id, policy=policy, spool=spool,
+                                        size=model.card.input_size)
         except Exception as exc:  # noqa: BLE001
             report.crashes.append(f"{name}: preprocess raised {type(exc).__name__}: {exc}")
             continue
