@@ -192,3 +192,59 @@ class AuditEntry(Base):
     params: Mapped[str | None] = mapped_column(Text)
     status: Mapped[int] = mapped_column(Integer)
     result_count: Mapped[int | None] = mapped_column(Integer)
+
+
+class Account(Base):
+    """A named person or system that signs in: a role, a personal API token and a web password,
+    both stored hashed (the token as its SHA-256, the password as an argon2 hash)."""
+
+    __tablename__ = "account"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    #: "radiologist", "operator" or "admin" (``db.accounts.Role``)
+    role: Mapped[str] = mapped_column(String(16))
+    #: SHA-256 (hex) of the personal API token; the token itself is shown once and never stored
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    #: argon2 hash of the web sign-in password; None until one is set
+    password_hash: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: set when the account was disabled: its token and its web sessions stop working
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Verdict(Base):
+    """One finding recorded for a study, never overwritten: a change is a new row. A radiologist's
+    verdict wins over one read from the RIS's final report (``db.verdicts.current_verdicts``)."""
+
+    __tablename__ = "verdict"
+    __table_args__ = (Index("ix_verdict_study_source", "study_id", "source"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"))
+    #: "pneumonia" or "normal" (``db.verdicts.Finding``)
+    finding: Mapped[str] = mapped_column(String(16))
+    #: "radiologist" or "ris-report" (``db.verdicts.VerdictSource``)
+    source: Mapped[str] = mapped_column(String(16))
+    #: the account that recorded it (None for a report from the RIS)
+    account_id: Mapped[int | None] = mapped_column(ForeignKey("account.id", ondelete="SET NULL"))
+    #: who, as the audit log names them ("user:<name>", "api:<token fingerprint>", "ris:<sender>")
+    actor: Mapped[str] = mapped_column(String(128))
+    #: where it came from beyond the actor (e.g. a report's message control ID); no patient data
+    reference: Mapped[str | None] = mapped_column(String(128))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class InstanceInput(Base):
+    """What a screened film looked like as it went in, recorded when it was prepared: the input
+    statistics that drift is watched on (no patient data)."""
+
+    __tablename__ = "instance_input"
+
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instance.id", ondelete="CASCADE"), primary_key=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    columns: Mapped[int] = mapped_column(Integer)
+    #: mean grey level (0-255) of the display image, before the shared preprocessing
+    brightness: Mapped[float] = mapped_column(Float)
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))

@@ -26,10 +26,13 @@ from sqlalchemy.orm import Session
 from db.migrate import applied_revisions, head_revisions
 from db.models import InstanceState
 from db.results import StudyState, list_instances, received_window, study_detail, worklist
+from db.verdicts import study_verdicts
 from worker import runtime
+from worker.api.accounts import accounts_router
 from worker.api.auth import AuditMiddleware, BearerAuth
 from worker.api.metrics import PipelineCollector, broker_client
 from worker.api.schemas import UID_PATTERN, ErrorDetail, Health, InstanceRow, StudyDetail, WorklistRow
+from worker.api.verdicts import verdicts_router
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -119,7 +122,7 @@ def _results_router(settings: Settings, auth: BearerAuth) -> APIRouter:
         detail = study_detail(session, study_instance_uid=study_instance_uid)
         if detail is None:
             raise HTTPException(404, f"no study {study_instance_uid}")
-        return detail
+        return {**detail, **study_verdicts(session, study_instance_uid=study_instance_uid)}
 
     @router.get("/instances", response_model=list[InstanceRow], summary="Received images and their states")
     def get_instances(
@@ -185,11 +188,14 @@ def create_app(settings: Settings) -> FastAPI:
                     "health and metrics. Every endpoint but /healthz needs `Authorization: Bearer <token>`. "
                     "The web pages for people are at /web/worklist.",
         openapi_tags=[{"name": "results", "description": "what the model said, for people and RIS systems"},
-                      {"name": "operations", "description": "health and Prometheus metrics"}],
+                      {"name": "operations", "description": "health and Prometheus metrics"},
+                      {"name": "accounts", "description": "named accounts and their roles (admins only)"}],
         docs_url="/docs", redoc_url="/redoc", openapi_url="/openapi.json", static_url="/static-offline-docs",
         swagger_ui_parameters={"validatorUrl": None},
     )
     app.include_router(_results_router(settings, auth))
+    app.include_router(verdicts_router(auth))
+    app.include_router(accounts_router(auth))
     app.include_router(_operations_router(settings, auth))
     from worker import web
 

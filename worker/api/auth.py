@@ -1,5 +1,7 @@
-"""Authentication and audit for the HTTP API: the bearer-token dependency and the
-middleware that writes one audit entry per request to a token-protected endpoint."""
+"""Authentication, roles and audit for the HTTP API: the bearer-token dependency (the shared
+``PNEUMOSCREEN_API_TOKEN``, an admin/service credential, or an account's personal token), the
+role check, and the middleware that writes one audit entry per request to a token-protected
+endpoint, naming the account."""
 
 from __future__ import annotations
 
@@ -7,9 +9,10 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import HTTPException, Security
+from fastapi import Depends, HTTPException, Request, Security
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -19,13 +22,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from db.accounts import Role, account_for_token
 from db.audit import record_audit
 from worker import runtime
 
 log = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
-                     description="the API token (PNEUMOSCREEN_API_TOKEN) as `Authorization: Bearer <token>`")
+                     description="a personal API token (`pneumoscreen users add`), or the installation's "
+                                 "PNEUMOSCREEN_API_TOKEN, as `Authorization: Bearer <token>`")
 
 
 def token_fingerprint(token: str) -> str:
@@ -33,15 +38,58 @@ def token_fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()[:12]
 
 
+@dataclass(frozen=True)
+class Principal:
+    """Who a request comes from."""
+
+    name: str
+    """The account's name; ``service`` for the installation's shared token."""
+    role: Role
+    actor: str
+    """As the audit log and the verdicts name it: ``user:<name>``, or ``api:<token fingerprint>`` for the shared token."""
+    account_id: int | None = None
+
+
+def account_principal(account) -> Principal:
+    return Principal(account.name, Role(account.role), f"user:{account.name}", account.id)
+
+
 class BearerAuth:
-    """The dependency of every endpoint that needs the token: 401 without it or with another."""
+    """The dependency of every endpoint that needs a token: 401 without one, or with one that is
+    neither the shared token nor an enabled account's. Names the actor for the audit log."""
 
     def __init__(self, token: str) -> None:
         self._token = token.encode("utf-8")
+        self._service = Principal("service", Role.ADMIN, f"api:{token_fingerprint(token)}")
 
-    def __call__(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> None:
-        if credentials is None or not secrets.compare_digest(credentials.credentials.encode("utf-8"), self._token):
+    def resolve(self, token: str) -> Principal | None:
+        if secrets.compare_digest(token.encode("utf-8"), self._token):
+            return self._service
+        with runtime.sessions()() as session:
+            account = account_for_token(session, token=token)
+            return None if account is None else account_principal(account)
+
+    def __call__(self, request: Request,
+                 credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> Principal:
+        principal = None if credentials is None else self.resolve(credentials.credentials)
+        if principal is None:
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+        request.state.actor = principal.actor
+        request.state.principal = principal
+        return principal
+
+
+def require_role(auth: BearerAuth, *roles: Role) -> Callable[..., Principal]:
+    """A dependency: the request's principal when its role is one of ``roles`` (admin always is), else 403."""
+    allowed = frozenset(roles) | {Role.ADMIN}
+
+    def check(principal: Principal = Depends(auth)) -> Principal:  # a default: ``auth`` is local, not a global
+        if principal.role not in allowed:
+            raise HTTPException(403, f"the role {principal.role.value} may not do this; it needs "
+                                     + " or ".join(sorted(r.value for r in allowed)))
+        return principal
+
+    return check
 
 
 def _actor(scope: Scope) -> str:

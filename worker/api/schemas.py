@@ -77,6 +77,33 @@ class StudyInstance(BaseModel):
     predictions: list[PredictionOut]
 
 
+class VerdictOut(BaseModel):
+    """One verdict on a study, as recorded."""
+
+    finding: Literal["pneumonia", "normal"]
+    source: Literal["radiologist", "ris-report"]
+    actor: str = Field(description="who recorded it: user:<account>, api:<shared token fingerprint>, ris:<sender>")
+    reference: str | None = None
+    recorded_at: str = Field(json_schema_extra=_DATE_TIME)
+
+
+class StudyVerdicts(BaseModel):
+    """A study's current verdict and every verdict recorded on it."""
+
+    verdict: VerdictOut | None
+    verdicts: list[VerdictOut]
+
+
+class AccountOut(BaseModel):
+    """An account: never its token or password."""
+
+    name: str
+    role: Literal["radiologist", "operator", "admin"]
+    has_password: bool
+    created_at: str = Field(json_schema_extra=_DATE_TIME)
+    disabled_at: str | None = Field(json_schema_extra=_DATE_TIME)
+
+
 class StudyDetail(BaseModel):
     """A study: its worklist row and its images."""
 
@@ -92,6 +119,9 @@ class StudyDetail(BaseModel):
     images: int | None = None
     population_note: str | None = None
     instances: list[StudyInstance]
+    verdict: VerdictOut | None = Field(None, description="the current verdict: the newest radiologist's, "
+                                                          "else the newest from the RIS's final report")
+    verdicts: list[VerdictOut] = Field(default_factory=list, description="every verdict recorded, oldest first")
 
 
 class Health(BaseModel):
