@@ -139,7 +139,7 @@ class ModelVersion(Base):
 
 
 class DeliveryState(str, enum.Enum):
-    """Where a study's result report is on its way to the PACS."""
+    """Where a study's result is on its way to one destination."""
 
     PENDING = "PENDING"
     """To be sent (new, or the study gained results since the last report)."""
@@ -156,23 +156,29 @@ _delivery_state_type = Enum(DeliveryState, name="delivery_state", native_enum=Fa
 
 
 class ResultDelivery(Base):
-    """The DICOM SR (and optional heatmaps) of one study and model version, sent to one destination."""
+    """One study's result (for one model version) on its way to one destination of one kind: the DICOM
+    SR (and optional heatmaps) by C-STORE or STOW-RS, the ORU^R01 to the RIS, the FHIR DiagnosticReport."""
 
     __tablename__ = "result_delivery"
     __table_args__ = (
-        UniqueConstraint("study_id", "model_version", "destination", name="uq_delivery_study_model_dest"),
+        UniqueConstraint("study_id", "model_version", "kind", "destination", name="uq_delivery_study_model_kind_dest"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
     model_version: Mapped[str] = mapped_column(String(32))
-    destination: Mapped[str] = mapped_column(String(128))
+    #: the destination's kind ("dicom", "dicomweb", "hl7", "fhir"): which sender takes it
+    kind: Mapped[str] = mapped_column(String(16), default="dicom", server_default="dicom")
+    #: the destination's address as its kind writes it (``AET@host:port``, ``host:port``, a URL); no secret
+    destination: Mapped[str] = mapped_column(String(512))
     state: Mapped[DeliveryState] = mapped_column(_delivery_state_type, default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str | None] = mapped_column(Text)
-    #: the SR's SOP Instance UID, kept across retries so the PACS stores one copy
-    sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
-    #: how many screened images the last report covered
+    #: what the destination answered for the content last sent: the SR's SOP Instance UID, the HL7
+    #: message control ID, the FHIR resource's location; the content's identity is kept across retries
+    #: (derived from the content), so a destination stores one copy
+    receipt: Mapped[str | None] = mapped_column(Text)
+    #: how many screened images the last delivery covered
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 

@@ -92,7 +92,7 @@ def populate(sessions) -> None:
     with sessions.begin() as s:
         later = _at(30, 0)
         assert claim_delivery(s, delivery_id=sent, stale_before=later)
-        assert finish_delivery(s, delivery_id=sent, sr_sop_instance_uid="1.2.3", instance_count=2)
+        assert finish_delivery(s, delivery_id=sent, receipt="1.2.3", instance_count=2)
         assert claim_delivery(s, delivery_id=failed, stale_before=later)
         release_delivery(s, delivery_id=failed, reason="association rejected", final=True)
         assert pending

@@ -319,7 +319,7 @@ def test_a_study_report_is_claimed_by_one_sender_and_requested_again_when_the_st
         deliveries.release_delivery(s, delivery_id=delivery, reason="PACS down", final=False)
         assert deliveries.stale_deliveries(s, older_than=future) == [delivery]
         assert deliveries.claim_delivery(s, delivery_id=delivery, stale_before=past)
-        assert deliveries.finish_delivery(s, delivery_id=delivery, sr_sop_instance_uid="1.2.3.4", instance_count=2)
+        assert deliveries.finish_delivery(s, delivery_id=delivery, receipt="1.2.3.4", instance_count=2)
         assert deliveries.delivery_counts(s) == {"SENT": 1}
         assert deliveries.stale_deliveries(s, older_than=future) == []
     with sessions.begin() as s:  # a late image: the same row asks for a new report
@@ -360,7 +360,7 @@ def test_studies_answered_without_a_report_asked_for_are_found_until_one_is(sess
     with sessions.begin() as s:
         deliveries.request_delivery(s, study_id=a_study, model_version="1.0", destination=pacs)
         assert deliveries.claim_delivery(s, delivery_id=c_delivery, stale_before=past)
-        deliveries.finish_delivery(s, delivery_id=c_delivery, sr_sop_instance_uid="1.2.3", instance_count=1)
+        deliveries.finish_delivery(s, delivery_id=c_delivery, receipt="1.2.3", instance_count=1)
     assert unreported() == []
     with sessions.begin() as s:  # a late image of 2.3 answered after its report was sent, then the worker died
         c2, _ = receive(s, "2.3", "2.3.1.2")

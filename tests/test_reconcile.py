@@ -110,14 +110,16 @@ def test_reports_a_dead_worker_never_asked_for_are_asked_for_once(sessions):
     from db.deliveries import delivery_counts
     from tests.helpers.records import answer
     from worker import delivery
+    from worker.settings import Settings
 
     with sessions.begin() as s:
         old = [receive(s, "1.5", f"1.5.{i}")[0] for i in range(2)]
         recent, _ = receive(s, "1.6", "1.6.0")
         answer(s, [(old[0], 0.9), (old[1], 0.1), (recent, 0.4)])
     _age(sessions, old, minutes=10)
-    asked = delivery.unreported_reports(sessions, destination="PACS@pacs:104", older_than_seconds=60)
+    pacs = [delivery.destination_for("dicom", "PACS@pacs:104", Settings())]
+    asked = delivery.unrequested_deliveries(sessions, destinations=pacs, older_than_seconds=60)
     assert len(asked) == 1, "study 1.6 was answered a moment ago: its worker may still be asking"
-    assert delivery.unreported_reports(sessions, destination="PACS@pacs:104", older_than_seconds=60) == []
+    assert delivery.unrequested_deliveries(sessions, destinations=pacs, older_than_seconds=60) == []
     with sessions.begin() as s:
         assert delivery_counts(s) == {"PENDING": 1}

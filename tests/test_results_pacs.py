@@ -100,7 +100,7 @@ def test_screened_studies_go_back_to_the_pacs_as_sr_and_heatmaps_even_when_it_is
     report = read_screening_report(sr)
     card = read_card()
     instances = {r["sop_instance_uid"]: r for r in cli_json("instances", env=env)}
-    assert report.study_instance_uid == study and sr.SOPInstanceUID == delivered.sr_sop_instance_uid
+    assert report.study_instance_uid == study and sr.SOPInstanceUID == delivered.receipt
     assert (report.model_name, report.model_version, report.weights_sha256) == (card.name, card.version, card.sha256)
     assert report.threshold == pytest.approx(card.threshold)
     assert {uid for uid, _, _ in report.images} == set(instances)

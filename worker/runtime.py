@@ -109,6 +109,7 @@ def listener_config(current: Settings | None = None, *, reuse_port: bool = False
         max_associations=current.max_associations, max_pdu_size=current.max_pdu_size,
         network_timeout=current.network_timeout, artim_timeout=current.artim_timeout,
         max_pending_connections=current.max_pending_connections, max_dataset_bytes=current.max_dataset_mb << 20,
+        max_host_share=current.max_host_share,
         tls_cert=current.tls_cert, tls_key=current.tls_key, tls_client_ca=current.tls_client_ca,
         reuse_port=reuse_port,
     )
@@ -141,3 +142,24 @@ def load_model(model_dir: str | None = None):
         configure_tensorflow(intra_op_threads=current.tf_threads, inter_op_threads=current.tf_threads)
         _tf_configured = os.getpid()
     return get_model(model_dir or current.model_dir)
+
+
+def _delivery_resources():
+    from worker.delivery import Resources
+
+    return Resources(keras_model=lambda: load_model().keras_model)
+
+
+def destinations():
+    """The destinations this process's settings send new results to (every kind), built in
+    ``worker.delivery.config``."""
+    from worker.delivery import configured_destinations
+
+    return configured_destinations(settings(), _delivery_resources())
+
+
+def delivery_resolver():
+    """``(kind, address) -> Destination`` for the delivery rows this process sends."""
+    from worker.delivery import resolver
+
+    return resolver(settings(), _delivery_resources())

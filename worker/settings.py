@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     results_max_retries: int = Field(8, ge=0, le=100, description="re-tries of a report the PACS did not take")
     results_claim_seconds: float = Field(900.0, ge=10.0, description="a report still being sent after this long has "
                                          "lost its sender (a killed worker) and is sent again")
+    results_timeout_seconds: float = Field(30.0, gt=0, le=3600,
+                                           description="seconds a destination may take to take one delivery")
     api_host: str = Field("127.0.0.1", description="address of the HTTP API")
     api_port: int = Field(8080, ge=1, le=65535)
     api_token: SecretStr | None = Field(None, description="bearer token the HTTP API requires")
@@ -77,6 +79,30 @@ class Settings(BaseSettings):
     max_pending_connections: int = Field(64, ge=1, le=10000,
                                          description="connections not yet associated, per listener process; when "
                                                      "full, the oldest is closed")
+    max_host_share: float = Field(0.5, gt=0, le=1,
+                                  description="share of PNEUMOSCREEN_MAX_ASSOCIATIONS (and of the pending "
+                                              "connections) that one calling address, or one calling AE title, "
+                                              "may hold; beyond it A-ASSOCIATE-RJ (transient, local limit exceeded)")
+    audit_syslog: str = Field("", description="ATNA audit repository as udp://, tcp:// or tls://host:port (RFC 5424; "
+                                             "RFC 5425 octet counting over TCP and TLS); empty = no audit messages")
+    audit_tls_ca: Path | None = Field(None, description="CA bundle that signed the audit repository's certificate "
+                                                        "(tls://); default: the system's")
+    audit_tls_cert: Path | None = Field(None, description="our client certificate (PEM) for the audit repository, "
+                                                          "when it asks for one (mutual TLS, as ATNA nodes use)")
+    audit_tls_key: Path | None = Field(None, description="the private key (PEM) of PNEUMOSCREEN_AUDIT_TLS_CERT")
+    audit_spool_max_messages: int = Field(10000, ge=10, le=10_000_000,
+                                          description="audit messages kept on disk while the repository is away; "
+                                                      "more are dropped, counted and themselves audited")
+    audit_site_id: str = Field("", max_length=64, description="AuditEnterpriseSiteID of our audit messages (the "
+                                                              "hospital's name for this site); empty = none")
+    api_tls_cert: Path | None = Field(None, description="certificate (PEM) the HTTP API serves TLS with; with it, "
+                                                        "HSTS is sent")
+    api_tls_key: Path | None = Field(None, description="private key (PEM) of PNEUMOSCREEN_API_TLS_CERT")
+    api_header_timeout: float = Field(10.0, gt=0, le=300, description="seconds a client has to send a request's "
+                                                                       "line and headers; then the connection is closed")
+    api_request_timeout: float = Field(60.0, gt=0, le=3600, description="seconds a request may take, its body "
+                                                                         "included; then 503 (or 408 for a body still "
+                                                                         "arriving)")
     max_dataset_mb: int = Field(2048, ge=1, le=1 << 20, description="largest data set a C-STORE may bring; a larger "
                                                                    "one is aborted")
     tls_cert: Path | None = Field(None, description="server certificate (PEM); enables DICOM TLS")
@@ -154,6 +180,21 @@ class Settings(BaseSettings):
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("PNEUMOSCREEN_TLS_CLIENT_CA needs PNEUMOSCREEN_TLS_CERT and PNEUMOSCREEN_TLS_KEY")
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"PNEUMOSCREEN_{name.upper()}: {path} is not a file")
+        return self
+
+    @model_validator(mode="after")
+    def _audit_and_api_tls(self) -> "Settings":
+        if self.audit_syslog and not re.match(r"^(udp|tcp|tls)://[^:/]+:\d{1,5}$", self.audit_syslog):
+            raise ValueError(f"PNEUMOSCREEN_AUDIT_SYSLOG={self.audit_syslog!r} must look like udp://, tcp:// or "
+                             "tls://host:port")
+        if (self.audit_tls_cert is None) != (self.audit_tls_key is None):
+            raise ValueError("set both PNEUMOSCREEN_AUDIT_TLS_CERT and PNEUMOSCREEN_AUDIT_TLS_KEY, or neither")
+        if (self.api_tls_cert is None) != (self.api_tls_key is None):
+            raise ValueError("set both PNEUMOSCREEN_API_TLS_CERT and PNEUMOSCREEN_API_TLS_KEY, or neither")
+        for name in ("audit_tls_ca", "audit_tls_cert", "audit_tls_key", "api_tls_cert", "api_tls_key"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"PNEUMOSCREEN_{name.upper()}: {path} is not a file")

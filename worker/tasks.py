@@ -20,7 +20,6 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from db.models import InstanceState
 from db.queries import set_state
-from dicom_io.scu import DeliveryError
 from model.artifact import read_card
 from model.preprocessing import PREPROCESSING_VERSION
 from worker import delivery, dispatcher, pipeline, rescreen, runtime
@@ -116,23 +115,21 @@ def infer(instance_ids: int | list[int], prepared: str | list[str], model_dir: s
             return
     # stored with the rest of their batch before it returns
     runtime.batch_predictor(model_dir).predict_many(ids, decoded)
-    destination = runtime.settings().results_destination
-    if destination:
-        for delivery_id in delivery.request_reports(runtime.sessions(), instance_ids=ids,
-                                                   model_version=model.card.version, destination=destination):
-            deliver_results.delay(delivery_id)
+    for delivery_id in delivery.request_deliveries(runtime.sessions(), instance_ids=ids, model_version=card.version,
+                                                   destinations=runtime.destinations()):
+        deliver_results.delay(delivery_id)
 
 
 @app.task(name="pneumoscreen.deliver_results", bind=True, acks_late=True, autoretry_for=_TRANSIENT,
           retry_backoff=True, retry_backoff_max=600, max_retries=None)
 def deliver_results(self, delivery_id: int) -> str:
-    """Send one study's report to the PACS; retried with backoff up to PNEUMOSCREEN_RESULTS_MAX_RETRIES."""
+    """Send one study's result to one destination (any kind); retried with backoff up to
+    PNEUMOSCREEN_RESULTS_MAX_RETRIES, then FAILED with the destination's reason."""
     settings = runtime.settings()
     try:
-        return delivery.deliver(runtime.sessions(), delivery_id, calling_ae=settings.ae_title,
-                               heatmaps=settings.results_heatmaps, claim_seconds=settings.results_claim_seconds,
-                               keras_model=lambda: runtime.load_model().keras_model)
-    except DeliveryError as exc:
+        return delivery.deliver(runtime.sessions(), delivery_id, runtime.delivery_resolver(),
+                                claim_seconds=settings.results_claim_seconds)
+    except delivery.SendError as exc:
         if self.request.retries >= settings.results_max_retries:
             delivery.give_up(runtime.sessions(), delivery_id, f"gave up after {self.request.retries} retries: {exc}")
             return "failed"
@@ -143,12 +140,11 @@ def deliver_results(self, delivery_id: int) -> str:
 
 @app.task(name="pneumoscreen.reconcile", acks_late=True, autoretry_for=_TRANSIENT, retry_backoff=True)
 def reconcile() -> int:
-    settings = runtime.settings()
-    after = settings.reconcile_after_seconds
+    after = runtime.settings().reconcile_after_seconds
     resent = dispatcher.reconcile(runtime.sessions(), older_than_seconds=after)
-    stale = delivery.stale_reports(runtime.sessions(), older_than_seconds=after)
-    unasked = (delivery.unreported_reports(runtime.sessions(), destination=settings.results_destination,
-                                           older_than_seconds=after) if settings.results_destination else [])
+    stale = delivery.stale_deliveries(runtime.sessions(), older_than_seconds=after)
+    unasked = delivery.unrequested_deliveries(runtime.sessions(), destinations=runtime.destinations(),
+                                              older_than_seconds=after)
     for delivery_id in sorted(set(stale) | set(unasked)):
         deliver_results.delay(delivery_id)
     return resent

@@ -157,19 +157,16 @@ def _rescreen_stored(settings, since, until, model_dir, include_skipped, wait, t
 
 
 def _send_reports_here(settings, instance_ids: list[int], model_version: str) -> None:
-    """Reports for studies screened in this process; a report the PACS refuses stays PENDING for the service."""
-    if not settings.results_destination or not instance_ids:
-        return
-    from dicom_io.scu import DeliveryError
+    """Results for studies screened in this process, to every configured destination; one a destination
+    refuses stays PENDING for the service."""
     from worker import delivery, runtime
 
-    for delivery_id in delivery.request_reports(sessions(), instance_ids=instance_ids, model_version=model_version,
-                                               destination=settings.results_destination):
-        try:
-            delivery.deliver(sessions(), delivery_id, calling_ae=settings.ae_title,
-                            heatmaps=settings.results_heatmaps, keras_model=lambda: runtime.load_model().keras_model)
-        except DeliveryError as exc:
-            log.warning("report %d not taken (%s); the service re-sends it", delivery_id, exc)
+    destinations = runtime.destinations()
+    if not destinations or not instance_ids:
+        return
+    delivery.deliver_here(sessions(), instance_ids=instance_ids, model_version=model_version,
+                          destinations=destinations, resolve=runtime.delivery_resolver(),
+                          claim_seconds=settings.results_claim_seconds)
 
 
 def _rescreen_from_pacs(settings, pacs, since, until, include_known, wait, timeout, as_json) -> None:

@@ -1,0 +1,60 @@
+"""The destinations of results, built in one place from the settings.
+
+Each kind has one factory ``(address, settings, resources) -> Destination``. The configured destinations
+(what new results are sent to) come from their settings; a delivery row names its kind and address, so a
+row requested before a setting changed still goes where it was asked to go, with today's credentials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from worker.delivery.base import Destination
+from worker.delivery.dicom import DicomDestination, ResultObjects
+from worker.settings import Settings
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a destination may need beyond its settings: the served model, for heatmaps."""
+
+    keras_model: Callable[[], object] | None = field(default=None, repr=False)
+
+
+Factory = Callable[[str, Settings, Resources], Destination]
+
+
+def result_objects(settings: Settings, resources: Resources) -> ResultObjects:
+    return ResultObjects(heatmaps=settings.results_heatmaps, keras_model=resources.keras_model)
+
+
+def _dicom(address: str, settings: Settings, resources: Resources) -> Destination:
+    return DicomDestination(address, calling_ae=settings.ae_title, objects=result_objects(settings, resources),
+                            timeout=settings.results_timeout_seconds)
+
+
+#: kind -> (the setting that configures it, the factory); a new kind of destination registers here
+KINDS: dict[str, tuple[str, Factory]] = {
+    "dicom": ("results_destination", _dicom),
+}
+
+
+def destination_for(kind: str, address: str, settings: Settings, resources: Resources = Resources()) -> Destination:
+    """The destination a delivery row names. Raises ``ValueError`` for a kind this version does not know."""
+    try:
+        _, factory = KINDS[kind]
+    except KeyError:
+        raise ValueError(f"no destination of kind {kind!r} (known: {', '.join(sorted(KINDS))})") from None
+    return factory(address, settings, resources)
+
+
+def configured_destinations(settings: Settings, resources: Resources = Resources()) -> list[Destination]:
+    """Every destination the settings turn on, in the order of :data:`KINDS`."""
+    return [factory(address, settings, resources) for setting, factory in KINDS.values()
+            if (address := getattr(settings, setting))]
+
+
+def resolver(settings: Settings, resources: Resources = Resources()) -> Callable[[str, str], Destination]:
+    """``(kind, address) -> Destination`` for :func:`worker.delivery.engine.deliver`."""
+    return lambda kind, address: destination_for(kind, address, settings, resources)
