@@ -179,6 +179,30 @@ def list_instances(session: Session, *, state: InstanceState | None = None, limi
     ]
 
 
+def unscreened_reasons(session: Session, *, study_instance_uids: Collection[str]) -> dict[str, list[str]]:
+    """Why images of each study were not screened: study UID -> ``"STATE: reason"`` of its SKIPPED
+    and FAILED images, each once, oldest first. One query per 500 studies, however many images."""
+    reasons: dict[str, dict[str, None]] = {}
+    for uids in in_chunks(list(study_instance_uids)):
+        rows = session.execute(
+            select(Study.StudyInstanceUID, Instance.state, Instance.reason)
+            .join(Series, Series.study_id == Study.id)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Study.StudyInstanceUID.in_(uids), Instance.reason.is_not(None),
+                   Instance.state.in_([InstanceState.SKIPPED, InstanceState.FAILED]))
+            .order_by(Instance.id)
+        )
+        for uid, state, reason in rows:
+            if reason:
+                reasons.setdefault(uid, {}).setdefault(f"{state.value}: {reason}", None)
+    return {uid: list(seen) for uid, seen in reasons.items()}
+
+
+def instance_path(session: Session, *, sop_instance_uid: str) -> str | None:
+    """The spool path of an instance, or None when it is unknown."""
+    return session.scalar(select(Instance.path).where(Instance.SOPInstanceUID == sop_instance_uid))
+
+
 def study_detail(session: Session, *, study_instance_uid: str) -> dict[str, Any] | None:
     """One study: its worklist row, and each instance with every model's answer (None if unknown)."""
     study = session.scalars(select(Study).where(Study.StudyInstanceUID == study_instance_uid)).one_or_none()

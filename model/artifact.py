@@ -136,7 +136,8 @@ class LoadedModel:
         self.model_dir = Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
         self.card = read_card(self.model_dir)
         self.keras_model = keras.models.load_model(self.model_dir / WEIGHTS_FILE, compile=False)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
+        """Held by every pass through the network in this process (inference, Grad-CAM)."""
         self._forward = self._traced_forward()
 
     def _traced_forward(self):
@@ -170,7 +171,7 @@ class LoadedModel:
         x = prepared_batch(prepared)
         if x.shape[1:] != (self.card.input_size, self.card.input_size):
             raise ValueError(f"model expects {self.card.input_size}px input, got {x.shape[1]}px")
-        with self._lock:
+        with self.lock:
             out = self._forward(x)
         return [float(p) for p in np.asarray(out).reshape(-1)]
 

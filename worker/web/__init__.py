@@ -12,7 +12,7 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from worker.settings import Settings
-from worker.web.pages import pages_router
+from worker.web.pages import PageContext, router
 from worker.web.session import NotSignedIn, PageAuth, Sessions
 
 STATIC = Path(__file__).parent / "static"
@@ -22,7 +22,8 @@ def install(app: FastAPI, settings: Settings) -> PageAuth:
     """Add the pages and their assets to ``app``; returns the pages' auth dependency."""
     sessions = Sessions(settings.api_token.get_secret_value())
     page_auth = PageAuth(sessions)
-    app.include_router(pages_router(settings, sessions, page_auth))
+    app.state.pages = PageContext(settings, sessions, page_auth)
+    app.include_router(router)
     app.mount("/web/static", StaticFiles(directory=STATIC), name="web-static")
 
     @app.exception_handler(NotSignedIn)

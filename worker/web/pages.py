@@ -1,6 +1,8 @@
 """The radiologists' pages: sign-in, the worklist, a study with its films and Grad-CAM overlays,
 and the operations page. Server-rendered (Jinja2), every asset served from the package.
 
+The routes live on the module's ``router``; what they share (the settings, the sign-in sessions,
+the render cache) is one ``PageContext`` on ``app.state.pages``, set by ``worker.web.install``.
 Each page needs a session (``session.PageAuth``); every request to a page, refused ones
 included, is audited like an API call (``worker.api.auth.AuditMiddleware``).
 """
@@ -8,6 +10,8 @@ included, is audited like an API call (``worker.api.auth.AuditMiddleware``).
 from __future__ import annotations
 
 import logging
+import secrets
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path as FilePath
 from typing import Annotated
@@ -16,12 +20,20 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Form, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.deliveries import list_deliveries
-from db.models import DeliveryState, Instance, InstanceState
-from db.results import StudyState, list_instances, model_versions, received_window, study_detail, worklist
+from db.models import DeliveryState, InstanceState
+from db.results import (
+    StudyState,
+    instance_path,
+    list_instances,
+    model_versions,
+    received_window,
+    study_detail,
+    unscreened_reasons,
+    worklist,
+)
 from worker import runtime
 from worker.api.schemas import UID_PATTERN
 from worker.images import UnreadableInput
@@ -48,8 +60,37 @@ PAGE_SIZE = 50
 REFRESH_SECONDS = 30
 _NO_STORE = {"Cache-Control": "no-store"}
 
+router = APIRouter(include_in_schema=False)
+
+
+@dataclass
+class PageContext:
+    """What every page shares in one application: its settings, its sign-in sessions, its renders."""
+
+    settings: Settings
+    sessions: Sessions
+    page_auth: PageAuth
+    cache: RenderCache = field(default_factory=RenderCache)
+
+
+def page_context(request: Request) -> PageContext:
+    return request.app.state.pages
+
+
+def signed_in(request: Request) -> WebSession:
+    """The dependency of every page but sign-in: the session, or a redirect to sign in."""
+    return page_context(request).page_auth(request)
+
 
 SessionDep = Annotated[Session, Depends(runtime.request_session)]
+ContextDep = Annotated[PageContext, Depends(page_context)]
+SignedIn = Annotated[WebSession, Depends(signed_in)]
+
+
+def render(request: Request, template: str, session: WebSession | None, status_code: int = 200,
+           **context) -> HTMLResponse:
+    return TEMPLATES.TemplateResponse(request, template, {"web": session, **context}, status_code=status_code,
+                                      headers=_NO_STORE)
 
 
 def _card(settings: Settings):
@@ -62,162 +103,152 @@ def _card(settings: Settings):
         return None
 
 
-def _reasons(session: Session, study_instance_uid: str) -> list[str]:
-    """Why the images of a study were not screened (SKIPPED or FAILED), each reason once."""
-    seen: dict[str, None] = {}
-    for row in list_instances(session, study_instance_uid=study_instance_uid):
-        if row["state"] in (InstanceState.SKIPPED.value, InstanceState.FAILED.value) and row["reason"]:
-            seen.setdefault(f"{row['state']}: {row['reason']}", None)
-    return list(seen)
+def _login_form(request: Request, next_path: str | None, error: str | None = None,
+                status_code: int = 200) -> HTMLResponse:
+    csrf = secrets.token_urlsafe(24)
+    response = render(request, "login.html", None, status_code=status_code, csrf=csrf,
+                      next=safe_next(next_path), error=error)
+    response.set_cookie(LOGIN_CSRF_COOKIE, csrf, max_age=3600, **cookie_flags(request))
+    return response
 
 
-def pages_router(settings: Settings, sessions: Sessions, page_auth: PageAuth) -> APIRouter:
-    router = APIRouter(include_in_schema=False)
-    signed_in = Depends(page_auth)
-    cache = RenderCache()
+@router.get("/")
+def home() -> RedirectResponse:
+    return RedirectResponse("/web/worklist", status_code=303)
 
-    def render(request: Request, template: str, session: WebSession | None, status_code: int = 200,
-               **context) -> HTMLResponse:
-        return TEMPLATES.TemplateResponse(request, template, {"web": session, **context}, status_code=status_code,
-                                          headers=_NO_STORE)
 
-    @router.get("/")
-    def home() -> RedirectResponse:
-        return RedirectResponse("/web/worklist", status_code=303)
+@router.get("/web/login")
+def login_page(request: Request, pages: ContextDep, next: str | None = None) -> Response:  # noqa: A002
+    request.state.actor = "web:anonymous"
+    if pages.sessions.read(request) is not None:
+        return RedirectResponse(safe_next(next), status_code=303)
+    return _login_form(request, next)
 
-    @router.get("/web/login")
-    def login_page(request: Request, next: str | None = None) -> Response:  # noqa: A002
-        request.state.actor = "web:anonymous"
-        if sessions.read(request) is not None:
-            return RedirectResponse(safe_next(next), status_code=303)
-        return _login_form(request, next)
 
-    def _login_form(request: Request, next_path: str | None, error: str | None = None,
-                    status_code: int = 200) -> HTMLResponse:
-        import secrets
+@router.post("/web/login")
+def sign_in(request: Request, pages: ContextDep, token: Annotated[str, Form(max_length=512)],
+            csrf_token: Annotated[str, Form(max_length=128)],
+            next: Annotated[str, Form(max_length=2048)] = "/web/worklist") -> Response:  # noqa: A002
+    request.state.actor = "web:anonymous"
+    check_csrf(request.cookies.get(LOGIN_CSRF_COOKIE), csrf_token)
+    sessions = pages.sessions
+    client = request.client.host if request.client else "unknown"
+    if sessions.too_many_failures(client):
+        return _login_form(request, next, "Too many failed sign-ins from this address: wait a minute.", 429)
+    if not sessions.token_matches(token):
+        sessions.failed(client)
+        log.warning("failed sign-in to the web pages from %s", client)
+        return _login_form(request, next, "That is not the API token of this installation.", 401)
+    value, session = sessions.issue()
+    request.state.actor = session.actor
+    response = RedirectResponse(safe_next(next), status_code=303)
+    response.set_cookie(SESSION_COOKIE, value, max_age=SESSION_HOURS * 3600, **cookie_flags(request))
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
+    return response
 
-        csrf = secrets.token_urlsafe(24)
-        response = render(request, "login.html", None, status_code=status_code, csrf=csrf,
-                          next=safe_next(next_path), error=error)
-        response.set_cookie(LOGIN_CSRF_COOKIE, csrf, max_age=3600, **cookie_flags(request))
-        return response
 
-    @router.post("/web/login")
-    def sign_in(request: Request, token: Annotated[str, Form(max_length=512)],
-                csrf_token: Annotated[str, Form(max_length=128)],
-                next: Annotated[str, Form(max_length=2048)] = "/web/worklist") -> Response:  # noqa: A002
-        request.state.actor = "web:anonymous"
-        check_csrf(request.cookies.get(LOGIN_CSRF_COOKIE), csrf_token)
-        client = request.client.host if request.client else "unknown"
-        if sessions.too_many_failures(client):
-            return _login_form(request, next, "Too many failed sign-ins from this address: wait a minute.", 429)
-        if not sessions.token_matches(token):
-            sessions.failed(client)
-            log.warning("failed sign-in to the web pages from %s", client)
-            return _login_form(request, next, "That is not the API token of this installation.", 401)
-        value, session = sessions.issue()
-        request.state.actor = session.actor
-        response = RedirectResponse(safe_next(next), status_code=303)
-        response.set_cookie(SESSION_COOKIE, value, max_age=SESSION_HOURS * 3600, **cookie_flags(request))
-        response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
-        return response
+@router.post("/web/logout")
+def sign_out(request: Request, web: SignedIn, csrf_token: Annotated[str, Form(max_length=128)]) -> Response:
+    check_csrf(web.csrf, csrf_token)
+    response = RedirectResponse("/web/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict",
+                           secure=cookie_flags(request)["secure"])
+    return response
 
-    @router.post("/web/logout")
-    def sign_out(request: Request, csrf_token: Annotated[str, Form(max_length=128)],
-                 web: WebSession = signed_in) -> Response:
-        check_csrf(web.csrf, csrf_token)
-        response = RedirectResponse("/web/login", status_code=303)
-        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict",
-                               secure=cookie_flags(request)["secure"])
-        return response
 
-    @router.get("/web/worklist")
-    def worklist_page(
-        request: Request, session: SessionDep, web: WebSession = signed_in,
-        flagged_only: bool = False,
-        state: Annotated[str, Query(max_length=16)] = "",
-        since: Annotated[str, Query(max_length=10)] = "",
-        until: Annotated[str, Query(max_length=10)] = "",
-        page: Annotated[int, Query(ge=1, le=100_000)] = 1,
-    ) -> HTMLResponse:
-        # the filter form sends its empty fields too: empty means "any"
-        try:
-            state = StudyState(state) if state else None
-            since = date.fromisoformat(since) if since else None
-            until = date.fromisoformat(until) if until else None
-            received_since, received_until = received_window(since, until, settings.timezone)
-        except ValueError as exc:
-            raise HTTPException(422, f"not a filter the worklist knows: {exc}") from None
-        rows = worklist(session, flagged_only=flagged_only, state=state, received_since=received_since,
-                        received_until=received_until, order=settings.worklist_order,
-                        limit=PAGE_SIZE + 1, offset=(page - 1) * PAGE_SIZE)
-        more = len(rows) > PAGE_SIZE
-        rows = rows[:PAGE_SIZE]
-        versions = model_versions(session)
-        for row in rows:
-            row["threshold"] = versions.get(row["model_version"], {}).get("threshold")
-            row["reasons"] = _reasons(session, row["study_instance_uid"]) if row["state"] != "SCREENED" else []
-        request.state.result_count = len(rows)
-        filters = {k: v for k, v in {"flagged_only": "true" if flagged_only else None,
-                                     "state": state.value if state else None,
-                                     "since": since.isoformat() if since else None,
-                                     "until": until.isoformat() if until else None}.items() if v}
-        return render(request, "worklist.html", web, rows=rows, filters=filters, page=page, more=more,
-                      states=[s.value for s in StudyState], refresh=REFRESH_SECONDS, timezone=settings.timezone,
-                      query=lambda **changes: urlencode({**filters, **changes}))
+@router.get("/web/worklist")
+def worklist_page(
+    request: Request, session: SessionDep, pages: ContextDep, web: SignedIn,
+    flagged_only: bool = False,
+    state: Annotated[str, Query(max_length=16)] = "",
+    since: Annotated[str, Query(max_length=10)] = "",
+    until: Annotated[str, Query(max_length=10)] = "",
+    page: Annotated[int, Query(ge=1, le=100_000)] = 1,
+) -> HTMLResponse:
+    """One page of the worklist in a fixed number of queries, however many rows it shows."""
+    settings = pages.settings
+    # the filter form sends its empty fields too: empty means "any"
+    try:
+        state = StudyState(state) if state else None
+        since = date.fromisoformat(since) if since else None
+        until = date.fromisoformat(until) if until else None
+        received_since, received_until = received_window(since, until, settings.timezone)
+    except ValueError as exc:
+        raise HTTPException(422, f"not a filter the worklist knows: {exc}") from None
+    rows = worklist(session, flagged_only=flagged_only, state=state, received_since=received_since,
+                    received_until=received_until, order=settings.worklist_order,
+                    limit=PAGE_SIZE + 1, offset=(page - 1) * PAGE_SIZE)
+    more = len(rows) > PAGE_SIZE
+    rows = rows[:PAGE_SIZE]
+    versions = model_versions(session)
+    reasons = unscreened_reasons(session, study_instance_uids=[row["study_instance_uid"] for row in rows
+                                                               if row["state"] != StudyState.SCREENED.value])
+    for row in rows:
+        row["threshold"] = versions.get(row["model_version"], {}).get("threshold")
+        row["reasons"] = reasons.get(row["study_instance_uid"], [])
+    request.state.result_count = len(rows)
+    filters = {k: v for k, v in {"flagged_only": "true" if flagged_only else None,
+                                 "state": state.value if state else None,
+                                 "since": since.isoformat() if since else None,
+                                 "until": until.isoformat() if until else None}.items() if v}
+    return render(request, "worklist.html", web, rows=rows, filters=filters, page=page, more=more,
+                  states=[s.value for s in StudyState], refresh=REFRESH_SECONDS, timezone=settings.timezone,
+                  query=lambda **changes: urlencode({**filters, **changes}))
 
-    @router.get("/web/studies/{study_instance_uid}")
-    def study_page(request: Request, session: SessionDep,
-                   study_instance_uid: Annotated[str, Path(max_length=64, pattern=UID_PATTERN)],
-                   web: WebSession = signed_in) -> HTMLResponse:
-        study = study_detail(session, study_instance_uid=study_instance_uid)
-        if study is None:
-            raise HTTPException(404, "no such study")
-        versions = model_versions(session)
-        card = _card(settings)
-        request.state.result_count = len(study["instances"])
-        return render(request, "study.html", web, study=study, versions=versions, card=card,
-                      deliveries=list_deliveries(session, study_instance_uid=study_instance_uid),
-                      reporting=settings.results_destination)
 
-    @router.get("/web/operations")
-    def operations_page(request: Request, session: SessionDep, web: WebSession = signed_in) -> HTMLResponse:
-        from db.metrics import pipeline_snapshot
-        from worker.api.metrics import LATENCY_BUCKETS, broker_client, queue_depths
+@router.get("/web/studies/{study_instance_uid}")
+def study_page(request: Request, session: SessionDep, pages: ContextDep, web: SignedIn,
+               study_instance_uid: Annotated[str, Path(max_length=64, pattern=UID_PATTERN)]) -> HTMLResponse:
+    study = study_detail(session, study_instance_uid=study_instance_uid)
+    if study is None:
+        raise HTTPException(404, "no such study")
+    settings = pages.settings
+    request.state.result_count = len(study["instances"])
+    return render(request, "study.html", web, study=study, versions=model_versions(session), card=_card(settings),
+                  deliveries=list_deliveries(session, study_instance_uid=study_instance_uid),
+                  reporting=settings.results_destination)
 
-        snapshot = pipeline_snapshot(session, latency_buckets=LATENCY_BUCKETS)
-        broker = broker_client(settings.broker_url) if settings.shares_broker else None
-        return render(request, "operations.html", web, refresh=2 * REFRESH_SECONDS, snapshot=snapshot,
-                      queues=queue_depths(broker), shares_broker=settings.shares_broker,
-                      failures=list_instances(session, state=InstanceState.FAILED, limit=20, newest_first=True),
-                      failed_deliveries=list_deliveries(session, state=DeliveryState.FAILED, limit=20),
-                      card=_card(settings), versions=model_versions(session),
-                      intended_population=settings.intended_population)
 
-    @router.get("/web/images/{sop_instance_uid}/{kind}.png")
-    def image(request: Request, session: SessionDep,
-              sop_instance_uid: Annotated[str, Path(max_length=64, pattern=UID_PATTERN)],
-              kind: Annotated[str, Path(pattern="^(film|gradcam)$")], web: WebSession = signed_in) -> Response:
-        path = session.scalar(select(Instance.path).where(Instance.SOPInstanceUID == sop_instance_uid))
-        if path is None or not FilePath(path).is_file():
-            raise HTTPException(404, "no such image in the spool")
-        try:
-            if kind == "film":
-                png = cache.get_or_render((sop_instance_uid, "film", path), lambda: film_png(FilePath(path)))
-            else:
-                model = runtime.load_model()
-                png = cache.get_or_render((sop_instance_uid, "gradcam", path, model.card.version),
-                                          lambda: gradcam_png(FilePath(path), model.keras_model))
-        except UnreadableInput as exc:
-            raise HTTPException(422, f"the image cannot be displayed: {exc}") from None
-        return Response(png, media_type="image/png", headers=_NO_STORE)
+@router.get("/web/operations")
+def operations_page(request: Request, session: SessionDep, pages: ContextDep, web: SignedIn) -> HTMLResponse:
+    from db.metrics import pipeline_snapshot
+    from worker.api.metrics import LATENCY_BUCKETS, broker_client, queue_depths
 
-    @router.get("/web/plots/model.png")
-    def model_plot(request: Request, web: WebSession = signed_in) -> Response:
-        card = _card(settings)
-        if card is None:
-            raise HTTPException(404, "no model card")
-        png = cache.get_or_render(("card", card.version, card.sha256), lambda: card_plot_png(card))
-        return Response(png, media_type="image/png", headers=_NO_STORE)
+    settings = pages.settings
+    snapshot = pipeline_snapshot(session, latency_buckets=LATENCY_BUCKETS)
+    broker = broker_client(settings.broker_url) if settings.shares_broker else None
+    return render(request, "operations.html", web, refresh=2 * REFRESH_SECONDS, snapshot=snapshot,
+                  queues=queue_depths(broker), shares_broker=settings.shares_broker,
+                  failures=list_instances(session, state=InstanceState.FAILED, limit=20, newest_first=True),
+                  failed_deliveries=list_deliveries(session, state=DeliveryState.FAILED, limit=20),
+                  card=_card(settings), versions=model_versions(session),
+                  intended_population=settings.intended_population)
 
-    return router
+
+@router.get("/web/images/{sop_instance_uid}/{kind}.png")
+def image(session: SessionDep, pages: ContextDep, web: SignedIn,
+          sop_instance_uid: Annotated[str, Path(max_length=64, pattern=UID_PATTERN)],
+          kind: Annotated[str, Path(pattern="^(film|gradcam)$")]) -> Response:
+    path = instance_path(session, sop_instance_uid=sop_instance_uid)
+    if path is None or not FilePath(path).is_file():
+        raise HTTPException(404, "no such image in the spool")
+    cache = pages.cache
+    try:
+        if kind == "film":
+            png = cache.get_or_render((sop_instance_uid, "film", path), lambda: film_png(FilePath(path)))
+        else:
+            model = runtime.load_model()
+            png = cache.get_or_render((sop_instance_uid, "gradcam", path, model.card.version),
+                                      lambda: gradcam_png(FilePath(path), model))
+    except UnreadableInput as exc:
+        raise HTTPException(422, f"the image cannot be displayed: {exc}") from None
+    return Response(png, media_type="image/png", headers=_NO_STORE)
+
+
+@router.get("/web/plots/model.png")
+def model_plot(pages: ContextDep, web: SignedIn) -> Response:
+    card = _card(pages.settings)
+    if card is None:
+        raise HTTPException(404, "no model card")
+    png = pages.cache.get_or_render(("card", card.version, card.sha256), lambda: card_plot_png(card))
+    return Response(png, media_type="image/png", headers=_NO_STORE)

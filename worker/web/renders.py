@@ -3,7 +3,7 @@
 and the model card's plot.
 
 The overlay is drawn for the model this API process is configured with (it loads the model
-on the first overlay asked for, a few seconds).
+on the first overlay asked for, a few seconds), by ``worker.heatmaps.heatmap_overlay``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from worker.images import display_film, prepare_film
+from worker.heatmaps import heatmap_overlay
+from worker.images import display_film
 
 MAX_SIDE = 1024
 """Films are scaled down to this on their longest side, as in the heatmaps sent to the PACS."""
@@ -44,9 +45,6 @@ class RenderCache:
         return png
 
 
-_model_lock = threading.Lock()
-
-
 def _png(image: np.ndarray) -> bytes:
     ok, buffer = cv2.imencode(".png", image)
     if not ok:
@@ -68,14 +66,10 @@ def film_png(path: Path) -> bytes:
     return _png(_scaled(display_film(path)))
 
 
-def gradcam_png(path: Path, keras_model) -> bytes:
-    """The Grad-CAM overlay of the model on the film, in the film's own proportions, scaled down."""
-    from model.gradcam import gradcam, overlay
-
-    film, prepared = prepare_film(path, keras_model.input_shape[1])
-    with _model_lock:  # one forward and backward pass at a time in this process
-        heat = gradcam(keras_model, prepared)
-    return _png(_scaled(overlay(film, heat)))
+def gradcam_png(path: Path, model) -> bytes:
+    """The Grad-CAM overlay of ``model`` (a ``LoadedModel``) on the film, in the film's own
+    proportions, scaled down."""
+    return _png(_scaled(heatmap_overlay(path, model)))
 
 
 def card_plot_png(card) -> bytes:
