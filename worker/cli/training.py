@@ -285,16 +285,14 @@ def predict(paths: tuple[Path, ...], model_dir: Path | None, as_json: bool, heat
     if heatmap_dir is not None:
         import cv2
 
-        from model.gradcam import gradcam, overlay
-        from worker.images import prepare_film
+        from worker.heatmaps import heatmap_overlay
 
         heatmap_dir.mkdir(parents=True, exist_ok=True)
         for row in rows:
             if row["probability"] is None:
                 continue
-            film, prepared = prepare_film(Path(row["path"]), card.input_size)
             out = heatmap_dir / f"{Path(row['path']).stem}_gradcam.png"
-            cv2.imwrite(str(out), overlay(film, gradcam(model.keras_model, prepared)))
+            cv2.imwrite(str(out), heatmap_overlay(Path(row["path"]), model))
             row["heatmap"] = str(out)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
