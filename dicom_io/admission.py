@@ -31,16 +31,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from pynetdicom import AE, evt
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom import evt
+from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_io.wire import PeerBounds, discard_cut_off, peer_log
+from dicom_io.wire import BoundedAE, BoundedRequestHandler, PeerBounds, discard_cut_off, peer_log
 
 log = logging.getLogger(__name__)
 
 
-class ListenerAE(AE):
-    """An AE whose association limit counts only connections that asked for an association."""
+class ListenerAE(BoundedAE):
+    """An AE whose association limit counts only connections that asked for an association
+    (its associations bounded by ``dicom_io.wire``)."""
 
     def __init__(self, ae_title: str, *, peer_bounds: PeerBounds, artim_timeout: float,
                  max_pending_connections: int) -> None:
@@ -231,8 +232,8 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
-class _AssociationHandler(RequestHandler):
-    """pynetdicom's request handler, run to the end of the association in the connection's thread."""
+class _AssociationHandler(BoundedRequestHandler):
+    """pynetdicom's request handler, bounded, run to the end of the association in the connection's thread."""
 
     def __init__(self, connection: PendingConnection, server: "GatedAssociationServer") -> None:
         self.connection = connection

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
@@ -24,7 +23,9 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-import dicom_io.wire  # noqa: F401  (bounds what a peer's replies may make us read)
+from dicom_io.wire import BoundedAE  # its associations bound what a peer's replies may make us read
+
+from dicom_io import events
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def _association(peer: Peer, calling_ae: str, contexts: dict[str, list[str]], ti
     """An established association offering ``contexts``, released on leaving."""
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout}")
-    ae = AE(ae_title=valid_ae_title(calling_ae, "calling AE title"))
+    ae = BoundedAE(ae_title=valid_ae_title(calling_ae, "calling AE title"))
     for abstract_syntax, transfer_syntaxes in contexts.items():
         ae.add_requested_context(abstract_syntax, transfer_syntaxes)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
@@ -234,6 +235,20 @@ def find_studies(peer: Peer, *, calling_ae: str, since: datetime.date | None, un
 
 
 def _find(assoc: Association, peer: Peer, query: Dataset) -> Iterator[Dataset]:
+    """The matches of one C-FIND; the query is published (``dicom_io.events.QuerySent``) for the audit trail."""
+    from pynetdicom.dsutils import encode
+
+    succeeded = False
+    try:
+        yield from _find_matches(assoc, peer, query)
+        succeeded = True
+    finally:
+        events.publish(events.QuerySent(events.Peer(peer.ae_title, peer.host), assoc.requestor.ae_title,
+                                        StudyRootQueryRetrieveInformationModelFind, encode(query, False, True) or b"",
+                                        succeeded))
+
+
+def _find_matches(assoc: Association, peer: Peer, query: Dataset) -> Iterator[Dataset]:
     matches = 0
     for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
         if "Status" not in status:

@@ -17,12 +17,21 @@ bounded by what the state of the connection allows, for us as SCP and as SCU:
 
 A peer over a bound is aborted (A-ABORT, then the connection closed) once it is
 associated, and simply disconnected before. Each refusal is one log line
-(address and reason, no patient data), rate limited. Importing this module
-installs the bounds into pynetdicom; ``dicom_io.server`` and ``dicom_io.scu`` do.
+(address and reason, no patient data), rate limited.
+
+The bounds hold only on our own associations: ``BoundedAE`` (its requests and its
+plain ``start_server``) and ``BoundedRequestHandler`` (the listener's connections)
+give each association a ``BoundedDUL`` and a ``BoundedDIMSE``; pynetdicom's classes
+are left as they are, for every other AE in the process. Those subclasses replace
+private pynetdicom methods, so they are written for one minor series (``TESTED_SERIES``,
+the pin in pyproject.toml); at import, ``PYNETDICOM_PROBLEMS`` lists what the installed
+pynetdicom lacks of what they rely on, and a ``BoundedAE`` (so the listener) refuses
+to be made while that list is not empty (``IncompatiblePynetdicomError``).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import socket
@@ -32,8 +41,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pynetdicom
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket, RequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +156,7 @@ def peer_address(assoc) -> str:
     info = assoc.requestor if assoc.is_acceptor else assoc.acceptor
     try:
         return f"{info.address}:{info.port}"
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, ValueError):  # pynetdicom raises ValueError where no address is set
         return "unknown peer"
 
 
@@ -224,12 +238,20 @@ def _p_data_limit(assoc) -> int:
     return local.maximum_length or UNANNOUNCED_PDU_BYTES
 
 
-def read_pdu(dul: DULServiceProvider) -> None:
-    """``DULServiceProvider._read_pdu_data`` with every length checked before it is read.
+class BoundedDUL(DULServiceProvider):
+    """pynetdicom's upper layer provider, reading each PDU within the bounds of its state."""
 
-    Same contract: queue the event of the PDU received (Evt3/4/6/10/12/13/16), Evt19 for a PDU
-    that does not decode, Evt17 when the connection is gone.
-    """
+    def _read_pdu_data(self) -> None:
+        """``DULServiceProvider._read_pdu_data`` with every length checked before it is read.
+
+        Same contract: queue the event of the PDU received (Evt3/4/6/10/12/13/16), Evt19 for a
+        PDU that does not decode, Evt17 when the connection is gone.
+        """
+        read_pdu(self)
+
+
+def read_pdu(dul: DULServiceProvider) -> None:
+    """What ``BoundedDUL._read_pdu_data`` does, for ``dul``."""
     transport = dul.socket
     raw = transport.socket if transport is not None else None
     if raw is None:
@@ -283,9 +305,6 @@ def read_pdu(dul: DULServiceProvider) -> None:
     dul._recv_pdu.put(pdu)
 
 
-_decode_msg = DIMSEMessage.decode_msg
-
-
 def _fragment_bytes(primitive) -> tuple[int, int]:
     command = dataset = 0
     for _, data in primitive.presentation_data_value_list or ():
@@ -320,18 +339,23 @@ def _over_bounds(message: DIMSEMessage, assoc, command: int, dataset: int) -> st
     return None
 
 
-def decode_message(message: DIMSEMessage, primitive, assoc=None) -> bool:
-    """``DIMSEMessage.decode_msg`` with the message's size bounded; a C-STORE data set's file is
-    remembered on the association, so that one cut off can be removed."""
-    if assoc is not None:
-        reason = _over_bounds(message, assoc, *_fragment_bytes(primitive))
+class BoundedDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, with the size of the message being collected bounded as each
+    fragment arrives; a C-STORE data set's file is remembered on the association, so that one cut
+    off can be removed. (Not a DIMSEMessage subclass: pynetdicom turns a message into its C-STORE-RQ,
+    C-FIND-RSP... class once the command set is decoded.)"""
+
+    def receive_primitive(self, primitive) -> None:
+        if self.message is None:  # what pynetdicom's own receive_primitive would start with
+            self.message = DIMSEMessage()
+        message = self.message
+        reason = _over_bounds(message, self.assoc, *_fragment_bytes(primitive))
         if reason is not None:
-            drop(assoc.dul, reason, abort_reason=_ABORT_INVALID_PARAMETER)
-            return False
-    complete = _decode_msg(message, primitive, assoc)
-    if assoc is not None and message._data_set_file is not None:
-        received_files(assoc).add(message._data_set_file.name)
-    return complete
+            drop(self.assoc.dul, reason, abort_reason=_ABORT_INVALID_PARAMETER)
+            return
+        super().receive_primitive(primitive)
+        if message._data_set_file is not None:
+            received_files(self.assoc).add(message._data_set_file.name)
 
 
 def discard_cut_off(assoc) -> int:
@@ -358,5 +382,126 @@ def discard_cut_off(assoc) -> int:
     return removed
 
 
-DULServiceProvider._read_pdu_data = read_pdu
-DIMSEMessage.decode_msg = decode_message
+
+def bound(assoc: Association) -> Association:
+    """``assoc``, not yet started, with a ``BoundedDUL`` and a ``BoundedDIMSE`` in place of pynetdicom's
+    providers; what was already queued on it (an acceptor's Evt5) stays queued."""
+    old = assoc.dul
+    if old.is_alive():
+        raise RuntimeError("the bounds are given to an association before it starts")
+    dul = BoundedDUL(assoc)
+    dul.socket = old.socket
+    dul.event_queue, dul.to_provider_queue = old.event_queue, old.to_provider_queue
+    dul.to_user_queue, dul._recv_pdu = old.to_user_queue, old._recv_pdu
+    assoc.dul, assoc.dimse = dul, BoundedDIMSE(assoc)
+    # the ARTIM and idle timers belong to the DUL: set the association's timeouts on the new one
+    assoc.acse_timeout, assoc.network_timeout = assoc.acse_timeout, assoc.network_timeout
+    return assoc
+
+
+class BoundedRequestHandler(RequestHandler):
+    """pynetdicom's connection handler, whose association is bounded."""
+
+    def _create_association(self) -> Association:
+        return bound(super()._create_association())
+
+
+TESTED_SERIES = (3, 0)
+"""The pynetdicom minor series the subclasses above were written and tested for (pinned in pyproject.toml)."""
+
+
+class IncompatiblePynetdicomError(RuntimeError):
+    """The installed pynetdicom lacks what the bounds rely on: no ``BoundedAE``, so no listener, without them."""
+
+
+# what the subclasses replace or call: (class, attribute, its parameters)
+_RELIED_ON = (
+    (DULServiceProvider, "_read_pdu_data", ("self",)),
+    (DULServiceProvider, "_decode_pdu", ("self", "bytestream")),
+    (DIMSEServiceProvider, "receive_primitive", ("self", "primitive")),
+    (RequestHandler, "_create_association", ("self",)),
+    (AE, "_create_socket", ("self", "assoc", "address", "tls_args")),
+)
+_INSTANCE_ATTRIBUTES = {
+    "DULServiceProvider": ("socket", "event_queue", "to_provider_queue", "to_user_queue", "_recv_pdu",
+                           "state_machine", "artim_timer", "_idle_timer"),
+    "DIMSEServiceProvider": ("message", "msg_queue"),
+    "DIMSEMessage": ("encoded_command_set", "data_set", "_data_set_file"),
+    "AssociationSocket": ("socket", "_is_connected"),
+}
+
+
+def _missing_on_instances() -> list[str]:
+    """The instance attributes of ``_INSTANCE_ATTRIBUTES`` that pynetdicom's objects lack once made."""
+    assoc = Association(AE(), "acceptor")
+    ours, theirs = socket.socketpair()
+    try:
+        instances = {"DULServiceProvider": assoc.dul, "DIMSEServiceProvider": assoc.dimse,
+                     "DIMSEMessage": DIMSEMessage(),
+                     "AssociationSocket": AssociationSocket(assoc, client_socket=ours)}
+    finally:
+        ours.close()
+        theirs.close()
+    return [f"{kind}.{name} is gone" for kind, names in _INSTANCE_ATTRIBUTES.items()
+            for name in names if not hasattr(instances[kind], name)]
+
+
+def pynetdicom_problems() -> list[str]:
+    """What the installed pynetdicom lacks of what ``BoundedDUL``, ``BoundedDIMSE``, ``BoundedRequestHandler``
+    and ``BoundedAE`` rely on; empty when it has all of it."""
+    problems = []
+    try:
+        series = tuple(int(part) for part in pynetdicom.__version__.split(".")[:2])
+    except ValueError:
+        series = ()
+    if series != TESTED_SERIES:
+        problems.append(f"version {pynetdicom.__version__} is not {TESTED_SERIES[0]}.{TESTED_SERIES[1]}.x")
+    for owner, name, parameters in _RELIED_ON:
+        attribute = getattr(owner, name, None)
+        if not callable(attribute):
+            problems.append(f"{owner.__name__}.{name} is gone")
+            continue
+        found = tuple(inspect.signature(attribute).parameters)
+        if found != parameters:
+            problems.append(f"{owner.__name__}.{name} takes ({', '.join(found)}), not ({', '.join(parameters)})")
+    for name in ("acse_timeout", "network_timeout"):
+        if getattr(getattr(Association, name, None), "fset", None) is None:
+            problems.append(f"Association.{name} is no longer a settable property")
+    try:
+        problems += _missing_on_instances()
+    except Exception as exc:  # any failure here means these internals changed: report it, do not crash the import
+        problems.append(f"its association objects cannot be made as before ({type(exc).__name__}: {exc})")
+    return problems
+
+
+PYNETDICOM_PROBLEMS: tuple[str, ...] = tuple(pynetdicom_problems())
+"""Found at import; a ``BoundedAE`` refuses to be made while it is not empty."""
+
+
+def require_compatible_pynetdicom(problems: tuple[str, ...] | list[str] | None = None) -> None:
+    """Raise ``IncompatiblePynetdicomError`` naming each problem (by default those found at import)."""
+    problems = PYNETDICOM_PROBLEMS if problems is None else problems
+    if problems:
+        raise IncompatiblePynetdicomError(
+            f"the installed pynetdicom {pynetdicom.__version__} is not the one the bounds on DICOM peers were "
+            f"written for ({TESTED_SERIES[0]}.{TESTED_SERIES[1]}.x): {'; '.join(problems)}. "
+            "Install the pynetdicom version pinned in pyproject.toml.")
+
+
+class BoundedAE(AE):
+    """A pynetdicom AE whose own associations are bounded: those it requests, and those accepted by
+    ``start_server``/``make_server`` (a server class that makes its own handlers uses
+    ``BoundedRequestHandler``). Refuses to be made while ``PYNETDICOM_PROBLEMS`` is not empty."""
+
+    def __init__(self, ae_title: str = "PYNETDICOM") -> None:
+        require_compatible_pynetdicom()
+        super().__init__(ae_title=ae_title)
+
+    def _create_socket(self, assoc, address, tls_args):
+        # AE.associate makes the association, then its socket, then starts it: the one moment to bound it
+        return super()._create_socket(bound(assoc), address, tls_args)
+
+    def make_server(self, address, ae_title=None, contexts=None, ssl_context=None, evt_handlers=None,
+                    server_class=None, **kwargs):
+        kwargs.setdefault("request_handler", BoundedRequestHandler)
+        return super().make_server(address, ae_title, contexts, ssl_context, evt_handlers, server_class, **kwargs)
