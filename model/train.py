@@ -40,6 +40,7 @@ from model.operating_point import (
     transferable_threshold,
 )
 from model.preprocessing import INPUT_SIZE, to_model_input
+from model.reference import write_training_reference
 
 log = logging.getLogger(__name__)
 
@@ -447,6 +448,7 @@ def train(data_dir: str | Path | list[str | Path], out_dir: str | Path, config: 
                   "target_sensitivity": config.target_sensitivity, "operating_point": config.operating_point},
     )
     save_held_out(out_dir / HELD_OUT_FILE, held_out_sets)
+    write_training_reference(data_dirs, out_dir)  # the drift check's reference (model.drift)
     log.info("wrote %s (threshold %.4f, validation AUC %.4f)", out_dir, threshold,
              validation["patient_split"]["auc"])
     return card

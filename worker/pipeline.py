@@ -22,6 +22,7 @@ from pydicom import dcmread
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.drift import record_inputs
 from db.models import InstanceState
 from db.queries import bounded_reason, paths_and_states, record_predictions, register_model, set_state, touch_instances
 from dicom_io.eligibility import EligibilityPolicy
@@ -105,6 +106,7 @@ def preprocess_instances(sessions: sessionmaker[Session], instance_ids: list[int
         found = paths_and_states(session, ids=instance_ids)
     prepared: list[tuple[int, np.ndarray]] = []
     notes: dict[int, str | None] = {}
+    inputs: dict[int, dict] = {}  # what each film looked like going in, for the drift check
     for instance_id in instance_ids:
         if instance_id not in found:
             log.warning("instance %d is not in the database", instance_id)
@@ -123,11 +125,13 @@ def preprocess_instances(sessions: sessionmaker[Session], instance_ids: list[int
             finish_instance(sessions, instance_id, InstanceState.SKIPPED, eligibility.reason or "not eligible")
             continue
         try:
-            _, image = prepare_film(ds, size)
+            film, image = prepare_film(ds, size)
         except (UnreadableInput, MemoryError) as exc:
             _fail(sessions, spool, instance_id, path, str(exc) or type(exc).__name__)
             continue
         prepared.append((instance_id, image))
+        inputs[instance_id] = {"rows": film.shape[0], "columns": film.shape[1], "brightness": float(film.mean()),
+                               "manufacturer": ds.get("Manufacturer"), "modality": ds.get("Modality")}
         notes[instance_id] = eligibility.note
         if eligibility.note:
             log.info("instance %d: %s", instance_id, eligibility.note)
@@ -135,6 +139,7 @@ def preprocess_instances(sessions: sessionmaker[Session], instance_ids: list[int
         with sessions.begin() as session:
             touch_instances(session, ids=[instance_id for instance_id, _ in prepared],
                             state=InstanceState.PREPROCESSED, notes=notes)
+            record_inputs(session, inputs=inputs)
     return prepared
 
 

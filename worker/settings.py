@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     inference_batch_ms: float = Field(20.0, ge=0, le=10000, description="wait this long for a batch to fill")
     tf_threads: int = Field(0, ge=0, le=256,
                             description="TensorFlow intra- and inter-op threads (0 = TensorFlow's default)")
+    drift_window: int = Field(500, ge=30, le=100_000,
+                              description="drift check: the last N films the configured model screened, compared "
+                                          "with its reference (held-out scores, training films' input statistics)")
 
     @field_validator("ae_title")
     @classmethod
