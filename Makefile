@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PIP     = $(VENV)/bin/pip
 
-.PHONY: run test test-fast install clean
+.PHONY: run test test-fast docs install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: install
 ## PostgreSQL are still needed).
 test-fast: install
 	$(VENV)/bin/python -m pytest -m "not slow"
+
+## The documentation site into build/site/ (mkdocs-material), warnings as errors.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) pneumoscreen-data .pytest_cache
