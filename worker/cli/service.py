@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -50,8 +52,9 @@ def _check_population(settings: Settings) -> None:
 
 def _start_listener(settings: Settings, *, reuse_port: bool = False):
     from dicom_io.server import start_listener
-    from worker import runtime
+    from worker import audit, runtime
 
+    audit.start(settings, "listener")
     try:
         return start_listener(runtime.listener_config(settings, reuse_port=reuse_port), spool=runtime.spool(),
                               sessions=sessions())
@@ -73,13 +76,6 @@ def _check_port_free(settings: Settings) -> None:
             probe.bind((settings.host, settings.port))
         except OSError as exc:
             raise _cannot_listen(settings, exc) from None
-
-
-def _supervise(receivers, stopping: threading.Event) -> None:
-    """Start again a receiver that died, and clean the spool of what it was bringing in."""
-    while not stopping.wait(0.5):
-        if receivers.check():
-            _sweep_partial_files()
 
 
 def _lock_data_dir(settings: Settings):
@@ -142,6 +138,79 @@ def with_options(options):
     return decorate
 
 
+@dataclass(frozen=True)
+class Service:
+    """What ``run`` and ``listen`` have started: the Celery app, the listener's receiver processes,
+    the study dispatcher, and the event that ends their supervision."""
+
+    app: object
+    receivers: object
+    dispatcher: object
+    stopping: threading.Event
+
+
+@contextlib.contextmanager
+def started_service(settings: Settings, *, embedded: bool,
+                    stopping: threading.Event | None = None) -> Iterator[Service]:
+    """The one start-up of ``run`` (``embedded``) and ``listen``, in order: the data directory's
+    lock, ``incoming/`` cleared, the schema (upgraded when embedded, else required current), the
+    Celery app configured, what was left in flight re-sent, the listener (in its receiver processes
+    only when embedded; else in this process too), the spool swept of dead writers' files, the
+    receivers and the dispatcher started. On leaving, everything stops in the reverse order.
+    ``stopping`` (default: a new event) ends the supervision (:func:`supervise`)."""
+    from db.migrate import upgrade
+    from worker.celery_app import configure_app
+    from worker.dispatcher import Dispatcher, reconcile
+    from worker.receivers import Receivers
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(_lock_data_dir(settings).close)
+        _receive_into_data_dir(settings, clear=True)
+        if embedded:
+            upgrade(settings.effective_database_url)
+        else:
+            require_current_schema(settings)
+        app = configure_app(settings)
+        # the in-process broker starts empty: whatever was in flight when the last run stopped goes again
+        resent = reconcile(sessions(), older_than_seconds=0 if embedded else settings.reconcile_after_seconds)
+        if resent:
+            log.info("re-sent %d instance(s) left in flight", resent)
+        children = settings.listener_processes
+        if embedded:
+            # in this process the listener would share the interpreter lock with decoding and the workers
+            _check_port_free(settings)
+        else:
+            children -= 1
+            if children and settings.effective_database_url.startswith("sqlite"):
+                log.warning("%d listener processes on SQLite: its writers take turns across processes; "
+                            "use PostgreSQL (PNEUMOSCREEN_DATABASE_URL) for the speed", settings.listener_processes)
+            stack.callback(_start_listener(settings, reuse_port=children > 0).shutdown)
+        receivers = Receivers.for_listen(children, data_dir=settings.data_dir, host=settings.host,
+                                         port=settings.port, ae_title=settings.ae_title)
+        _sweep_partial_files()  # before any receiver runs: every writer of an earlier run is gone
+        receivers.start()
+        stack.callback(receivers.stop)
+        if children:
+            log.info("%d receiver process(es) on port %d (pids %s)", children, settings.port,
+                     ", ".join(map(str, receivers.pids)))
+        dispatcher = Dispatcher(sessions(), quiet_seconds=settings.study_quiet_seconds)
+        dispatcher.start()
+        stack.callback(dispatcher.stop)
+        stopping = stopping or threading.Event()
+        stack.callback(stopping.set)
+        yield Service(app, receivers, dispatcher, stopping)
+
+
+def supervise(service: Service) -> None:
+    """The one supervision loop: start again a receiver that died and clean the spool of what it was
+    bringing in, until ``service.stopping`` is set or the dispatcher has stopped."""
+    while not service.stopping.wait(0.5):
+        if not service.dispatcher.is_alive():
+            log.error("the study dispatcher has stopped")
+            return
+        if service.receivers.check():
+            _sweep_partial_files()
+
 
 @cli.command()
 @with_options(listener_options)
@@ -150,60 +219,37 @@ def with_options(options):
 def run(data_dir, host, port, ae_title, concurrency) -> None:
     """All in one: listener + workers + in-process broker + SQLite under the data dir."""
     settings = load_settings(data_dir=data_dir, host=host, port=port, ae_title=ae_title, broker_url="memory://localhost/")
-    from db.migrate import upgrade
-    from worker.celery_app import ALL_QUEUES, configure_app
-    from worker.dispatcher import Dispatcher, reconcile
-    from worker.receivers import Receivers
+    from celery.beat import EmbeddedService
+    from sqlalchemy.engine import make_url
+
+    from worker.celery_app import ALL_QUEUES
 
     _load_model(settings)
     _check_population(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    lock = _lock_data_dir(settings)
-    _receive_into_data_dir(settings, clear=True)
-    upgrade(settings.effective_database_url)
-    _sweep_partial_files()
-    app = configure_app(settings)
-    # the in-process broker starts empty: whatever was in flight when the last run stopped goes again
-    resent = reconcile(sessions(), older_than_seconds=0)
-    if resent:
-        log.info("re-sent %d instance(s) left in flight by the previous run", resent)
-    # the listener receives in processes of its own: in this one it would share the interpreter
-    # lock with decoding and the workers' threads; this process keeps dispatching, the workers and beat
-    _check_port_free(settings)
-    receivers = Receivers.for_listen(settings.listener_processes, data_dir=settings.data_dir, host=settings.host,
-                                     port=settings.port, ae_title=settings.ae_title)
-    receivers.start()
-    supervising = threading.Event()
-    threading.Thread(target=_supervise, args=(receivers, supervising), name="pneumoscreen-receivers",
-                     daemon=True).start()
-    dispatcher = Dispatcher(sessions(), quiet_seconds=settings.study_quiet_seconds)
-    dispatcher.start()
-    # beat (reconciler, nightly rescreen) in a thread of this process: the in-process broker
-    # is not shared with another one
-    from celery.beat import EmbeddedService
+    with started_service(settings, embedded=True) as service, contextlib.ExitStack() as stack:
+        threading.Thread(target=supervise, args=(service,), name="pneumoscreen-receivers", daemon=True).start()
+        # beat (reconciler, nightly rescreen) in a thread of this process: the in-process broker
+        # is not shared with another one
+        scheduler = EmbeddedService(service.app, thread=True,
+                                    schedule_filename=str(settings.data_dir / "celerybeat-schedule"))
+        scheduler.start()
+        stack.callback(_stop_beat, scheduler)
+        log.info("pneumoscreen running: data in %s, database %s", settings.data_dir.resolve(),
+                 make_url(settings.effective_database_url).render_as_string(hide_password=True))
+        service.app.worker_main(["worker", "--queues", ",".join(ALL_QUEUES), "--pool", "threads",
+                                 "--concurrency", str(concurrency), "--hostname", "pneumoscreen-run@%h",
+                                 "--loglevel", logging.getLevelName(logging.getLogger().level),
+                                 "--without-mingle", "--without-gossip"])
 
-    scheduler = EmbeddedService(app, thread=True, schedule_filename=str(settings.data_dir / "celerybeat-schedule"))
-    scheduler.start()
-    from sqlalchemy.engine import make_url
 
-    log.info("pneumoscreen running: data in %s, database %s", settings.data_dir.resolve(),
-             make_url(settings.effective_database_url).render_as_string(hide_password=True))
-    try:
-        app.worker_main(["worker", "--queues", ",".join(ALL_QUEUES), "--pool", "threads",
-                         "--concurrency", str(concurrency), "--hostname", "pneumoscreen-run@%h",
-                         "--loglevel", logging.getLevelName(logging.getLogger().level), "--without-mingle",
-                         "--without-gossip"])
-    finally:
-        # beat wakes at least once a second and then saves its schedule; if that save fails (a full
-        # or vanished data disk) Celery's stop(wait=True) would wait for ever, so the wait is bounded
-        scheduler.service.stop()
-        scheduler.join(timeout=10)
-        if scheduler.is_alive():
-            log.warning("beat did not stop within 10 s; leaving it")
-        dispatcher.stop()
-        supervising.set()
-        receivers.stop()
-        lock.close()
+def _stop_beat(scheduler) -> None:
+    """Beat wakes at least once a second and then saves its schedule; if that save fails (a full
+    or vanished data disk) Celery's stop(wait=True) would wait for ever, so the wait is bounded."""
+    scheduler.service.stop()
+    scheduler.join(timeout=10)
+    if scheduler.is_alive():
+        log.warning("beat did not stop within 10 s; leaving it")
 
 
 @cli.command()
@@ -213,55 +259,36 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
 def listen(data_dir, host, port, ae_title, receiver) -> None:
     """The DICOM listener and study dispatcher (production: one, with PNEUMOSCREEN_LISTENER_PROCESSES processes)."""
     settings = load_settings(data_dir=data_dir, host=host, port=port, ae_title=ae_title)
-    from worker.receivers import Receivers, serve_until_orphaned_or_stopped
+    if receiver:
+        _serve_as_receiver(settings)
+        return
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    with started_service(settings, embedded=False, stopping=stopping) as service:
+        try:
+            supervise(service)
+        except KeyboardInterrupt:
+            pass
+        log.info("stopping the listener")
+
+
+def _serve_as_receiver(settings: Settings) -> None:
+    """One of the listener processes that ``listen`` or ``run`` started: serve until told to stop
+    or until the process that started it is gone."""
+    from worker.receivers import serve_until_orphaned_or_stopped
 
     require_current_schema(settings)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    if receiver:
-        parent = os.getppid()
-        _receive_into_data_dir(settings, clear=False)
-        server = _start_listener(settings, reuse_port=True)
-        try:
-            serve_until_orphaned_or_stopped(stopping, parent)
-        except KeyboardInterrupt:
-            pass
-        finally:
-            server.shutdown()
-        return
-
-    from worker.celery_app import configure_app
-    from worker.dispatcher import Dispatcher, reconcile
-
-    with contextlib.ExitStack() as stack:
-        stack.callback(_lock_data_dir(settings).close)
-        _receive_into_data_dir(settings, clear=True)
-        configure_app(settings)
-        reconcile(sessions(), older_than_seconds=settings.reconcile_after_seconds)
-        shared = settings.listener_processes > 1
-        if shared and settings.effective_database_url.startswith("sqlite"):
-            log.warning("%d listener processes on SQLite: its writers take turns across processes; "
-                        "use PostgreSQL (PNEUMOSCREEN_DATABASE_URL) for the speed", settings.listener_processes)
-        server = _start_listener(settings, reuse_port=shared)
-        stack.callback(server.shutdown)
-        receivers = Receivers.for_listen(settings.listener_processes - 1, data_dir=settings.data_dir,
-                                         host=settings.host, port=settings.port, ae_title=settings.ae_title)
-        _sweep_partial_files()  # before any receiver runs: every writer of an earlier run is gone
-        receivers.start()
-        stack.callback(receivers.stop)
-        if shared:
-            log.info("%d listener processes share port %d (receivers: pids %s)", settings.listener_processes,
-                     settings.port, ", ".join(map(str, receivers.pids)))
-        dispatcher = Dispatcher(sessions(), quiet_seconds=settings.study_quiet_seconds)
-        dispatcher.start()
-        stack.callback(dispatcher.stop)
-        try:
-            while dispatcher.is_alive() and not stopping.wait(0.5):
-                if receivers.check():
-                    _sweep_partial_files()
-        except KeyboardInterrupt:
-            pass
-        log.info("stopping the listener")
+    parent = os.getppid()
+    _receive_into_data_dir(settings, clear=False)
+    server = _start_listener(settings, reuse_port=True)
+    try:
+        serve_until_orphaned_or_stopped(stopping, parent)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
 
 
 @cli.command("worker")
@@ -287,6 +314,9 @@ def worker_command(queues: str, concurrency: int | None, pool: str) -> None:
     if "preprocess" in queues.split(","):
         _check_population(settings)
     app = configure_app(settings)
+    from worker import audit
+
+    audit.start(settings, "worker")
     from celery.signals import worker_init
 
     started_workers: list = []  # worker_main drops the exit code; the worker object keeps it
