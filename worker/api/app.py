@@ -31,19 +31,16 @@ from worker import runtime
 from worker.api.accounts import accounts_router
 from worker.api.auth import AuditMiddleware, BearerAuth
 from worker.api.metrics import PipelineCollector, broker_client
+from worker.api.serving import RequestDeadline, StrictTransportSecurity, serves_tls
 from worker.api.schemas import UID_PATTERN, ErrorDetail, Health, InstanceRow, StudyDetail, WorklistRow
 from worker.api.verdicts import verdicts_router
+from worker.audit.spool import AuditSpoolCollector
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BODY = 64 << 10
 """No endpoint takes more; a request announcing more is refused before any route reads it."""
-MAX_HEADER_BYTES = 16 << 10
-"""Request line and headers still arriving are refused beyond this (h11's limit); headers that
-arrive whole are bounded by what h11 reads at once (64 KiB)."""
-MAX_CONNECTIONS = 200
-"""Concurrent connections per API process; more are answered 503."""
 
 
 class RequestBounds:
@@ -146,6 +143,7 @@ def _operations_router(settings: Settings, auth: BearerAuth) -> APIRouter:
     registry = CollectorRegistry(auto_describe=False)
     broker = broker_client(settings.broker_url) if settings.shares_broker else None
     registry.register(PipelineCollector(runtime.sessions, broker))
+    registry.register(AuditSpoolCollector(settings.data_dir / "audit"))
 
     @router.get("/healthz", response_model=Health, summary="Can this API answer?",
                 responses={503: {"model": Health, "description": "the database is unreachable or not current"}})
@@ -209,6 +207,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.add_middleware(AuditMiddleware, is_audited=is_audited)
     app.add_middleware(RequestBounds)
+    if serves_tls(settings):
+        app.add_middleware(StrictTransportSecurity)
+    app.add_middleware(RequestDeadline, seconds=settings.api_request_timeout)  # the outermost: bounds them all
 
     @app.exception_handler(SQLAlchemyError)
     async def database_unavailable(request: Request, exc: SQLAlchemyError) -> JSONResponse:

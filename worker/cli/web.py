@@ -21,18 +21,19 @@ def api(host: str | None, port: int | None) -> None:
     require_current_schema(settings)
     import uvicorn
 
-    from worker.api.app import MAX_CONNECTIONS, MAX_HEADER_BYTES, create_app
+    from worker import audit
+    from worker.api.app import create_app
+    from worker.api.serving import serves_tls, server_config
 
     app = create_app(settings)
-    if not is_loopback(settings.api_host):
+    if not is_loopback(settings.api_host) and not serves_tls(settings):
         log.warning("the API serves plain HTTP on %s: the token crosses the network in the clear unless a "
-                    "TLS-terminating proxy stands in front", settings.api_host)
-    # logging stays as the CLI set it up; no access log (the audit log records every query)
-    config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None,
-                            access_log=False, server_header=False, lifespan="off",
-                            limit_concurrency=MAX_CONNECTIONS, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
-                            timeout_keep_alive=5, http="h11")
+                    "TLS-terminating proxy stands in front (or set PNEUMOSCREEN_API_TLS_CERT and _KEY)",
+                    settings.api_host)
+    audit.start(settings, "api")
+    config = server_config(settings, app)
     server = uvicorn.Server(config)
     server.run()
     if not server.started:
         raise click.ClickException(f"could not serve on {settings.api_host}:{settings.api_port} (see the log above)")
+    audit.stop()
