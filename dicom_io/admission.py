@@ -16,6 +16,11 @@ both until the ACSE timeout. Here:
   its association thread ends;
 - a TLS handshake happens in the connection's own thread, by the same deadline,
   not in the accept loop;
+- no single calling address and no single calling AE title holds more than ``max_host_share`` of the
+  association slots (``ListenerAE.admit``: the A-ASSOCIATE-RQ beyond it is answered A-ASSOCIATE-RJ,
+  transient, local limit exceeded), nor of the pending connections (``ConnectionGate.admit``: the
+  host's own oldest pending connection is closed), so one host cannot lock out the others;
+- every rejected association is published (``dicom_io.events.AssociationRefused``) for the audit trail;
 - when an association ends, the files of data sets it did not finish are removed.
 """
 
@@ -34,9 +39,26 @@ from enum import Enum
 from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_io import events
 from dicom_io.wire import BoundedAE, BoundedRequestHandler, PeerBounds, discard_cut_off, peer_log
 
 log = logging.getLogger(__name__)
+
+_REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+"""A-ASSOCIATE-RJ: rejected-transient, DUL service-provider (presentation related), local-limit-exceeded."""
+_REJECT_REASONS = {
+    (0x01, 0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x01, 0x07): "called AE title not recognised",
+    (0x01, 0x01, 0x02): "application context name not supported",
+    (0x02, 0x03, 0x02): "local limit exceeded",
+    (0x02, 0x03, 0x01): "temporary congestion",
+    (0x02, 0x02, 0x01): "user identity not verified",
+}
+
+
+def share_limit(share: float, slots: int) -> int:
+    """How many of ``slots`` one host may hold with ``share`` of them (at least one)."""
+    return max(1, int(share * slots))
 
 
 class ListenerAE(BoundedAE):
@@ -44,7 +66,9 @@ class ListenerAE(BoundedAE):
     (its associations bounded by ``dicom_io.wire``)."""
 
     def __init__(self, ae_title: str, *, peer_bounds: PeerBounds, artim_timeout: float,
-                 max_pending_connections: int) -> None:
+                 max_pending_connections: int, max_host_share: float = 0.5) -> None:
+        if not 0 < max_host_share <= 1:
+            raise ValueError(f"max_host_share must be in (0, 1], got {max_host_share}")
         if artim_timeout <= 0:
             raise ValueError(f"artim_timeout must be positive, got {artim_timeout}")
         if max_pending_connections < 1:
@@ -53,6 +77,31 @@ class ListenerAE(BoundedAE):
         self.peer_bounds = peer_bounds
         self.artim_timeout = artim_timeout
         self.max_pending_connections = max_pending_connections
+        self.max_host_share = max_host_share
+        self._admission = threading.Lock()
+        self._admitted: dict[object, tuple[str | None, str]] = {}  # association -> (address, calling AE)
+
+    def admit(self, assoc) -> str | None:
+        """On its A-ASSOCIATE-RQ: None if ``assoc`` may go on to negotiate, else why not (its host or
+        its calling AE title already holds its share of the association slots)."""
+        address = assoc.requestor.address or None
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        limit = share_limit(self.max_host_share, self.maximum_associations)
+        with self._admission:
+            held = [a for a in self._admitted if a.is_alive() and not a.is_rejected]
+            self._admitted = {a: self._admitted[a] for a in held}
+            by_address = sum(1 for a in held if self._admitted[a][0] == address)
+            by_title = sum(1 for a in held if self._admitted[a][1] == calling)
+            if by_address >= limit:
+                return f"{address} already holds {by_address} of {self.maximum_associations} association slots"
+            if by_title >= limit:
+                return f"calling AE {calling} already holds {by_title} of {self.maximum_associations} association slots"
+            self._admitted[assoc] = (address, calling)
+        return None
+
+    def release(self, assoc) -> None:
+        with self._admission:
+            self._admitted.pop(assoc, None)
 
     @property
     def active_associations(self):
@@ -86,9 +135,11 @@ class PendingConnection:
 class ConnectionGate:
     """Connections not yet associated: at most ``capacity``, each until its deadline."""
 
-    def __init__(self, *, timeout: float, capacity: int, dispatch) -> None:
+    def __init__(self, *, timeout: float, capacity: int, dispatch, max_host_share: float = 1.0) -> None:
         self.timeout = timeout
         self.capacity = capacity
+        self.host_limit = share_limit(max_host_share, capacity)
+        """Pending connections one address may hold; its oldest is closed to let its newest in."""
         self._dispatch = dispatch
         self._lock = threading.Lock()
         self._pending: dict[PendingConnection, None] = {}  # oldest first
@@ -114,6 +165,12 @@ class ConnectionGate:
             if self._closed:
                 _close(sock)
                 return
+            host = connection.address[0] if connection.address else None
+            own = [c for c in self._pending if c.address and c.address[0] == host]
+            if len(own) >= self.host_limit:
+                self._evict(next((c for c in own if c.stage is _Stage.WAITING), own[0]), log_it=False)
+                peer_log.refused(connection.peer, f"{host} already holds {len(own)} of the {self.capacity} pending "
+                                                  "connections; its oldest is closed")
             while len(self._pending) >= self.capacity:
                 self._evict_oldest()
             self._pending[connection] = None
@@ -251,13 +308,43 @@ class _AssociationHandler(BoundedRequestHandler):
             gate.settle(connection)
             event.assoc.acse_timeout = self.ae.acse_timeout
 
+        assoc.bind(evt.EVT_REQUESTED, _admit_within_share)
+        assoc.bind(evt.EVT_REJECTED, _publish_rejection)
         assoc.bind(evt.EVT_ESTABLISHED, established)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         assoc.join()
+        self.ae.release(assoc)
         removed = discard_cut_off(assoc)
         if removed:
             log.info("removed %d data set(s) cut off by %s", removed, connection.peer)
+
+
+def _peer(assoc) -> events.Peer:
+    primitive = assoc.requestor.primitive
+    title = str(primitive.calling_ae_title).strip() if primitive is not None else None
+    return events.Peer(title or None, assoc.requestor.address or None)
+
+
+def _admit_within_share(event) -> None:
+    """EVT_REQUESTED: an association beyond its host's share is rejected before it negotiates."""
+    assoc = event.assoc
+    refusal = assoc.ae.admit(assoc)
+    if refusal is None:
+        return
+    peer = _peer(assoc)
+    peer_log.refused(f"{peer.address}", f"{refusal}: A-ASSOCIATE-RJ (transient, local limit exceeded)")
+    assoc.acse.send_reject(*_REJECT_LOCAL_LIMIT)
+    events.publish(events.AssociationRefused(peer, f"share of association slots exceeded: {refusal}"))
+    assoc.kill()
+
+
+def _publish_rejection(event) -> None:
+    """EVT_REJECTED: pynetdicom's own rejections (unknown AE titles, all slots taken)."""
+    primitive = event.assoc.acceptor.primitive
+    code = (primitive.result, primitive.result_source, primitive.diagnostic) if primitive is not None else None
+    reason = _REJECT_REASONS.get(code, f"A-ASSOCIATE-RJ {code}")
+    events.publish(events.AssociationRefused(_peer(event.assoc), reason))
 
 
 class GatedAssociationServer(ThreadedAssociationServer):
@@ -269,7 +356,7 @@ class GatedAssociationServer(ThreadedAssociationServer):
     def __init__(self, ae: ListenerAE, *args, **kwargs) -> None:
         # before the bind: a port that cannot be bound closes the server (and so the gate) at once
         self.gate = ConnectionGate(timeout=ae.artim_timeout, capacity=ae.max_pending_connections,
-                                   dispatch=self._start_connection)
+                                   dispatch=self._start_connection, max_host_share=ae.max_host_share)
         super().__init__(ae, *args, **kwargs)
 
     def server_bind(self) -> None:

@@ -57,6 +57,9 @@ class ListenerConfig:
     """A connection must complete its association this long after it was accepted (ARTIM)."""
     max_pending_connections: int
     """Connections not yet associated; when full, the oldest is closed."""
+    max_host_share: float = 0.5
+    """Share of the association slots (and of the pending connections) one calling address or
+    calling AE title may hold."""
     max_dataset_bytes: int
     """Largest data set a C-STORE may bring."""
     network_timeout: float
@@ -85,7 +88,8 @@ def make_ae(config: ListenerConfig, *, min_free_bytes: int = 0) -> ListenerAE:
     with the bounds of ``dicom_io.wire`` and ``dicom_io.admission``."""
     bounds = PeerBounds(stored_dataset_bytes=config.max_dataset_bytes, min_free_bytes=min_free_bytes)
     ae = ListenerAE(config.ae_title, peer_bounds=bounds, artim_timeout=config.artim_timeout,
-                    max_pending_connections=config.max_pending_connections)
+                    max_pending_connections=config.max_pending_connections,
+                    max_host_share=config.max_host_share)
     ae.add_supported_context(Verification)
     syntaxes = decodable_transfer_syntaxes()
     for context in AllStoragePresentationContexts:
