@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from model.artifact import CARD_FILE, WEIGHTS_FILE, ModelCard, read_card, sha256_file
+from model.drift import HELD_OUT_SCORES_FILE, REFERENCE_INPUTS_FILE
 from model.metrics import report_with_intervals, threshold_for_sensitivity
 
 #: Misses at the target sensitivity that the sample must be able to show (see the module's docstring).
@@ -78,9 +79,11 @@ def sample_hash(files: list[tuple[Path, int]]) -> str:
 
 
 def calibrate(model_dir: Path, labels: np.ndarray, scores: np.ndarray, *, sensitivity: float, name: str,
-              sample_sha256: str, out_dir: Path, unreadable: int = 0) -> tuple[ModelCard, dict]:
+              sample_sha256: str, out_dir: Path, unreadable: int = 0,
+              sample: dict | None = None) -> tuple[ModelCard, dict]:
     """Write the site artifact into ``out_dir``; returns its card and the figures (``at_card_threshold``,
-    ``at_site_threshold``)."""
+    ``at_site_threshold``). ``sample`` (where the sample came from, what one label is of) goes on the card.
+    The model's drift reference (held-out scores, reference input statistics) goes with it."""
     labels = np.asarray(labels).astype(int)
     scores = np.asarray(scores, dtype=float)
     check_sample(labels, sensitivity)
@@ -93,6 +96,9 @@ def calibrate(model_dir: Path, labels: np.ndarray, scores: np.ndarray, *, sensit
         raise FileExistsError(f"{out_dir} already holds a model; choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(model_dir / WEIGHTS_FILE, out_dir / WEIGHTS_FILE)
+    for reference in (HELD_OUT_SCORES_FILE, REFERENCE_INPUTS_FILE):
+        if (model_dir / reference).is_file():
+            shutil.copy2(model_dir / reference, out_dir / reference)
     base_version = base.version.split("+", 1)[0]
     card = ModelCard(**{
         **asdict(base),
@@ -102,7 +108,7 @@ def calibrate(model_dir: Path, labels: np.ndarray, scores: np.ndarray, *, sensit
             "site": name, "base_version": base.version, "base_threshold": base.threshold,
             "target_sensitivity": sensitivity, "sample_sha256": sample_sha256, "images": int(labels.size),
             "pneumonia": int(labels.sum()), "normal": int((labels == 0).sum()), "unreadable_left_out": unreadable,
-            "calibrated_at": datetime.now(UTC).isoformat(timespec="seconds"), **figures,
+            "calibrated_at": datetime.now(UTC).isoformat(timespec="seconds"), **(sample or {}), **figures,
         },
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     })

@@ -205,7 +205,10 @@ def _score_sample(model, folder: Path, labels_csv: Path | None = None):
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("folder", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--from-verdicts", is_flag=True,
+              help="instead of FOLDER: the stored films of every study with a verdict (a radiologist's, or the "
+                   "RIS's final report), one label and one score (its highest film's) per study")
 @click.option("--sensitivity", type=click.FloatRange(0.5, 1.0, max_open=True), default=0.97, show_default=True,
               help="the sensitivity the site's threshold is chosen for, on its sample")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -217,8 +220,8 @@ def _score_sample(model, folder: Path, labels_csv: Path | None = None):
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="model artifact to calibrate [default: PNEUMOSCREEN_MODEL_DIR or the shipped model]")
 @click.option("--json", "as_json", is_flag=True, help="one JSON document on stdout")
-def calibrate(folder: Path, sensitivity: float, out_dir: Path, labels_csv: Path | None, site: str | None,
-              model_dir: Path | None, as_json: bool) -> None:
+def calibrate(folder: Path | None, from_verdicts: bool, sensitivity: float, out_dir: Path, labels_csv: Path | None,
+              site: str | None, model_dir: Path | None, as_json: bool) -> None:
     """Set the model's threshold on a site's labelled sample and write a site artifact.
 
     Reports the model's figures on the sample with 95% intervals, at the card's threshold and at the
@@ -231,18 +234,26 @@ def calibrate(folder: Path, sensitivity: float, out_dir: Path, labels_csv: Path 
 
     settings = load_settings()
     model_dir = model_dir or settings.model_dir
+    if (folder is None) == (not from_verdicts) or (from_verdicts and labels_csv is not None):
+        raise click.UsageError("give FOLDER (optionally with --labels) or --from-verdicts, not both")
     try:
-        name = site_name(site or folder.resolve().name)
+        name = site_name(site or ("verdicts" if from_verdicts else folder.resolve().name))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if (out_dir / "model_card.json").exists():
         raise click.UsageError(f"{out_dir} already holds a model; choose another --out")
     model = get_model(model_dir)
-    labels, scores, paths, unreadable = _score_sample(model, folder, labels_csv)
+    if from_verdicts:
+        from worker.cli.verdict_sample import score_verdicts
+
+        labels, scores, files, unreadable, sample = score_verdicts(settings, model, _score_files)
+    else:
+        labels, scores, paths, unreadable = _score_sample(model, folder, labels_csv)
+        files, sample = list(zip(paths, labels)), {"source": f"folder {folder.resolve().name}", "unit": "film"}
     try:
         card, figures = calibrate_site(model.model_dir, labels, scores, sensitivity=sensitivity, name=name,
-                                       sample_sha256=sample_hash(list(zip(paths, labels))),
-                                       out_dir=out_dir, unreadable=unreadable)
+                                       sample_sha256=sample_hash(files), out_dir=out_dir,
+                                       unreadable=unreadable, sample=sample)
     except SampleTooSmall as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
@@ -256,7 +267,7 @@ def calibrate(folder: Path, sensitivity: float, out_dir: Path, labels_csv: Path 
         evaluation_table({**figures[key], "model_version": f"{model.card.version} at {title}"},
                          unreadable=unreadable)
     click.echo(f"wrote {out_dir}: model {card.version}, threshold {card.threshold:.4f} for sensitivity "
-               f"{sensitivity:g} on {len(labels)} films. Use it with PNEUMOSCREEN_MODEL_DIR={out_dir}, or "
+               f"{sensitivity:g} on {len(labels)} {sample['unit']}s. Use it with PNEUMOSCREEN_MODEL_DIR={out_dir}, or "
                f"rescreen the archive with: pneumoscreen rescreen --model {out_dir}")
 
 
