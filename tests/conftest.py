@@ -3,6 +3,11 @@ database and its sessions, the pneumoscreen processes a test started (stopped af
 
 Each test gets its own database (dropped afterwards); the Redis db is flushed before and
 after use. Helpers that are not fixtures live in ``tests.helpers``.
+
+pydicom validates strictly for the whole session, as highdicom's own tests do: a value invalid for
+its VR raises when it is read or written (the product must never write one). A test that makes or
+reads invalid values on purpose (a hostile peer, a fuzzer, a source film with an invalid value)
+takes the ``invalid_dicom_allowed`` fixture and says why.
 """
 
 from __future__ import annotations
@@ -12,11 +17,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import config as pydicom_config
 
 from db.migrate import upgrade
 from db.session import make_engine, make_sessionmaker
 from tests.helpers.processes import PG_ADMIN_URL, REDIS_URL, Process, flushed_redis, start_production
 from tests.helpers.services import scratch_database
+
+pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
+pydicom_config.settings.writing_validation_mode = pydicom_config.RAISE
+
+
+@pytest.fixture
+def invalid_dicom_allowed(monkeypatch) -> None:
+    """pydicom warns instead of raising on a value invalid for its VR, in this test only."""
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.WARN)
+    monkeypatch.setattr(pydicom_config.settings, "writing_validation_mode", pydicom_config.WARN)
 
 
 @pytest.fixture

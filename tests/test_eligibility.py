@@ -19,8 +19,11 @@ CARD = eligibility_policy(Settings(_env_file=None))
 ANY_AGE = eligibility_policy(Settings(_env_file=None, intended_population="any"))
 
 
-MALFORMED = pytest.mark.filterwarnings("ignore:Invalid value for VR")
-"""pydicom warns when a test sets the malformed values a sender may send."""
+def MALFORMED(test):  # noqa: N802  (a decorator named like the marks it stands for)
+    """The test sets the malformed values a sender may send: pydicom warns instead of raising (its
+    strict validation for the session, tests/conftest.py), and that warning is expected."""
+    return pytest.mark.usefixtures("invalid_dicom_allowed")(
+        pytest.mark.filterwarnings("ignore:Invalid value for VR")(test))
 
 
 def _header(**attributes: str) -> Dataset:
