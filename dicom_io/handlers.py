@@ -21,13 +21,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.queries import bounded_reason, record_received, record_unreadable
+from dicom_io import events
 from dicom_io.spool import Spool, valid_uid
 from dicom_io.status import EchoStatus, StoreStatus
 
 log = logging.getLogger(__name__)
 
 _HEADER_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber", "Modality",
-                    "StudyDate")
+                    "StudyDate", "PatientID")
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,8 @@ def store_received(received: Path, context: StoreContext, *, SOPInstanceUID: str
         log.info("stored %s (%d bytes) from %s", SOPInstanceUID, size, calling_ae)
     else:
         log.info("duplicate %s from %s: already stored, kept once", SOPInstanceUID, calling_ae)
+    events.publish(events.InstanceStored(SOPClassUID, SOPInstanceUID, header["StudyInstanceUID"],
+                                         header["PatientID"] or None, events.current_peer(), created))
     return StoreOutcome(StoreStatus.SUCCESS, SOPInstanceUID, None if created else "duplicate: already stored", created)
 
 

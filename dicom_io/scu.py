@@ -25,6 +25,8 @@ from pynetdicom.sop_class import (
 
 from dicom_io.wire import BoundedAE  # its associations bound what a peer's replies may make us read
 
+from dicom_io import events
+
 log = logging.getLogger(__name__)
 
 _PEER = re.compile(r"(?P<ae>[^@]+)@(?P<host>\[[^\]]+\]|[^:@]+):(?P<port>\d+)")
@@ -233,6 +235,20 @@ def find_studies(peer: Peer, *, calling_ae: str, since: datetime.date | None, un
 
 
 def _find(assoc: Association, peer: Peer, query: Dataset) -> Iterator[Dataset]:
+    """The matches of one C-FIND; the query is published (``dicom_io.events.QuerySent``) for the audit trail."""
+    from pynetdicom.dsutils import encode
+
+    succeeded = False
+    try:
+        yield from _find_matches(assoc, peer, query)
+        succeeded = True
+    finally:
+        events.publish(events.QuerySent(events.Peer(peer.ae_title, peer.host), assoc.requestor.ae_title,
+                                        StudyRootQueryRetrieveInformationModelFind, encode(query, False, True) or b"",
+                                        succeeded))
+
+
+def _find_matches(assoc: Association, peer: Peer, query: Dataset) -> Iterator[Dataset]:
     matches = 0
     for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
         if "Status" not in status:

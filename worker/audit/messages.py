@@ -94,6 +94,7 @@ class ParticipantObject:
     type_code: int
     role: int | None = None
     name: str | None = None
+    """ParticipantObjectName; default: ``ParticipantObjectID`` (the schema needs a name or a query)."""
     query: bytes | None = None
     """ParticipantObjectQuery (base64 in the message); exclusive with ``name``."""
     details: Mapping[str, bytes] = field(default_factory=dict)
@@ -158,8 +159,8 @@ def _participant_object(root: etree._Element, o: ParticipantObject) -> None:
     _coded(element, "ParticipantObjectIDTypeCode", o.id_type)
     if o.query is not None:
         etree.SubElement(element, "ParticipantObjectQuery").text = base64.b64encode(o.query).decode("ascii")
-    elif o.name is not None:
-        etree.SubElement(element, "ParticipantObjectName").text = o.name
+    else:  # the schema asks for a name or a query: the identifier itself, never a patient's name
+        etree.SubElement(element, "ParticipantObjectName").text = o.name or o.ParticipantObjectID
     for kind, value in o.details.items():
         etree.SubElement(element, "ParticipantObjectDetail",
                          {"type": kind, "value": base64.b64encode(value).decode("ascii")})

@@ -24,6 +24,7 @@ from urllib.parse import quote
 from fastapi import HTTPException, Request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
+from worker import audit
 from worker.api.auth import token_fingerprint
 
 SESSION_COOKIE = "pneumoscreen_session"
@@ -79,6 +80,7 @@ class Sessions:
 
     def issue(self) -> tuple[str, WebSession]:
         session = WebSession(self._actor, secrets.token_urlsafe(24))
+        audit.user_authentication(succeeded=True, user=session.actor, address=None)
         return self._serializer.dumps({"a": session.actor, "c": session.csrf}), session
 
     def read(self, request: Request) -> WebSession | None:
@@ -106,6 +108,8 @@ class Sessions:
             if len(self._failures) > 10_000:  # a flood from many addresses cannot grow this without bound
                 self._failures.clear()
             self._failures.setdefault(client, deque()).append(time.monotonic())
+        audit.user_authentication(succeeded=False, user="web:anonymous", address=client,
+                                  reason="not the API token of this installation")
 
 
 class PageAuth:
