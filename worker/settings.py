@@ -39,11 +39,14 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./pneumoscreen-data"), description="spool, SQLite database and logs")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in the data dir")
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker; `run` uses memory://")
-    host: str = "127.0.0.1"
-    port: int = Field(11112, ge=1, le=65535)
-    ae_title: str = "PNEUMOSCREEN"
+    host: str = Field("127.0.0.1", description="address the DICOM listener binds; off loopback, "
+                                               "PNEUMOSCREEN_ALLOWED_AES is required")
+    port: int = Field(11112, ge=1, le=65535, description="TCP port of the DICOM listener")
+    ae_title: str = Field("PNEUMOSCREEN", description="our AE title: called by peers, calling for reports, "
+                                                     "C-FIND and C-MOVE (also the move destination)")
     allowed_aes: str = Field("", description="comma-separated calling AE titles; empty = any (loopback only)")
-    study_quiet_seconds: float = Field(10.0, ge=0.0, le=86400.0)
+    study_quiet_seconds: float = Field(10.0, ge=0.0, le=86400.0,
+                                      description="a study with no new instance for this long is screened")
     model_dir: Path | None = Field(None, description="model artifact folder; default: the shipped model")
     results_destination: str | None = Field(None, description="AET@host:port that receives our DICOM SR; unset = none")
     results_heatmaps: Literal["none", "flagged", "all"] = Field(
@@ -54,7 +57,7 @@ class Settings(BaseSettings):
     results_timeout_seconds: float = Field(30.0, gt=0, le=3600,
                                            description="seconds a destination may take to take one delivery")
     api_host: str = Field("127.0.0.1", description="address of the HTTP API")
-    api_port: int = Field(8080, ge=1, le=65535)
+    api_port: int = Field(8080, ge=1, le=65535, description="TCP port of the HTTP API")
     api_token: SecretStr | None = Field(None, description="bearer token the HTTP API requires")
     worklist_order: Literal["probability", "received"] = Field(
         "probability", description="within a priority: highest probability first, or oldest first")

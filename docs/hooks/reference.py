@@ -13,6 +13,7 @@ It also drops from the nav the pages that other parts of the product add as they
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import types
@@ -132,15 +133,18 @@ def cli_commands() -> list[tuple[str, Any]]:
 def _command_section(path: str, command: Any) -> list[str]:
     import click
 
-    parent = click.Context(click.Group("pneumoscreen"), info_name="pneumoscreen")
-    ctx = click.Context(command, info_name=path.split(" ", 1)[1], parent=parent)
+    if " " not in path:  # the group itself
+        ctx = click.Context(command, info_name=path)
+    else:
+        parent = click.Context(click.Group("pneumoscreen"), info_name="pneumoscreen")
+        ctx = click.Context(command, info_name=path.split(" ", 1)[1], parent=parent)
     lines = [f"## `{path}`", "", "```text", command.get_usage(ctx), "```", ""]
     if command.help:
-        lines += [click.unstyle(command.help).strip(), ""]
-    records = [(p, p.get_help_record(ctx)) for p in command.get_params(ctx)]
+        lines += [inspect.cleandoc(click.unstyle(command.help)), ""]
     arguments = [p for p in command.params if isinstance(p, click.Argument)]
     if arguments:
         lines += ["Arguments: " + ", ".join(f"`{a.human_readable_name}`" for a in arguments), ""]
+    records = [(p, p.get_help_record(ctx)) for p in command.get_params(ctx) if isinstance(p, click.Option)]
     rows = [(p, r) for p, r in records if r is not None]
     if rows:
         lines += ["| option | meaning | environment |", "|---|---|---|"]
@@ -157,6 +161,9 @@ def render_cli() -> str:
              "Every command reads the [settings](settings.md) from `PNEUMOSCREEN_*` environment variables;",
              "a flag, where there is one, wins over the variable. `--json` prints one document on stdout and",
              "nothing else.", ""]
+    from worker.cli import cli
+
+    lines += _command_section("pneumoscreen", cli)
     for path, command in cli_commands():
         lines += _command_section(path, command)
     return "\n".join(lines)
