@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from db.accounts import add_account
+from db.accounts import add_account, set_password
 from db.models import InstanceState
 from db.queries import set_state
 from db.verdicts import Finding, UnknownStudy, VerdictSource, labelled_studies, record_verdict, study_verdicts, verdict_counts
@@ -85,3 +85,69 @@ def test_the_verdict_api_records_changes_and_the_study_json_shows_them(monkeypat
         assert api.post(f"/studies/{FLAGGED}/verdict", json={"finding": "normal", "x": 1},
                         headers=headers).status_code == 422
         assert api.post(f"/studies/{UID}.9/verdict", json={"finding": "normal"}, headers=headers).status_code == 404
+
+
+@pytest.mark.slow
+def test_in_a_real_browser_a_radiologist_records_and_changes_a_verdict_and_an_operator_cannot(tmp_path, processes):
+    """`pneumoscreen api` in its own process, Chromium signing in with a name and a password."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from db.migrate import upgrade
+    from db.session import make_engine, make_sessionmaker
+    from tests.helpers.processes import Process, cli_env, free_port, wait_for_port
+    from tests.test_web import _chromium
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    url = f"sqlite:///{(data_dir / 'pneumoscreen.db').resolve()}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as s:
+        answer(s, [(receive(s, FLAGGED, f"{FLAGGED}.1.1", accession="PNEU9")[0], 0.93)])
+        for name, role in (("dr.hu", "radiologist"), ("op.iv", "operator")):
+            add_account(s, name=name, role=role)
+            set_password(s, name=name, password=f"{name} reads films")
+    port = free_port()
+    api = Process(["api"], cli_env(data_dir=data_dir, api_token=SHARED_TOKEN, api_port=port), tmp_path / "api.log")
+    processes.append(api)
+    wait_for_port(port, api.proc)
+    browser = _chromium()
+    wait = WebDriverWait(browser, 60)
+
+    def sign_in(name: str) -> None:
+        browser.delete_all_cookies()
+        browser.get(f"http://127.0.0.1:{port}/web/studies/{FLAGGED}")
+        wait.until(seen.url_contains("/web/login"))
+        browser.find_element(By.ID, "name").send_keys(name)
+        browser.find_element(By.ID, "token").send_keys(f"{name} reads films")
+        browser.find_element(By.CSS_SELECTOR, "form[action='/web/login'] button").click()
+        wait.until(seen.presence_of_element_located((By.ID, "current-verdict")))
+
+    try:
+        sign_in("dr.hu")
+        assert "FLAGGED" in browser.find_element(By.TAG_NAME, "h1").text
+        assert browser.find_element(By.ID, "current-verdict").text == "none recorded"
+        browser.find_element(By.ID, "verdict-pneumonia").click()
+        wait.until(lambda b: b.find_element(By.ID, "current-verdict").text.startswith("Pneumonia"))
+        assert "user:dr.hu" in browser.find_element(By.ID, "current-verdict").text
+        browser.find_element(By.ID, "verdict-normal").click()
+        wait.until(lambda b: b.find_element(By.ID, "current-verdict").text.startswith("No pneumonia"))
+
+        sign_in("op.iv")
+        assert browser.find_elements(By.ID, "verdict-pneumonia") == []
+        assert "does not record verdicts" in browser.find_element(By.ID, "verdict").text
+    finally:
+        browser.quit()
+    with sessions() as s:
+        history = study_verdicts(s, study_instance_uid=FLAGGED)["verdicts"]
+    assert [(v["finding"], v["actor"]) for v in history] == [("pneumonia", "user:dr.hu"), ("normal", "user:dr.hu")]
+    from db.audit import recent_audit
+
+    with sessions() as s:
+        actors = {(e["actor"], e["action"]) for e in recent_audit(s, limit=500)}
+    engine.dispose()
+    assert ("user:dr.hu", "POST /web/studies/{study_instance_uid}/verdict") in actors
+    assert ("user:op.iv", "GET /web/studies/{study_instance_uid}") in actors

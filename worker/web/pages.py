@@ -35,7 +35,11 @@ from db.results import (
     worklist,
 )
 from worker import runtime
+from db.accounts import Role
+from db.verdicts import Finding, study_verdicts
+from worker.api.auth import Principal
 from worker.api.schemas import UID_PATTERN
+from worker.api.verdicts import record as record_verdict_for
 from worker.images import UnreadableInput
 from worker.settings import Settings
 from worker.web.renders import RenderCache, card_plot_png, film_png, gradcam_png
@@ -128,18 +132,22 @@ def login_page(request: Request, pages: ContextDep, next: str | None = None) -> 
 @router.post("/web/login")
 def sign_in(request: Request, pages: ContextDep, token: Annotated[str, Form(max_length=512)],
             csrf_token: Annotated[str, Form(max_length=128)],
-            next: Annotated[str, Form(max_length=2048)] = "/web/worklist") -> Response:  # noqa: A002
+            next: Annotated[str, Form(max_length=2048)] = "/web/worklist",  # noqa: A002
+            name: Annotated[str, Form(max_length=64)] = "") -> Response:
+    """An account's name and password, or (no name) the installation's API token."""
     request.state.actor = "web:anonymous"
     check_csrf(request.cookies.get(LOGIN_CSRF_COOKIE), csrf_token)
     sessions = pages.sessions
     client = request.client.host if request.client else "unknown"
     if sessions.too_many_failures(client):
         return _login_form(request, next, "Too many failed sign-ins from this address: wait a minute.", 429)
-    if not sessions.token_matches(token):
+    account = sessions.account_matches(name, token) if name else None
+    if account is None and (name or not sessions.token_matches(token)):
         sessions.failed(client)
         log.warning("failed sign-in to the web pages from %s", client)
-        return _login_form(request, next, "That is not the API token of this installation.", 401)
-    value, session = sessions.issue()
+        return _login_form(request, next, "That name and password do not match an enabled account." if name
+                           else "That is not the API token of this installation.", 401)
+    value, session = sessions.issue_for_account(account) if account is not None else sessions.issue()
     request.state.actor = session.actor
     response = RedirectResponse(safe_next(next), status_code=303)
     response.set_cookie(SESSION_COOKIE, value, max_age=SESSION_HOURS * 3600, **cookie_flags(request))
@@ -204,9 +212,23 @@ def study_page(request: Request, session: SessionDep, pages: ContextDep, web: Si
         raise HTTPException(404, "no such study")
     settings = pages.settings
     request.state.result_count = len(study["instances"])
-    return render(request, "study.html", web, study=study, versions=model_versions(session), card=_card(settings),
+    return render(request, "study.html", web, study={**study, **study_verdicts(session, study_instance_uid=study_instance_uid)},
+                  versions=model_versions(session), card=_card(settings),
                   deliveries=list_deliveries(session, study_instance_uid=study_instance_uid),
                   reporting=settings.results_destination)
+
+
+@router.post("/web/studies/{study_instance_uid}/verdict")
+def verdict_form(request: Request, session: SessionDep, web: SignedIn,
+                 study_instance_uid: Annotated[str, Path(max_length=64, pattern=UID_PATTERN)],
+                 finding: Annotated[Finding, Form()], csrf_token: Annotated[str, Form(max_length=128)]) -> Response:
+    """The study page's verdict buttons: a radiologist's (or an admin's) finding, kept with every earlier one."""
+    check_csrf(web.csrf, csrf_token)
+    if not web.may_record_verdicts:
+        raise HTTPException(403, f"the role {web.role} may not record verdicts")
+    principal = Principal(web.actor.removeprefix("user:"), Role(web.role), web.actor, web.account_id)
+    record_verdict_for(session, principal, study_instance_uid, finding)
+    return RedirectResponse(f"/web/studies/{study_instance_uid}", status_code=303)
 
 
 @router.get("/web/operations")

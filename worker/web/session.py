@@ -1,7 +1,9 @@
-"""Sign-in for the web pages: the API token, entered once, becomes a signed session cookie.
+"""Sign-in for the web pages: an account's name and password (argon2-checked), or the API token,
+entered once, becomes a signed session cookie.
 
-- The cookie holds the token's fingerprint (never the token), a CSRF secret and its issue
-  time, signed with a key derived from the token: a new token ends every session.
+- The cookie holds the token's fingerprint or the account's name (never a secret), a CSRF secret
+  and its issue time, signed with a key derived from the token: a new token ends every session.
+  An account's session also ends when it is disabled or its password changes (checked on every page).
   HttpOnly, SameSite=Strict, Path=/, Secure when the page is served over TLS (directly, or
   behind a proxy that says so with X-Forwarded-Proto); it lasts ``SESSION_HOURS``.
 - Every form carries a CSRF token: the session's secret once signed in, and before that a
@@ -37,8 +39,15 @@ SIGN_IN_WINDOW = 60.0
 @dataclass(frozen=True)
 class WebSession:
     actor: str
-    """``web:<token fingerprint>``, as the audit log names it."""
+    """``user:<account>``, or ``web:<token fingerprint>`` signed in with the shared token, as the audit log names it."""
     csrf: str
+    role: str = "admin"
+    """The account's role (``db.accounts.Role``); the shared token signs in as admin."""
+    account_id: int | None = None
+
+    @property
+    def may_record_verdicts(self) -> bool:
+        return self.role in ("radiologist", "admin")
 
 
 class NotSignedIn(Exception):
@@ -78,6 +87,36 @@ class Sessions:
     def token_matches(self, candidate: str) -> bool:
         return secrets.compare_digest(candidate.encode("utf-8"), self._token)
 
+    def account_matches(self, name: str, password: str):
+        """The enabled account ``name`` whose password is ``password``, or None (argon2, same cost either way)."""
+        from db.accounts import account_for_password
+        from worker import runtime
+
+        with runtime.sessions().begin() as session:
+            return account_for_password(session, name=name, password=password)
+
+    @staticmethod
+    def _password_stamp(password_hash: str | None) -> str:
+        """Changes with the password: a session signed in with an old one ends."""
+        return hashlib.sha256((password_hash or "").encode()).hexdigest()[:16]
+
+    def issue_for_account(self, account) -> tuple[str, WebSession]:
+        session = WebSession(f"user:{account.name}", secrets.token_urlsafe(24), account.role, account.id)
+        audit.user_authentication(succeeded=True, user=session.actor, address=None)
+        return self._serializer.dumps({"a": session.actor, "c": session.csrf, "u": account.name,
+                                       "p": self._password_stamp(account.password_hash)}), session
+
+    def _read_account(self, data: dict) -> WebSession | None:
+        """The session of an account cookie while the account is enabled and its password unchanged."""
+        from db.accounts import enabled_account
+        from worker import runtime
+
+        with runtime.sessions()() as session:
+            account = enabled_account(session, name=str(data["u"]))
+            if account is None or data.get("p") != self._password_stamp(account.password_hash):
+                return None
+            return WebSession(f"user:{account.name}", data["c"], account.role, account.id)
+
     def issue(self) -> tuple[str, WebSession]:
         session = WebSession(self._actor, secrets.token_urlsafe(24))
         audit.user_authentication(succeeded=True, user=session.actor, address=None)
@@ -91,7 +130,11 @@ class Sessions:
             data = self._serializer.loads(value, max_age=SESSION_HOURS * 3600)
         except BadSignature:
             return None
-        if not isinstance(data, dict) or data.get("a") != self._actor or not isinstance(data.get("c"), str):
+        if not isinstance(data, dict) or not isinstance(data.get("c"), str):
+            return None
+        if data.get("u"):
+            return self._read_account(data)
+        if data.get("a") != self._actor:
             return None
         return WebSession(data["a"], data["c"])
 
