@@ -198,6 +198,8 @@ def _scripted_session(tmp_path: Path, repository: dict[str, str], processes: lis
         wait_for_port(api_port, api.proc)
         assert _sign_in(f"http://127.0.0.1:{api_port}", "not-the-token-at-all") == 401
         assert _sign_in(f"http://127.0.0.1:{api_port}", TOKEN) == 303
+        wrong = httpx.get(f"http://127.0.0.1:{api_port}/worklist", headers={"Authorization": "Bearer wrong-token-0123"})
+        assert wrong.status_code == 401
         modality = AE(ae_title="MODALITY")
         ds = chest_dataset(PNEUMONIA_JPEG)
         modality.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
@@ -242,7 +244,7 @@ def test_a_scripted_session_reaches_a_syslog_repository_as_schema_valid_audit_me
     try:
         ds = _scripted_session(tmp_path, repository, processes)
         wanted = {("110100", "110120"), ("110100", "110121"), ("110114", "110122"), ("110104", None),
-                  ("110113", "110126"), ("110112", None), ("110106", None)}
+                  ("110113", "110126"), ("110113", "110132"), ("110112", None), ("110106", None)}
         wait_until(lambda: wanted <= {_event(_xml(m))[:2] for m in receiver.messages()}, timeout=20,
                    what="every kind of event at the repository")
         received = [_xml(m) for m in receiver.messages()]

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db.accounts import Role, account_for_token
 from db.audit import record_audit
-from worker import runtime
+from worker import audit, runtime
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ class BearerAuth:
                  credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> Principal:
         principal = None if credentials is None else self.resolve(credentials.credentials)
         if principal is None:
+            audit.refused_token(address=request.client.host if request.client else None, path=request.url.path,
+                                actor="api:anonymous" if credentials is None
+                                else f"api:{token_fingerprint(credentials.credentials)}")
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
         request.state.actor = principal.actor
         request.state.principal = principal

@@ -222,11 +222,13 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
     from celery.beat import EmbeddedService
     from sqlalchemy.engine import make_url
 
+    from worker import audit
     from worker.celery_app import ALL_QUEUES
 
     _load_model(settings)
     _check_population(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    audit.start(settings, "run")  # the listener reports from its receiver processes
     with started_service(settings, embedded=True) as service, contextlib.ExitStack() as stack:
         threading.Thread(target=supervise, args=(service,), name="pneumoscreen-receivers", daemon=True).start()
         # beat (reconciler, nightly rescreen) in a thread of this process: the in-process broker
