@@ -148,3 +148,10 @@ def test_drift_says_no_for_training_like_films_and_yes_for_another_acquisition(m
     moved = {reason.split(":")[0] for reason in shifted["reasons"]}
     assert {"aspect", "brightness"} <= moved, shifted["reasons"]
     assert shifted["inputs"]["aspect"]["window_median"] < 1.0 < like["inputs"]["aspect"]["window_median"]
+    from worker.api.drift_metrics import DriftCollector
+
+    metrics = {m.name: m for m in DriftCollector(lambda: sessions, None, WINDOW).collect()}
+    assert metrics["pneumoscreen_drift_drifted"].samples[0].value == 1
+    by_statistic = {s.labels["statistic"]: s.value for s in metrics["pneumoscreen_drift_statistic"].samples}
+    assert by_statistic["aspect"] == shifted["inputs"]["aspect"]["statistic"]
+    assert {"scores", "aspect", "brightness", "megapixels", "flag_rate"} <= set(by_statistic)
