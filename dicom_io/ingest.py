@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -32,10 +33,20 @@ def candidate_files(folder: Path) -> Iterator[Path]:
                 yield Path(root) / name
 
 
-def _identity(path: Path) -> tuple[str | None, str, str] | None:
-    """(SOPInstanceUID, SOPClassUID, TransferSyntaxUID) of a DICOM file, or None if it is not one."""
+class FileIdentity(NamedTuple):
+    """Who a DICOM file says it is (from its data set, else its file meta information)."""
+
+    SOPInstanceUID: str | None
+    SOPClassUID: str
+    TransferSyntaxUID: str
+    StudyInstanceUID: str | None
+
+
+def file_identity(path: Path) -> FileIdentity | None:
+    """The identity of a DICOM file, or None if it is not a composite instance (not DICOM, a DICOMDIR)."""
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "SOPClassUID"])
+        ds = dcmread(path, stop_before_pixels=True,
+                     specific_tags=["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID"])
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
     meta = getattr(ds, "file_meta", None)
@@ -44,15 +55,14 @@ def _identity(path: Path) -> tuple[str | None, str, str] | None:
     syntax = str(meta.get("TransferSyntaxUID", "") if meta else "") or "1.2.840.10008.1.2"
     if not sop_class:
         return None  # not a composite instance (a DICOMDIR, a fragment)
-    return sop_uid or None, sop_class, syntax
+    return FileIdentity(sop_uid or None, sop_class, syntax, str(ds.get("StudyInstanceUID", "") or "") or None)
 
 
 def ingest_file(path: Path, context: StoreContext) -> StoreOutcome | None:
     """Store a copy of ``path`` as if it had been received; None if it is not a DICOM instance."""
-    identity = _identity(path)
+    identity = file_identity(path)
     if identity is None:
         return None
-    sop_uid, sop_class, syntax = identity
     staging = context.spool.root / ".ingest"
     staging.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=staging, suffix=".dcm")
@@ -64,7 +74,8 @@ def ingest_file(path: Path, context: StoreContext) -> StoreOutcome | None:
         copy.unlink(missing_ok=True)
         raise
     try:
-        return store_received(copy, context, SOPInstanceUID=sop_uid, SOPClassUID=sop_class, TransferSyntaxUID=syntax,
+        return store_received(copy, context, SOPInstanceUID=identity.SOPInstanceUID,
+                              SOPClassUID=identity.SOPClassUID, TransferSyntaxUID=identity.TransferSyntaxUID,
                               calling_ae=INGEST_SOURCE)
     finally:
         copy.unlink(missing_ok=True)  # moved into the spool or quarantine already, unless refused

@@ -56,6 +56,14 @@ class Settings(BaseSettings):
                                          "lost its sender (a killed worker) and is sent again")
     results_timeout_seconds: float = Field(30.0, gt=0, le=3600,
                                            description="seconds a destination may take to take one delivery")
+    results_dicomweb_url: str | None = Field(
+        None, description="STOW-RS base URL (e.g. http://pacs:8042/dicom-web) that receives our SR by DICOMweb; "
+                          "unset = none")
+    results_dicomweb_token: SecretStr | None = Field(
+        None, description="bearer token sent to PNEUMOSCREEN_RESULTS_DICOMWEB_URL; unset = no Authorization header")
+    dicomweb_max_request_mb: int = Field(256, ge=1, le=1 << 20,
+                                         description="largest STOW-RS request POST /dicomweb/studies takes (MiB); "
+                                                     "a larger one is answered 413 and nothing of it is kept")
     api_host: str = Field("127.0.0.1", description="address of the HTTP API")
     api_port: int = Field(8080, ge=1, le=65535, description="TCP port of the HTTP API")
     api_token: SecretStr | None = Field(None, description="bearer token the HTTP API requires")
@@ -152,6 +160,14 @@ class Settings(BaseSettings):
         if value and not re.match(r"^[^@]{1,16}@[^:]+:\d{1,5}$", value):
             raise ValueError(f"{value!r} must look like AET@host:port")
         return value or None
+
+    @field_validator("results_dicomweb_url")
+    @classmethod
+    def _valid_dicomweb_url(cls, value: str | None) -> str | None:
+        if value and not re.match(r"^https?://[^/@\s]+(/\S*)?$", value):
+            raise ValueError(f"{value!r} must be an http:// or https:// URL without credentials (the token has "
+                             "its own setting)")
+        return value.rstrip("/") if value else None
 
     @field_validator("rescreen_schedule")
     @classmethod

@@ -30,7 +30,8 @@ from db.verdicts import study_verdicts
 from worker import runtime
 from worker.api.accounts import accounts_router
 from worker.api.auth import AuditMiddleware, BearerAuth
-from worker.api.drift_metrics import DriftCollector
+from worker.api.dicomweb import PREFIX as DICOMWEB
+from worker.api.dicomweb import dicomweb_router
 from worker.api.metrics import PipelineCollector, broker_client
 from worker.api.serving import RequestDeadline, StrictTransportSecurity, serves_tls
 from worker.api.schemas import UID_PATTERN, ErrorDetail, Health, InstanceRow, StudyDetail, WorklistRow
@@ -52,7 +53,7 @@ class RequestBounds:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not scope["path"].startswith(f"{DICOMWEB}/"):  # STOW-RS bounds its own
             headers = dict(scope["headers"])
             length = headers.get(b"content-length")
             refusal = None
@@ -144,7 +145,6 @@ def _operations_router(settings: Settings, auth: BearerAuth) -> APIRouter:
     registry = CollectorRegistry(auto_describe=False)
     broker = broker_client(settings.broker_url) if settings.shares_broker else None
     registry.register(PipelineCollector(runtime.sessions, broker))
-    registry.register(DriftCollector(runtime.sessions, settings.model_dir, settings.drift_window))
     registry.register(AuditSpoolCollector(settings.data_dir / "audit"))
 
     @router.get("/healthz", response_model=Health, summary="Can this API answer?",
@@ -195,6 +195,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.include_router(_results_router(settings, auth))
     app.include_router(verdicts_router(auth))
+    app.include_router(dicomweb_router(auth, settings))
     app.include_router(accounts_router(auth))
     app.include_router(_operations_router(settings, auth))
     from worker import web

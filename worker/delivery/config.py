@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from worker.delivery.base import Destination
 from worker.delivery.dicom import DicomDestination, ResultObjects
+from worker.delivery.dicomweb import DicomwebDestination
 from worker.settings import Settings
 
 
@@ -34,9 +35,16 @@ def _dicom(address: str, settings: Settings, resources: Resources) -> Destinatio
                             timeout=settings.results_timeout_seconds)
 
 
+def _dicomweb(address: str, settings: Settings, resources: Resources) -> Destination:
+    token = settings.results_dicomweb_token
+    return DicomwebDestination(address, token=token.get_secret_value() if token else None,
+                               objects=result_objects(settings, resources), timeout=settings.results_timeout_seconds)
+
+
 #: kind -> (the setting that configures it, the factory); a new kind of destination registers here
 KINDS: dict[str, tuple[str, Factory]] = {
     "dicom": ("results_destination", _dicom),
+    "dicomweb": ("results_dicomweb_url", _dicomweb),
 }
 
 
