@@ -30,6 +30,7 @@ from db.verdicts import study_verdicts
 from worker import runtime
 from worker.api.accounts import accounts_router
 from worker.api.auth import AuditMiddleware, BearerAuth
+from worker.api.drift_metrics import DriftCollector
 from worker.api.dicomweb import PREFIX as DICOMWEB
 from worker.api.dicomweb import dicomweb_router
 from worker.api.metrics import PipelineCollector, broker_client
@@ -145,6 +146,7 @@ def _operations_router(settings: Settings, auth: BearerAuth) -> APIRouter:
     registry = CollectorRegistry(auto_describe=False)
     broker = broker_client(settings.broker_url) if settings.shares_broker else None
     registry.register(PipelineCollector(runtime.sessions, broker))
+    registry.register(DriftCollector(runtime.sessions, settings.model_dir, settings.drift_window))
     registry.register(AuditSpoolCollector(settings.data_dir / "audit"))
 
     @router.get("/healthz", response_model=Health, summary="Can this API answer?",
