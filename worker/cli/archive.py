@@ -175,7 +175,9 @@ def _rescreen_from_pacs(settings, pacs, since, until, include_known, wait, timeo
     from db.models import Study
     from db.results import worklist
     from dicom_io.scu import DeliveryError, Peer, echo, find_studies, move_study
-    from worker import rescreen
+    from worker import audit, rescreen
+
+    audit.start(settings, "rescreen")  # the C-FIND is reported as a Query
 
     try:
         peer = Peer.parse(pacs)
