@@ -10,6 +10,13 @@
   population carries that note as a TEXT Comment in its group.
 - The Grad-CAM overlay as a Secondary Capture image, not for diagnosis.
 
+Both name the algorithm as IHE AI Results (AIR) asks: an item of the Contributing Equipment
+Sequence whose Purpose of Reference is (Newcode1, 99IHE, "Processing Algorithm"), with the
+manufacturer, the model name, the software version and a Device UID derived from the model's
+name, version and weights digest (so it changes with every model). Attributes copied from a
+source film are copied only when valid for their VR (``dicom_io.valid_values``); one left out is
+logged once per document, by name only.
+
 TID 1600's image library is not used: highdicom builds it only from CR/DX
 headers carrying PatientOrientation and ImagerPixelSpacing, and not from the
 SC-wrapped radiographs that are screened too. Each measurement group names its
@@ -22,6 +29,7 @@ accessors, so a round trip shows the document is well-formed.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -54,6 +62,11 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
 
+from dicom_io.valid_values import LeftOut, valid_copy
+from model.artifact import study_flagged
+
+log = logging.getLogger(__name__)
+
 MANUFACTURER = "pneumoscreen"
 PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
@@ -66,6 +79,8 @@ COMMENT = codes.DCM.Comment
 STUDY_SUMMARY = "Study summary"
 """Tracking identifier of the study-level group; image groups are tracked by their SOPInstanceUID."""
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE: screening aid, to be read with the original image"
+PROCESSING_ALGORITHM = Code("Newcode1", "99IHE", "Processing Algorithm")
+"""IHE AIR's Purpose of Reference for the algorithm's item of the Contributing Equipment Sequence."""
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _WEIGHTS_PARAMETER = "weights_sha256="
@@ -99,8 +114,23 @@ class AlgorithmInfo:
                                        parameters=[f"{_WEIGHTS_PARAMETER}{self.weights_sha256}"])
 
     def device_uid(self) -> str:
-        """The same UID for the same model, so observers can be matched across reports."""
+        """The same UID for the same model (name, version and weights), another for any other, so
+        observers and contributing equipment can be matched across reports."""
         return generate_uid(entropy_srcs=[MANUFACTURER, self.name, self.version, self.weights_sha256])
+
+    def contributing_equipment(self) -> Dataset:
+        """The algorithm's item of the Contributing Equipment Sequence (0018,A001), as IHE AIR has it."""
+        purpose = Dataset()
+        purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = (
+            PROCESSING_ALGORITHM.value, PROCESSING_ALGORITHM.scheme_designator, PROCESSING_ALGORITHM.meaning)
+        item = Dataset()
+        item.Manufacturer = MANUFACTURER
+        item.ManufacturerModelName = self.name
+        item.SoftwareVersions = self.version
+        item.DeviceUID = self.device_uid()
+        item.ContributionDescription = f"pneumonia screening by {self.name} {self.version}"
+        item.PurposeOfReferenceCodeSequence = [purpose]
+        return item
 
 
 class ImageResult(NamedTuple):
@@ -135,17 +165,31 @@ def _check_probability(value: float) -> float:
     return value
 
 
-def _header(ds: Dataset) -> Dataset:
-    """The source without its pixels, with absent type 2 patient/study attributes present and empty."""
+def _header(ds: Dataset, left_out: set[LeftOut]) -> Dataset:
+    """The source without its pixels and without the values invalid for their VR (added to
+    ``left_out``), with absent type 2 patient/study attributes present and empty."""
+    header, dropped = valid_copy(ds)
+    left_out |= dropped
     missing = [kw for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
-               if not ds.get(kw)]
+               if not header.get(kw)]
     if missing:
-        raise ValueError(f"source image lacks {', '.join(missing)}")
-    header = Dataset({elem.tag: elem for elem in ds if elem.tag.group < 0x7FE0})
+        raise ValueError(f"source image lacks {', '.join(missing)} (or its value is not a valid UID)")
     for keyword in _PATIENT_STUDY_TYPE2:
         if keyword not in header:
             setattr(header, keyword, None)
     return header
+
+
+def _log_left_out(left_out: set[LeftOut], document: str) -> None:
+    """One line per attribute left out of ``document``: its name, never its value."""
+    for attribute in sorted(left_out):
+        log.warning("%s %s in the source film is not a valid %s: left out of the %s",
+                    attribute.keyword, attribute.tag, attribute.VR, document)
+
+
+def _add_algorithm_equipment(ds: Dataset, algorithm: AlgorithmInfo) -> None:
+    equipment = list(ds.get("ContributingEquipmentSequence", []))
+    ds.ContributingEquipmentSequence = [*equipment, algorithm.contributing_equipment()]
 
 
 def _check_sources(sources: Sequence[Dataset], probabilities: Sequence[float],
@@ -154,7 +198,9 @@ def _check_sources(sources: Sequence[Dataset], probabilities: Sequence[float],
         raise ValueError("no source images: a screening report needs at least one")
     if not len(sources) == len(probabilities) == len(flags):
         raise ValueError(f"{len(sources)} source images, {len(probabilities)} probabilities and {len(flags)} flags")
-    headers = [_header(ds) for ds in sources]
+    left_out: set[LeftOut] = set()
+    headers = [_header(ds, left_out) for ds in sources]
+    _log_left_out(left_out, "screening report")
     studies = sorted({str(h.StudyInstanceUID) for h in headers})
     if len(studies) > 1:
         raise ValueError(f"source images span {len(studies)} studies ({', '.join(studies)}); "
@@ -210,7 +256,7 @@ def build_screening_report(
         for h, p, f, note in zip(headers, values, flags, notes)
     ]
     groups.append(_group(STUDY_SUMMARY, generate_uid(entropy_srcs=[sop_instance_uid, STUDY_SUMMARY]),
-                         max(values), any(flags), algorithm, headers, derivation=codes.SCT.Maximum))
+                         max(values), study_flagged(flags), algorithm, headers, derivation=codes.SCT.Maximum))
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -222,13 +268,15 @@ def build_screening_report(
         procedure_reported=PLAIN_CHEST_XRAY,
         imaging_measurements=groups,
     )
-    return Comprehensive3DSR(
+    report = Comprehensive3DSR(
         evidence=headers, content=content[0],
         series_instance_uid=series_instance_uid or generate_uid(), series_number=series_number,
         sop_instance_uid=sop_instance_uid, instance_number=instance_number,
         manufacturer=MANUFACTURER, manufacturer_model_name=algorithm.name, software_versions=algorithm.version,
         series_description=f"{algorithm.name} pneumonia screening", is_complete=True,
     )
+    _add_algorithm_equipment(report, algorithm)
+    return report
 
 
 def _algorithm_of(measurement: Measurement) -> tuple[str, str, str]:
@@ -304,7 +352,9 @@ def build_heatmap_capture(
     overlay = np.asarray(overlay_rgb)
     if overlay.ndim != 3 or overlay.shape[2] != 3 or overlay.dtype != np.uint8 or min(overlay.shape[:2]) < 1:
         raise ValueError(f"overlay_rgb must be a (rows, columns, 3) uint8 array, got {overlay.shape} {overlay.dtype}")
-    header = _header(source)
+    left_out: set[LeftOut] = set()
+    header = _header(source, left_out)
+    _log_left_out(left_out, "heatmap")
     orientation = header.get("PatientOrientation")
     # a frontal chest film is displayed with the patient's left to the right, feet down
     orientation = tuple(orientation) if orientation is not None and len(orientation) == 2 else ("L", "F")
@@ -322,6 +372,8 @@ def build_heatmap_capture(
                                 f"pneumonia probability {probability:.3f}")[:1024]
     sc.ImageComments = NOT_FOR_DIAGNOSIS
     sc.BurnedInAnnotation = "NO"
+    sc.BodyPartExamined = "CHEST"  # an unpaired part: General Series' Laterality is not required
+    _add_algorithm_equipment(sc, algorithm)
     referenced = Dataset()
     referenced.ReferencedSOPClassUID = header.SOPClassUID
     referenced.ReferencedSOPInstanceUID = header.SOPInstanceUID

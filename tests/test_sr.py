@@ -1,19 +1,28 @@
 """The screening report (TID 1500 in a Comprehensive 3D SR) and the heatmap
-Secondary Capture: written to bytes, read back with pydicom and highdicom."""
+Secondary Capture: written to bytes, read back with pydicom (strictly: the session's
+validation raises on any invalid value) and with highdicom's own parsers; IHE AIR's
+contributing equipment; source attributes invalid for their VR left out; dciodvfy
+(dicom3tools) finds no error in either, made from pydicom-data's real films and ours."""
 
 from __future__ import annotations
 
 import io
+import logging
+import shutil
+import subprocess
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread, dcmwrite
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, generate_uid
 
 from dicom_io.sr import (
     NOT_FOR_DIAGNOSIS,
+    PROCESSING_ALGORITHM,
     AlgorithmInfo,
     ImageResult,
     build_heatmap_capture,
@@ -206,3 +215,125 @@ def test_heatmap_capture_refuses_a_non_rgb_overlay(study):
     with pytest.raises(ValueError, match=r"\(rows, columns, 3\) uint8"):
         build_heatmap_capture(study[0], np.zeros((32, 32), np.uint8), algorithm=ALGORITHM, probability=0.5,
                               sop_instance_uid=generate_uid(), series_instance_uid=generate_uid())
+
+
+def _algorithm_items(ds: Dataset) -> list[Dataset]:
+    return [item for item in ds.ContributingEquipmentSequence
+            if [(c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning) for c in item.PurposeOfReferenceCodeSequence]
+            == [("Newcode1", "99IHE", "Processing Algorithm")]]
+
+
+def _heatmap(source: Dataset, algorithm: AlgorithmInfo = ALGORITHM) -> Dataset:
+    overlay = np.random.default_rng(3).integers(0, 256, size=(64, 48, 3), dtype=np.uint8)
+    return build_heatmap_capture(source, overlay, algorithm=algorithm, probability=0.7,
+                                 sop_instance_uid=generate_uid(), series_instance_uid=generate_uid())
+
+
+def _report(sources: list[Dataset], algorithm: AlgorithmInfo = ALGORITHM) -> Dataset:
+    return build_screening_report(sources, [0.7] * len(sources), [True] * len(sources), algorithm=algorithm,
+                                  sop_instance_uid=generate_uid())
+
+
+def test_report_and_heatmap_name_the_algorithm_as_ihe_air_contributing_equipment(study):
+    for ds in (round_trip(_report(study)), round_trip(_heatmap(study[0]))):
+        [item] = _algorithm_items(ds)
+        assert (item.Manufacturer, item.ManufacturerModelName, item.SoftwareVersions) == (
+            "pneumoscreen", "pneumonet", "1.4.2")
+        assert item.DeviceUID == ALGORITHM.device_uid()
+        # highdicom's own items (the library, the source's acquisition equipment) stay beside ours
+        assert len(ds.ContributingEquipmentSequence) >= 2
+    assert PROCESSING_ALGORITHM.value == "Newcode1"
+
+
+def test_the_device_uid_changes_with_every_model_and_only_with_it():
+    same = AlgorithmInfo(name="pneumonet", version="1.4.2", weights_sha256="0123456789abcdef" * 4, threshold=0.3)
+    assert same.device_uid() == ALGORITHM.device_uid()  # a new operating point is the same model
+    others = [AlgorithmInfo("pneumonet", "1.4.3", ALGORITHM.weights_sha256, 0.5),
+              AlgorithmInfo("pneumonet", "1.4.2", "f" * 64, 0.5),
+              AlgorithmInfo("othernet", "1.4.2", ALGORITHM.weights_sha256, 0.5)]
+    assert len({ALGORITHM.device_uid(), *(a.device_uid() for a in others)}) == 4
+
+
+def _film_with_an_invalid_age(**kwargs) -> Dataset:
+    """A film as a modality sent it: a Patient's Age without its unit, read back from its bytes."""
+    return round_trip(chest_dataset(PNEUMONIA_JPEG, sop_class="CR", patient_age="51", **kwargs))
+
+
+def test_source_attributes_invalid_for_their_vr_are_left_out_and_logged_once_by_name(invalid_dicom_allowed,
+                                                                                     caplog):
+    # the films carry an invalid value on purpose: pydicom must let the test make and read them
+    uid = generate_uid()
+    films = [_film_with_an_invalid_age(study_uid=uid), _film_with_an_invalid_age(study_uid=uid)]
+    caplog.clear()  # pydicom's own warnings while the test made them; from here on, pydicom must log none
+    with caplog.at_level(logging.WARNING):
+        report = round_trip(_report(films))
+        heatmap = round_trip(_heatmap(films[0]))
+    assert "PatientAge" not in report and "PatientAge" not in heatmap
+    assert str(report.PatientName) == PLANTED_PATIENT_NAME and heatmap.PatientID == PLANTED_PATIENT_ID
+    lines = [r.getMessage() for r in caplog.records if r.name == "dicom_io.sr"]
+    assert lines == ["PatientAge (0010,1010) in the source film is not a valid AS: left out of the screening report",
+                     "PatientAge (0010,1010) in the source film is not a valid AS: left out of the heatmap"]
+    for text in (PLANTED_PATIENT_NAME, PLANTED_PATIENT_ID, PLANTED_BIRTH_DATE, "'51'"):
+        assert text not in caplog.text
+    valid = round_trip(_report([chest_dataset(PNEUMONIA_JPEG, sop_class="CR", patient_age="045Y")]))
+    assert valid.PatientAge == "045Y"
+
+
+def _read_strictly(data: bytes) -> Dataset:
+    ds = dcmread(io.BytesIO(data))
+    for element in ds.iterall():
+        element.value  # noqa: B018  (converting each value validates it: the session's mode raises)
+    return ds
+
+
+def test_report_and_heatmap_read_back_strictly_by_pydicom_and_by_highdicoms_parsers(study):
+    report_bytes, heatmap_bytes = _bytes(_report(study)), _bytes(_heatmap(study[0]))
+    _read_strictly(report_bytes), _read_strictly(heatmap_bytes)
+
+    document = hd.sr.srread(io.BytesIO(report_bytes))
+    assert isinstance(document, hd.sr.Comprehensive3DSR)
+    assert isinstance(document.content, hd.sr.MeasurementReport)
+    [observer] = document.content.get_observer_contexts(
+        observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"))
+    assert observer.observer_identifying_attributes.uid == ALGORITHM.device_uid()
+
+    image = hd.imread(io.BytesIO(heatmap_bytes))
+    assert image.SOPClassUID == SecondaryCaptureImageStorage
+    assert hd.Image.from_dataset(dcmread(io.BytesIO(heatmap_bytes))).get_frame(1).shape == (64, 48, 3)
+
+
+DCIODVFY = shutil.which("dciodvfy")
+
+
+def _source(name: str, request) -> Dataset:
+    """A source film: one of pydicom-data's real files, or one of ours."""
+    if name == "factory CR":
+        return chest_dataset(PNEUMONIA_JPEG, sop_class="CR")
+    if name == "factory DX":
+        return round_trip(chest_dataset(NORMAL_JPEG, sop_class="DX", modality="DX"))
+    if name == "factory SC":
+        return chest_dataset(NORMAL_JPEG, sop_class="SC")
+    if name == "invalid values":
+        request.getfixturevalue("invalid_dicom_allowed")  # this film is invalid on purpose
+        film = chest_dataset(PNEUMONIA_JPEG, sop_class="CR", patient_age="51", body_part="chest")
+        film.StudyTime = "25:61"
+        return round_trip(film)
+    path = get_testdata_file(name)
+    assert path is not None, f"pydicom-data's {name} is not installed (pip install pydicom-data)"
+    return dcmread(path)
+
+
+def _dciodvfy_errors(ds: Dataset, path: Path) -> list[str]:
+    dcmwrite(path, ds, enforce_file_format=True)
+    run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG3_UNCR.dcm", "MR2_UNCR.dcm", "CT_small.dcm", "factory CR",
+                                  "factory DX", "factory SC", "invalid values"])
+def test_dciodvfy_reports_no_error_on_the_report_and_the_heatmap(name, request, tmp_path):
+    if DCIODVFY is None:
+        pytest.fail("dciodvfy is not installed: apt-get install dicom3tools (.ci/run does)")
+    source = _source(name, request)
+    assert _dciodvfy_errors(_report([source]), tmp_path / "sr.dcm") == []
+    assert _dciodvfy_errors(_heatmap(source), tmp_path / "sc.dcm") == []
