@@ -52,6 +52,7 @@ def _check_population(settings: Settings) -> None:
 
 def _start_listener(settings: Settings, *, reuse_port: bool = False):
     from dicom_io.server import start_listener
+    from dicom_io.wire import IncompatiblePynetdicomError
     from worker import audit, runtime
 
     audit.start(settings, "listener")
@@ -60,6 +61,8 @@ def _start_listener(settings: Settings, *, reuse_port: bool = False):
                               sessions=sessions())
     except OSError as exc:
         raise _cannot_listen(settings, exc) from None
+    except IncompatiblePynetdicomError as exc:  # the bounds on DICOM peers cannot be set: no listener
+        raise click.ClickException(str(exc)) from None
 
 
 def _cannot_listen(settings: Settings, exc: OSError) -> click.ClickException:
