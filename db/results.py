@@ -13,8 +13,8 @@ from datetime import date, datetime, time, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Select, case, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Select, and_, case, func, select
+from sqlalchemy.orm import Session, aliased
 
 from db.models import TERMINAL_STATES, Instance, InstanceState, ModelVersion, Prediction, Series, Study
 from db.queries import iso_utc
@@ -60,6 +60,16 @@ def received_window(since: date | None, until: date | None, zone: str) -> tuple[
     return (None if since is None else start(since)), (None if until is None else start(until + timedelta(days=1)))
 
 
+def any_image_flagged(flagged) -> ColumnElement[int]:
+    """The study-level flag rule in SQL, built here once for every query that groups images by
+    study: 1 when any of the study's images is flagged (``flagged`` true), else 0.
+
+    The rule itself is ``model.artifact.study_flagged``, beside ``ModelCard.flags``; db/ imports
+    nothing from model/ (imports run one way), so this is its SQL form, and
+    tests/test_flag_rule.py holds the two to the same answers."""
+    return func.coalesce(func.max(case((flagged, 1), else_=0)), 0)
+
+
 def _latest_prediction_ids():
     """instance_id -> the id of its latest prediction."""
     return (select(Prediction.instance_id, func.max(Prediction.id).label("prediction_id"))
@@ -83,7 +93,7 @@ def worklist(
     order = WorklistOrder(order)
     state = StudyState(state) if state is not None else None
     latest = _latest_prediction_ids()
-    flagged = func.max(case((Prediction.flagged, 1), else_=0))
+    flagged = any_image_flagged(Prediction.flagged)
     open_count = func.sum(case((Instance.state.not_in(TERMINAL_STATES), 1), else_=0))
     failed_count = func.sum(case((Instance.state == InstanceState.FAILED, 1), else_=0))
     predicted_count = func.count(Prediction.id)
@@ -244,28 +254,23 @@ def rescreen_changes(session: Session, *, instance_ids: list[int], model_version
     """What ``model_version`` changed for ``instance_ids``, compared with each one's previous answer.
 
     Returns counts (``rescreened``, ``pending``, ``not_screened``: ended SKIPPED or FAILED
-    without an answer, ``newly_flagged``, ``unflagged``, ``unchanged``) and the studies whose
-    flag changed (``changed_studies``: study UID, accession number, before, after).
+    without an answer, ``newly_flagged``, ``unflagged``, ``unchanged``) and the studies of those
+    instances whose flag changed (``changed_studies``: study UID, accession number, before, after;
+    a study's flag by ``any_image_flagged`` over its images ``model_version`` answered, with each
+    one's previous answer before).
     """
     result = {"rescreened": 0, "pending": 0, "not_screened": 0, "newly_flagged": 0, "unflagged": 0,
               "unchanged": 0}
     if not instance_ids:
         return {**result, "changed_studies": []}
     answers: dict[int, list[Prediction]] = {}
-    study_of: dict[int, tuple[str, str | None]] = {}
     ended_unanswered: set[int] = set()
     for ids in in_chunks(instance_ids):
         for p in session.scalars(select(Prediction).where(Prediction.instance_id.in_(ids)).order_by(Prediction.id)):
             answers.setdefault(p.instance_id, []).append(p)
-        study_of.update((row.id, (row.StudyInstanceUID, row.AccessionNumber)) for row in session.execute(
-            select(Instance.id, Study.StudyInstanceUID, Study.AccessionNumber)
-            .join(Series, Instance.series_id == Series.id)
-            .join(Study, Series.study_id == Study.id).where(Instance.id.in_(ids))
-        ))
         ended_unanswered.update(session.scalars(select(Instance.id).where(
             Instance.id.in_(ids), Instance.state.in_([InstanceState.SKIPPED, InstanceState.FAILED]))))
-    before_by_study: dict[tuple[str, str | None], bool] = {}
-    after_by_study: dict[tuple[str, str | None], bool] = {}
+    rescreened: list[int] = []
     for instance_id in instance_ids:
         history = answers.get(instance_id, [])
         new = next((p for p in history if p.model_version == model_version), None)
@@ -274,6 +279,7 @@ def rescreen_changes(session: Session, *, instance_ids: list[int], model_version
             result["not_screened" if instance_id in ended_unanswered else "pending"] += 1
             continue
         result["rescreened"] += 1
+        rescreened.append(instance_id)
         was = bool(old.flagged) if old is not None else False
         if new.flagged and not was:
             result["newly_flagged"] += 1
@@ -281,14 +287,37 @@ def rescreen_changes(session: Session, *, instance_ids: list[int], model_version
             result["unflagged"] += 1
         else:
             result["unchanged"] += 1
-        study = study_of.get(instance_id)
-        if study is not None:
-            before_by_study[study] = before_by_study.get(study, False) or was
-            after_by_study[study] = after_by_study.get(study, False) or bool(new.flagged)
-    changed = [{"study_instance_uid": study[0], "accession_number": study[1],
-                "flagged_before": before_by_study[study], "flagged_after": after}
-               for study, after in sorted(after_by_study.items()) if after != before_by_study[study]]
-    return {**result, "changed_studies": changed}
+    changed = [{"study_instance_uid": row.StudyInstanceUID, "accession_number": row.AccessionNumber,
+                "flagged_before": bool(row.before), "flagged_after": bool(row.after)}
+               for row in _study_flags(session, instance_ids=rescreened, model_version=model_version)
+               if bool(row.before) != bool(row.after)]
+    return {**result, "changed_studies": sorted(changed, key=lambda study: study["study_instance_uid"])}
+
+
+def _study_flags(session: Session, *, instance_ids: list[int], model_version: str) -> list[Any]:
+    """The studies of ``instance_ids``, each with its flag under ``model_version`` (``after``) and
+    under its images' previous answers (``before``), over the images ``model_version`` answered."""
+    study_ids: set[int] = set()
+    for ids in in_chunks(instance_ids):
+        study_ids.update(session.scalars(select(Series.study_id).join(Instance, Instance.series_id == Series.id)
+                                         .where(Instance.id.in_(ids))))
+    new, old = aliased(Prediction), aliased(Prediction)
+    previous = (select(Prediction.instance_id, func.max(Prediction.id).label("prediction_id"))
+                .where(Prediction.model_version != model_version).group_by(Prediction.instance_id).subquery())
+    rows = []
+    for chunk in in_chunks(sorted(study_ids)):
+        rows += session.execute(
+            select(Study.StudyInstanceUID, Study.AccessionNumber, any_image_flagged(old.flagged).label("before"),
+                   any_image_flagged(new.flagged).label("after"))
+            .join(Series, Series.study_id == Study.id)
+            .join(Instance, Instance.series_id == Series.id)
+            .join(new, and_(new.instance_id == Instance.id, new.model_version == model_version))
+            .outerjoin(previous, previous.c.instance_id == Instance.id)
+            .outerjoin(old, old.id == previous.c.prediction_id)
+            .where(Study.id.in_(chunk))
+            .group_by(Study.id)
+        ).all()
+    return rows
 
 
 def model_versions(session: Session) -> dict[str, dict[str, Any]]:

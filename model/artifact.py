@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +30,20 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def flagged_at(scores, threshold: float):
+    """The one flag rule, on one probability or an array of them: at or above ``threshold`` is
+    flagged. ``ModelCard.flags`` and the choice and measurement of thresholds (``model.metrics``,
+    ``model.operating_point``) all compare through this."""
+    return scores >= threshold
+
+
+def study_flagged(image_flags: Iterable[bool]) -> bool:
+    """The study-level flag rule: a study is flagged when any of its images is. Its SQL form, for
+    queries that group images by study, is ``db.results.any_image_flagged`` (db/ imports nothing
+    from model/)."""
+    return any(bool(flag) for flag in image_flags)
 
 
 @dataclass(frozen=True)
@@ -53,7 +68,7 @@ class ModelCard:
 
     def flags(self, probability: float) -> bool:
         """The one flag rule: a probability at or above the card's threshold is flagged."""
-        return bool(probability >= self.threshold)
+        return bool(flagged_at(probability, self.threshold))
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+
+from model.artifact import flagged_at
 
 
 def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, sensitivity: float) -> float:
-    """The highest threshold whose sensitivity (recall of label 1) is at least ``sensitivity``."""
+    """The highest threshold whose sensitivity (recall of label 1) is at least ``sensitivity``, under
+    the one flag rule (``model.artifact.flagged_at``: a score at or above the threshold is flagged)."""
     positives = np.sort(np.asarray(scores)[np.asarray(labels) == 1])
     if positives.size == 0:
         raise ValueError("no positive examples to set a threshold on")
-    # flag p >= t; allow at most floor((1 - sensitivity) * n) misses
+    # allow at most floor((1 - sensitivity) * n) misses: the lowest positives, below the threshold
     misses = int(np.floor((1.0 - sensitivity) * positives.size + 1e-9))
-    t = float(positives[misses])
-    return float(np.clip(t, 1e-6, 1 - 1e-6))
+    return float(np.clip(positives[misses], 1e-6, 1 - 1e-6))
 
 
 def binary_report(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float | int]:
@@ -22,7 +26,7 @@ def binary_report(labels: np.ndarray, scores: np.ndarray, threshold: float) -> d
 
     labels = np.asarray(labels).astype(int)
     scores = np.asarray(scores, dtype=float)
-    pred = scores >= threshold
+    pred = flagged_at(scores, threshold)
     tp = int(np.sum(pred & (labels == 1)))
     fp = int(np.sum(pred & (labels == 0)))
     fn = int(np.sum(~pred & (labels == 1)))
@@ -67,6 +71,35 @@ def curves(labels: np.ndarray, scores: np.ndarray, *, points: int = 64, bins: in
             "reliability": reliability, "brier": float(np.mean((scores - labels) ** 2))}
 
 
+def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> float:
+    """ECE: the count-weighted mean gap between predicted probability and observed
+    fraction positive, over ``bins`` equal-width bins."""
+    labels = np.asarray(labels, dtype=float)
+    scores = np.asarray(scores, dtype=float)
+    if labels.size == 0:
+        raise ValueError("no scores")
+    index = np.clip(np.digitize(scores, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+    gap = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            gap += members.sum() * abs(scores[members].mean() - labels[members].mean())
+    return float(gap / labels.size)
+
+
+def calibration_figures(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    labels = np.asarray(labels, dtype=float)
+    scores = np.asarray(scores, dtype=float)
+    return {"brier": float(np.mean((scores - labels) ** 2)), "ece": expected_calibration_error(labels, scores)}
+
+
+def spread(values: Sequence[float]) -> dict:
+    """A figure over several models or folds: mean, sample sd (0 for one value), min, max and the values."""
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(np.min(v)), "max": float(np.max(v)), "values": [float(x) for x in v]}
+
+
 def proportion_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a proportion (sensitivity, specificity): sound at 0 and 1 and on small samples."""
     from scipy.stats import norm
@@ -102,8 +135,6 @@ def auc_interval(labels: np.ndarray, scores: np.ndarray, *, draws: int = 1000, s
 def report_with_intervals(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
     """``binary_report`` with 95 % intervals (``ci95``: Wilson for sensitivity and specificity,
     bootstrap for the AUC) and the calibration figures (Brier score, ECE)."""
-    from model.operating_point import calibration_figures
-
     report = binary_report(labels, scores, threshold)
     report["ci95"] = {"sensitivity": list(proportion_interval(report["tp"], report["tp"] + report["fn"])),
                       "specificity": list(proportion_interval(report["tn"], report["tn"] + report["fp"])),

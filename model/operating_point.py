@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.metrics import threshold_for_sensitivity
+from model.artifact import flagged_at
+from model.metrics import calibration_figures, spread, threshold_for_sensitivity
 
 EPS = 1e-6
 
@@ -74,31 +75,9 @@ def fit_platt(labels: np.ndarray, scores: np.ndarray) -> Platt:
     return Platt(slope, float(fit.intercept_[0]))
 
 
-def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> float:
-    """ECE: the count-weighted mean gap between predicted probability and observed
-    fraction positive, over ``bins`` equal-width bins."""
-    labels = np.asarray(labels, dtype=float)
-    scores = np.asarray(scores, dtype=float)
-    if labels.size == 0:
-        raise ValueError("no scores")
-    index = np.clip(np.digitize(scores, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
-    gap = 0.0
-    for b in range(bins):
-        members = index == b
-        if members.any():
-            gap += members.sum() * abs(scores[members].mean() - labels[members].mean())
-    return float(gap / labels.size)
-
-
-def calibration_figures(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    labels = np.asarray(labels, dtype=float)
-    scores = np.asarray(scores, dtype=float)
-    return {"brier": float(np.mean((scores - labels) ** 2)), "ece": expected_calibration_error(labels, scores)}
-
-
 def _at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
     labels = np.asarray(labels).astype(int)
-    flagged = np.asarray(scores) >= threshold
+    flagged = flagged_at(np.asarray(scores), threshold)
     positives, negatives = labels == 1, labels == 0
     return {"sensitivity": float(flagged[positives].mean()) if positives.any() else float("nan"),
             "specificity": float((~flagged[negatives]).mean()) if negatives.any() else float("nan")}
@@ -189,10 +168,6 @@ def transferable_threshold(sets: Sequence[tuple[str, np.ndarray, np.ndarray]], *
                          **_at(calibrated[i][0], calibrated[i][1], t)})
         transfer_raw.append({"name": name, "threshold": t_raw, **_at(labels, scores, t_raw)})
 
-    def spread(rows: list[dict], key: str) -> dict[str, float]:
-        v = np.array([r[key] for r in rows])
-        return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
-
     if margin:
         method = (f"threshold on the pooled held-out sets, each calibrated on itself (Platt), for the design "
                   f"sensitivity {design}: the lowest at which every set reaches {target_sensitivity} at the "
@@ -209,12 +184,12 @@ def transferable_threshold(sets: Sequence[tuple[str, np.ndarray, np.ndarray]], *
         "ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))],
         "pooled": {"n": int(pooled.size), **_at(pooled_labels, pooled, threshold)},
         "sets": per_set,
-        "own_thresholds": spread(per_set, "threshold"),
-        "own_thresholds_raw": spread(per_set, "raw_threshold"),
-        "transfer": {"sets": transfer, "sensitivity": spread(transfer, "sensitivity"),
-                     "specificity": spread(transfer, "specificity")},
-        "transfer_raw": {"sets": transfer_raw, "sensitivity": spread(transfer_raw, "sensitivity"),
-                         "specificity": spread(transfer_raw, "specificity")},
+        "own_thresholds": spread([row["threshold"] for row in per_set]),
+        "own_thresholds_raw": spread([row["raw_threshold"] for row in per_set]),
+        "transfer": {"sets": transfer, "sensitivity": spread([row["sensitivity"] for row in transfer]),
+                     "specificity": spread([row["specificity"] for row in transfer])},
+        "transfer_raw": {"sets": transfer_raw, "sensitivity": spread([row["sensitivity"] for row in transfer_raw]),
+                         "specificity": spread([row["specificity"] for row in transfer_raw])},
     }
 
 

@@ -75,7 +75,7 @@ def write_reliability_plot(labels: np.ndarray, scores: np.ndarray, path: str | P
     """The reliability curve: observed fraction of pneumonia against the predicted probability
     (equal-width bins, the count of each bin under it), with the Brier score and ECE."""
     from model.metrics import curves
-    from model.operating_point import calibration_figures
+    from model.metrics import calibration_figures
 
     plt = _pyplot()
     rows = curves(labels, scores, bins=bins)["reliability"]

@@ -29,7 +29,7 @@ import numpy as np
 from model.artifact import ModelCard, save_artifact
 from model.augment import AUGMENTATIONS
 from model.dataset import LabelledImages, combine, load_folder, patient_split
-from model.metrics import binary_report, curves, threshold_for_sensitivity
+from model.metrics import binary_report, curves, spread, threshold_for_sensitivity
 from model.operating_point import (
     HELD_OUT_FILE,
     Platt,
@@ -347,8 +347,6 @@ def card_sections(check: dict) -> dict:
 def first_folder_figures(check: dict, full: LabelledImages, first: Path, target_sensitivity: float) -> dict:
     """The check's clean figures on the held-out films of the first data folder only (each fold's
     threshold chosen on them): comparable with a check of a model trained on that folder alone."""
-    from model.validation import _spread
-
     first = first.resolve()
     from_first = np.array([first in Path(p).resolve().parents for p in full.paths])
     aucs, specs = [], []
@@ -359,7 +357,7 @@ def first_folder_figures(check: dict, full: LabelledImages, first: Path, target_
         aucs.append(report["auc"])
         specs.append(report["specificity"])
     return {"folder": str(first), "held_out_images": int(sum(from_first[h["index"]].sum() for h in check["held_out"])),
-            "auc": _spread(aucs), "specificity": _spread(specs)}
+            "auc": spread(aucs), "specificity": spread(specs)}
 
 
 def load_training_folders(data_dirs: list[Path], *, size: int, cache_dir: Path) -> LabelledImages:

@@ -38,7 +38,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from model.metrics import binary_report, threshold_for_sensitivity
+from model.metrics import binary_report, spread, threshold_for_sensitivity
 from model.preprocessing import INPUT_SIZE, prepare, read_image_file
 
 log = logging.getLogger(__name__)
@@ -188,25 +188,19 @@ def fold_report(labels: np.ndarray, scores: np.ndarray, shifted_scores: Mapping[
     return report
 
 
-def _spread(values: Sequence[float]) -> dict:
-    v = np.asarray(values, dtype=float)
-    return {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-            "min": float(np.min(v)), "max": float(np.max(v)), "values": [float(x) for x in v]}
-
-
 def aggregate(reports: Sequence[Mapping]) -> dict:
     """Mean, sample sd (0 for one report), min, max and values of every figure over
     :func:`fold_report` results (folds, or folds of several seeds pooled)."""
     if not reports:
         raise ValueError("nothing to aggregate")
-    out: dict = {"n_reports": len(reports), "threshold": _spread([r["threshold"] for r in reports]),
-                 "clean": {m: _spread([r["clean"][m] for r in reports]) for m in reports[0]["clean"]}}
+    out: dict = {"n_reports": len(reports), "threshold": spread([r["threshold"] for r in reports]),
+                 "clean": {m: spread([r["clean"][m] for r in reports]) for m in reports[0]["clean"]}}
     if reports[0].get("shifted"):
         names = list(reports[0]["shifted"])
-        out["shifted"] = {n: {m: _spread([r["shifted"][n][m] for r in reports]) for m in reports[0]["shifted"][n]}
+        out["shifted"] = {n: {m: spread([r["shifted"][n][m] for r in reports]) for m in reports[0]["shifted"][n]}
                           for n in names}
         for key in ("shifted_mean", "shifted_worst"):
-            out[key] = {m: _spread([r[key][m] for r in reports]) for m in ("auc", "sensitivity", "specificity")}
+            out[key] = {m: spread([r[key][m] for r in reports]) for m in ("auc", "sensitivity", "specificity")}
         out["shifted_worst"]["perturbations"] = [r["shifted_worst"]["perturbation"] for r in reports]
     return out
 

@@ -10,11 +10,10 @@ keeps it.
 import numpy as np
 import pytest
 
+from model.metrics import calibration_figures, expected_calibration_error
 from model.operating_point import (
     Platt,
-    calibration_figures,
     design_sensitivity,
-    expected_calibration_error,
     fit_platt,
     fold_into_dense,
     sigmoid,
