@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, FilePath, HttpUrl, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
@@ -56,6 +56,19 @@ class Settings(BaseSettings):
                                          "lost its sender (a killed worker) and is sent again")
     results_timeout_seconds: float = Field(30.0, gt=0, le=3600,
                                            description="seconds a destination may take to take one delivery")
+    fhir_base_url: HttpUrl | None = Field(
+        None, description="FHIR R4 base URL (e.g. https://ehr.example.org/fhir) that receives a DiagnosticReport "
+                          "per screened study, as a transaction Bundle; unset = none")
+    fhir_token: SecretStr | None = Field(None, description="bearer token sent to PNEUMOSCREEN_FHIR_BASE_URL (never "
+                                                           "logged nor stored); unset = no Authorization header")
+    fhir_ca_bundle: FilePath | None = Field(None, description="CA bundle (PEM) that signed the FHIR server's "
+                                                              "certificate (https); default: the system's")
+    fhir_patient_identifier_system: str = Field(
+        "", description="URI of the patient identifier system of the films' PatientID (the hospital's MRN system) "
+                        "in the report's subject; empty = the identifier is sent without a system")
+    fhir_accession_identifier_system: str = Field(
+        "", description="URI of the RIS's accession number system, in the report's basedOn ServiceRequest "
+                        "identifier; empty = without a system")
     results_dicomweb_url: str | None = Field(
         None, description="STOW-RS base URL (e.g. http://pacs:8042/dicom-web) that receives our SR by DICOMweb; "
                           "unset = none")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from worker.delivery.base import Destination
 from worker.delivery.dicom import DicomDestination, ResultObjects
 from worker.delivery.dicomweb import DicomwebDestination
+from worker.delivery.fhir import FhirDestination
+from worker.fhir.report import Identifiers
 from worker.settings import Settings
 
 
@@ -41,9 +43,17 @@ def _dicomweb(address: str, settings: Settings, resources: Resources) -> Destina
                                objects=result_objects(settings, resources), timeout=settings.results_timeout_seconds)
 
 
+def _fhir(address: str, settings: Settings, resources: Resources) -> Destination:
+    return FhirDestination(str(address), token=settings.fhir_token, timeout=settings.results_timeout_seconds,
+                           ca_bundle=settings.fhir_ca_bundle,
+                           identifiers=Identifiers(patient_system=settings.fhir_patient_identifier_system,
+                                                   accession_system=settings.fhir_accession_identifier_system))
+
+
 #: kind -> (the setting that configures it, the factory); a new kind of destination registers here
 KINDS: dict[str, tuple[str, Factory]] = {
     "dicom": ("results_destination", _dicom),
+    "fhir": ("fhir_base_url", _fhir),
     "dicomweb": ("results_dicomweb_url", _dicomweb),
 }
 

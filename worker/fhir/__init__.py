@@ -1,0 +1,1 @@
+"""FHIR R4 resources of a screening result (:mod:`worker.fhir.report`), sent by :mod:`worker.delivery.fhir`."""
