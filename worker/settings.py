@@ -148,6 +148,36 @@ class Settings(BaseSettings):
     drift_window: int = Field(500, ge=30, le=100_000,
                               description="drift check: the last N films the configured model screened, compared "
                                           "with its reference (held-out scores, training films' input statistics)")
+    hl7_destination: str | None = Field(None, description="host:port of the RIS that receives an HL7 v2.5.1 ORU^R01 "
+                                                          "per screened study over MLLP; unset = none")
+    hl7_sending_application: str = Field("PNEUMOSCREEN", max_length=180,
+                                         description="MSH-3 of our messages (and of the ACKs the report feed sends)")
+    hl7_sending_facility: str = Field("", max_length=180, description="MSH-4 of our messages; empty = none")
+    hl7_receiving_application: str = Field("RIS", max_length=180, description="MSH-5: the RIS's application name")
+    hl7_receiving_facility: str = Field("", max_length=180, description="MSH-6: the RIS's facility; empty = none")
+    hl7_processing_id: Literal["P", "T", "D"] = Field(
+        "P", description="MSH-11: P production, T training, D debugging (the RIS may refuse another one)")
+    hl7_universal_service: str = Field(
+        "PNEUMOSCREEN^Chest X-ray pneumonia screening (AI)^99PNSCR",
+        description="OBR-4 of the ORU (code^text^coding system): the procedure as the RIS knows it")
+    hl7_patient_id_authority: str = Field("", max_length=64,
+                                          description="PID-3 assigning authority when the film's header has no "
+                                                      "IssuerOfPatientID; empty = none")
+    hl7_listen_port: int | None = Field(None, ge=1, le=65535,
+                                        description="MLLP port for the RIS's final reports (ORU^R01), read as "
+                                                    "verdicts; unset = off")
+    hl7_listen_host: str = Field("127.0.0.1", description="address of the MLLP report listener")
+    hl7_allowed_senders: str = Field("", description="comma-separated MSH-3 sending applications the report "
+                                                     "listener accepts; empty = any (loopback only)")
+    hl7_pneumonia_codes: str = Field("SCT^233604007,RADLEX^RID5350",
+                                     description="coded OBX values of a final report that mean pneumonia, "
+                                                 "comma-separated CODE or SYSTEM^CODE (OBX-5.1, OBX-5.3)")
+    hl7_normal_codes: str = Field("SCT^17621005",
+                                  description="coded OBX values of a final report that mean no pneumonia, "
+                                              "comma-separated CODE or SYSTEM^CODE")
+    hl7_max_message_kb: int = Field(1024, ge=4, le=1 << 20,
+                                    description="largest MLLP message the report listener takes (KiB); a larger "
+                                                "one closes the connection")
 
     @field_validator("ae_title")
     @classmethod
@@ -173,6 +203,20 @@ class Settings(BaseSettings):
         if value and not re.match(r"^[^@]{1,16}@[^:]+:\d{1,5}$", value):
             raise ValueError(f"{value!r} must look like AET@host:port")
         return value or None
+
+    @field_validator("hl7_destination")
+    @classmethod
+    def _valid_hl7_destination(cls, value: str | None) -> str | None:
+        if value and not re.match(r"^[^:@/\s]+:\d{1,5}$", value):
+            raise ValueError(f"{value!r} must look like host:port (the RIS's MLLP port)")
+        return value or None
+
+    @model_validator(mode="after")
+    def _open_report_listener_needs_senders(self) -> "Settings":
+        if self.hl7_listen_port is not None and not self.hl7_allowed_senders and not is_loopback(self.hl7_listen_host):
+            raise ValueError(f"the HL7 report listener on {self.hl7_listen_host} with no PNEUMOSCREEN_HL7_ALLOWED_SENDERS:"
+                             " any sender is accepted only on a loopback address; set the RIS's MSH-3 application")
+        return self
 
     @field_validator("results_dicomweb_url")
     @classmethod

@@ -14,7 +14,9 @@ from worker.delivery.base import Destination
 from worker.delivery.dicom import DicomDestination, ResultObjects
 from worker.delivery.dicomweb import DicomwebDestination
 from worker.delivery.fhir import FhirDestination
+from worker.delivery.hl7 import Hl7Destination
 from worker.fhir.report import Identifiers
+from worker.hl7.oru import Parties
 from worker.settings import Settings
 
 
@@ -50,11 +52,20 @@ def _fhir(address: str, settings: Settings, resources: Resources) -> Destination
                                                    accession_system=settings.fhir_accession_identifier_system))
 
 
+def _hl7(address: str, settings: Settings, resources: Resources) -> Destination:
+    return Hl7Destination(address, timeout=settings.results_timeout_seconds, parties=Parties(
+        sending_application=settings.hl7_sending_application, sending_facility=settings.hl7_sending_facility,
+        receiving_application=settings.hl7_receiving_application,
+        receiving_facility=settings.hl7_receiving_facility, processing_id=settings.hl7_processing_id,
+        universal_service=settings.hl7_universal_service, patient_id_authority=settings.hl7_patient_id_authority))
+
+
 #: kind -> (the setting that configures it, the factory); a new kind of destination registers here
 KINDS: dict[str, tuple[str, Factory]] = {
     "dicom": ("results_destination", _dicom),
     "fhir": ("fhir_base_url", _fhir),
     "dicomweb": ("results_dicomweb_url", _dicomweb),
+    "hl7": ("hl7_destination", _hl7),
 }
 
 
