@@ -18,15 +18,14 @@ import httpx
 import pytest
 from pydantic import SecretStr
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from sqlalchemy import select
 
 from db.deliveries import DeliveryJob, EarlierDelivery, ScreenedImage
-from db.models import DeliveryState, ResultDelivery
-from db.session import make_engine, make_sessionmaker
+from db.models import DeliveryState
 from fhir.resources.R4B.bundle import Bundle
 from tests.helpers.dicom_factory import NORMAL_JPEG, PLANTED_PATIENT_ID, PNEUMONIA_JPEG, chest_dataset
 from tests.helpers.fhir_server import FhirServer, Refused, Store, matches, transaction
 from tests.helpers.processes import cli_json, free_port, storescu, wait_until
+from tests.helpers.records import delivery_rows
 from worker.delivery import SendError
 from worker.delivery.fhir import FhirDestination
 from worker.fhir.report import DICOM_UID, Identifiers, report_bundle
@@ -167,15 +166,6 @@ def test_the_token_is_sent_and_the_servers_own_words_are_the_reason(tmp_path):
     assert unreachable.value.transient
 
 
-def _deliveries(db_url: str) -> list[ResultDelivery]:
-    engine = make_engine(db_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            return list(session.scalars(select(ResultDelivery).order_by(ResultDelivery.id)))
-    finally:
-        engine.dispose()
-
-
 @pytest.mark.slow
 def test_a_film_sent_by_c_store_ends_as_one_diagnostic_report_though_the_first_answer_was_lost(
     tmp_path, pg_url, processes, production
@@ -187,7 +177,7 @@ def test_a_film_sent_by_c_store_ends_as_one_diagnostic_report_though_the_first_a
         study = generate_uid()
         films = [_film(tmp_path / "send", jpeg, study, sop_class="CR")[0] for jpeg in (PNEUMONIA_JPEG, NORMAL_JPEG)]
         assert storescu(port, *films).returncode == 0
-        [row] = wait_until(lambda: [r for r in _deliveries(pg_url) if r.state == DeliveryState.SENT] or None,
+        [row] = wait_until(lambda: [r for r in delivery_rows(pg_url) if r.state == DeliveryState.SENT] or None,
                            timeout=120, what="the report delivered after the lost answer")
         reports = server.current("DiagnosticReport")
         key_identifier = next(iter(reports.values()))["identifier"][0]["value"]

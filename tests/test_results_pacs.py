@@ -15,10 +15,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from sqlalchemy import select
 
-from db.models import DeliveryState, ResultDelivery
-from db.session import make_engine, make_sessionmaker
+from db.models import DeliveryState
 from dicom_io.sr import read_screening_report
 from model.artifact import read_card
 from tests.helpers.dicom_factory import (
@@ -30,6 +28,7 @@ from tests.helpers.dicom_factory import (
 )
 from tests.helpers.orthanc import Orthanc
 from tests.helpers.processes import cli_env, cli_json, free_port, run_cli, start_run, storescu, wait_until
+from tests.helpers.records import delivery_rows
 
 pytestmark = pytest.mark.slow
 
@@ -57,15 +56,6 @@ def _objects_in(orthanc: Orthanc, study_uid: str) -> dict[str, list]:
     return found
 
 
-def _deliveries(db_url: str) -> list[ResultDelivery]:
-    engine = make_engine(db_url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            return list(session.scalars(select(ResultDelivery).order_by(ResultDelivery.id)))
-    finally:
-        engine.dispose()
-
-
 def test_screened_studies_go_back_to_the_pacs_as_sr_and_heatmaps_even_when_it_is_down_at_first(
     tmp_path, pg_url, processes, production
 ):
@@ -80,7 +70,7 @@ def test_screened_studies_go_back_to_the_pacs_as_sr_and_heatmaps_even_when_it_is
 
     # the PACS is down: the report waits (PENDING with the reason) instead of being lost
     def refused_once():
-        rows = _deliveries(pg_url)
+        rows = delivery_rows(pg_url)
         return rows if rows and rows[0].reason and rows[0].state == DeliveryState.PENDING else None
 
     [pending] = wait_until(refused_once, timeout=120, what="a refused delivery waiting for its retry")
@@ -89,7 +79,7 @@ def test_screened_studies_go_back_to_the_pacs_as_sr_and_heatmaps_even_when_it_is
     orthanc = Orthanc(tmp_path / "orthanc", modalities={}, extra_config={"DicomPort": pacs_port})
     try:
         [delivered] = wait_until(
-            lambda: [r for r in _deliveries(pg_url) if r.state == DeliveryState.SENT] or None,
+            lambda: [r for r in delivery_rows(pg_url) if r.state == DeliveryState.SENT] or None,
             timeout=120, what="the report delivered on a retry")
         objects = wait_until(lambda: (o := _objects_in(orthanc, study)) and len(o) == 2 and o or None,
                              timeout=30, what="SR and heatmap in Orthanc")

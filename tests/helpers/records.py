@@ -6,11 +6,12 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from db.models import DeliveryState, Instance, InstanceState, Prediction, ResultDelivery, Series, Study, utcnow
 from db.queries import record_predictions, record_received
+from db.session import make_engine, make_sessionmaker
 from model.artifact import ModelCard
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -36,6 +37,16 @@ def receive_file(session: Session, path: Path, ds) -> int:
         path=str(path), size_bytes=path.stat().st_size, calling_ae="T",
     )
     return instance_id
+
+
+def delivery_rows(db_url: str) -> list[ResultDelivery]:
+    """Every delivery row of the database at ``db_url`` (another process's), oldest first."""
+    engine = make_engine(db_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            return list(session.scalars(select(ResultDelivery).order_by(ResultDelivery.id)))
+    finally:
+        engine.dispose()
 
 
 def model_card(version: str = "1.0", *, threshold: float = 0.5, sha256: str = "0" * 64) -> ModelCard:
