@@ -10,7 +10,6 @@ own words (its OperationOutcome). The bearer token is sent, never logged and nev
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import httpx
@@ -21,8 +20,6 @@ from pydantic import SecretStr, ValidationError
 from db.deliveries import DeliveryJob
 from worker.delivery.base import Destination, Receipt, SendError
 from worker.fhir.report import Identifiers, report_bundle
-
-log = logging.getLogger(__name__)
 
 FHIR_JSON = "application/fhir+json"
 #: answers worth trying again as they are: the server is busy, overloaded or timed out
