@@ -370,63 +370,120 @@ def load_training_folders(data_dirs: list[Path], *, size: int, cache_dir: Path) 
 def train(data_dir: str | Path | list[str | Path], out_dir: str | Path, config: TrainingConfig = TrainingConfig(),
           *, cache_dir: str | Path | None = None) -> ModelCard:
     """``data_dir``: one Kaggle-layout folder or several (their ``train/`` together, split by patient
-    across all of them; ``val/`` from the first that has one)."""
+    across all of them; ``val/`` from the first that has one). The steps, in order: loading, the
+    k-fold check, the patient split, the fit, the calibration, the threshold, the card."""
     data_dirs = [Path(d) for d in (data_dir if isinstance(data_dir, list) else [data_dir])]
     out_dir = Path(out_dir)
-    cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
+    full, official_val = _load(data_dirs, config, Path(cache_dir) if cache_dir else out_dir / "cache")
+    validation, held_out_sets = _fold_check(full, config, data_dirs[0])
+    tr, va = _split(full, config)
+    serving, facts = fit_recipe(tr, va, config)
+    calibration = _calibrate(serving, va, held_out_sets, config)
+    val_scores = predict_prepared(serving, va.images)
+    threshold = _threshold(calibration.operating_point, va, val_scores, config)
+    validation = {"patient_split": {**binary_report(va.labels, val_scores, threshold),
+                                    "curves": curves(va.labels, val_scores),
+                                    "calibration": {"raw": calibration_figures(va.labels, calibration.raw_scores),
+                                                    "calibrated": calibration_figures(va.labels, val_scores)}},
+                  **validation, **calibration.card_sections()}
+    if official_val is not None:
+        validation["official_val"] = binary_report(official_val.labels, predict_prepared(serving, official_val.images),
+                                                   threshold)
+    card = _write_card(serving, out_dir, config, threshold=threshold, validation=validation, facts=facts,
+                       data_dirs=data_dirs, full=full, tr=tr, va=va)
+    save_held_out(out_dir / HELD_OUT_FILE, held_out_sets)
+    write_training_reference(data_dirs, out_dir)  # the drift check's reference (model.drift)
+    log.info("wrote %s (threshold %.4f, validation AUC %.4f)", out_dir, threshold,
+             validation["patient_split"]["auc"])
+    return card
+
+
+def _load(data_dirs: list[Path], config: TrainingConfig,
+          cache_dir: Path) -> tuple[LabelledImages, LabelledImages | None]:
+    """Loading: every folder's ``train/`` as one set, and the official ``val/`` of the first folder
+    that has one (None if none has)."""
     full = load_training_folders(data_dirs, size=config.input_size, cache_dir=cache_dir)
-    official_val = None
     val_dir = next((d / "val" for d in data_dirs if (d / "val").is_dir()), None)
-    if val_dir is not None:
-        official_val = load_folder(val_dir, size=config.input_size, cache=cache_dir / f"val_{config.input_size}.npz")
-    validation: dict = {}
-    held_out_sets: list[tuple[str, np.ndarray, np.ndarray]] = []
-    if config.folds:
-        check = kfold_check(full, config, k=config.folds)
-        validation.update(card_sections(check))
-        validation["cross_validation"]["first_folder"] = first_folder_figures(
-            check, full, data_dirs[0], config.target_sensitivity)
-        held_out_sets += [(f"fold {i + 1}", full.labels[h["index"]], h["scores"])
-                          for i, h in enumerate(check["held_out"])]
+    if val_dir is None:
+        return full, None
+    return full, load_folder(val_dir, size=config.input_size, cache=cache_dir / f"val_{config.input_size}.npz")
+
+
+def _fold_check(full: LabelledImages, config: TrainingConfig,
+                first: Path) -> tuple[dict, list[tuple[str, np.ndarray, np.ndarray]]]:
+    """The folds (when ``config.folds``): the card's cross-validation sections and each fold's
+    held-out score set."""
+    if not config.folds:
+        return {}, []
+    check = kfold_check(full, config, k=config.folds)
+    validation = card_sections(check)
+    validation["cross_validation"]["first_folder"] = first_folder_figures(check, full, first,
+                                                                          config.target_sensitivity)
+    return validation, [(f"fold {i + 1}", full.labels[h["index"]], h["scores"])
+                        for i, h in enumerate(check["held_out"])]
+
+
+def _split(full: LabelledImages, config: TrainingConfig) -> tuple[LabelledImages, LabelledImages]:
+    """The patient split: training and validation films, no patient in both."""
     train_idx, val_idx = patient_split(full, val_fraction=config.val_fraction, seed=config.seed)
     tr, va = full.subset(train_idx), full.subset(val_idx)
     log.info("train %d images (%d patients), validation %d images (%d patients)",
              len(tr), len(set(tr.patients)), len(va), len(set(va.patients)))
-    serving, facts = fit_recipe(tr, va, config)
+    return tr, va
 
-    raw_val_scores = predict_prepared(serving, va.images)
-    held_out_sets.append(("patient split", va.labels, raw_val_scores))
-    operating_point, calibration_note = None, None
+
+@dataclass(frozen=True)
+class _Calibration:
+    platt: Platt
+    operating_point: dict | None
+    note: str | None
+    raw_scores: np.ndarray
+    """The patient split's scores before calibration."""
+
+    def card_sections(self) -> dict:
+        sections = {"calibration": {
+            "method": "Platt scaling (logistic regression on the logit) fitted on the patient split's held-out "
+                      "scores, folded into the output layer: the served score is the calibrated probability",
+            **self.platt.as_dict(), **({"not_calibrated": self.note} if self.note else {})}}
+        if self.operating_point is not None:
+            sections["operating_point"] = self.operating_point
+        return sections
+
+
+def _calibrate(serving, va: LabelledImages, held_out_sets: list[tuple[str, np.ndarray, np.ndarray]],
+               config: TrainingConfig) -> _Calibration:
+    """The calibration: a Platt map fitted on the patient split, folded into ``serving``'s output
+    layer, and the operating point of every held-out set (the patient split's appended to
+    ``held_out_sets``) when there are two or more."""
+    raw_scores = predict_prepared(serving, va.images)
+    held_out_sets.append(("patient split", va.labels, raw_scores))
+    operating_point, note = None, None
     try:
-        platt = fit_platt(va.labels, raw_val_scores)
+        platt = fit_platt(va.labels, raw_scores)
         if len(held_out_sets) >= 2:
             operating_point = transferable_threshold(held_out_sets, target_sensitivity=config.target_sensitivity,
                                                      margin=config.operating_point == "margin",
                                                      seed=config.seed)
     except ValueError as exc:  # a network that has not learnt to rank its validation films
         log.warning("scores left uncalibrated, threshold from the patient split alone: %s", exc)
-        platt, operating_point, calibration_note = Platt(), None, str(exc)
+        platt, operating_point, note = Platt(), None, str(exc)
     fold_into_dense(serving, platt)
-    val_scores = predict_prepared(serving, va.images)
+    return _Calibration(platt, operating_point, note, raw_scores)
+
+
+def _threshold(operating_point: dict | None, va: LabelledImages, val_scores: np.ndarray,
+               config: TrainingConfig) -> float:
+    """The threshold: the operating point's, or else the patient split's for the target sensitivity."""
     if operating_point is not None:
-        threshold = operating_point["threshold"]
-    else:
-        threshold = threshold_for_sensitivity(va.labels, val_scores, config.target_sensitivity)
-    validation = {"patient_split": {**binary_report(va.labels, val_scores, threshold),
-                                    "curves": curves(va.labels, val_scores),
-                                    "calibration": {"raw": calibration_figures(va.labels, raw_val_scores),
-                                                    "calibrated": calibration_figures(va.labels, val_scores)}},
-                  **validation}
-    validation["calibration"] = {
-        "method": "Platt scaling (logistic regression on the logit) fitted on the patient split's held-out "
-                  "scores, folded into the output layer: the served score is the calibrated probability",
-        **platt.as_dict(), **({"not_calibrated": calibration_note} if calibration_note else {})}
-    if operating_point is not None:
-        validation["operating_point"] = operating_point
-    if official_val is not None:
-        validation["official_val"] = binary_report(official_val.labels, predict_prepared(serving, official_val.images),
-                                                   threshold)
-    card = save_artifact(
+        return operating_point["threshold"]
+    return threshold_for_sensitivity(va.labels, val_scores, config.target_sensitivity)
+
+
+def _write_card(serving, out_dir: Path, config: TrainingConfig, *, threshold: float, validation: dict,
+                facts: dict, data_dirs: list[Path], full: LabelledImages, tr: LabelledImages,
+                va: LabelledImages) -> ModelCard:
+    """The card: the artifact written with what it was trained on, how, and what it scored."""
+    return save_artifact(
         serving, out_dir,
         name=config.name, version=config.version, threshold=threshold, input_size=config.input_size,
         training_data={
@@ -445,26 +502,3 @@ def train(data_dir: str | Path | list[str | Path], out_dir: str | Path, config: 
                   **({"ema": config.ema} if config.average == "ema" else {}),
                   "target_sensitivity": config.target_sensitivity, "operating_point": config.operating_point},
     )
-    save_held_out(out_dir / HELD_OUT_FILE, held_out_sets)
-    write_training_reference(data_dirs, out_dir)  # the drift check's reference (model.drift)
-    log.info("wrote %s (threshold %.4f, validation AUC %.4f)", out_dir, threshold,
-             validation["patient_split"]["auc"])
-    return card
-
-
-def patient_split_curves(data_dir: str | Path, model_dir: str | Path | None = None, *,
-                         config: TrainingConfig = TrainingConfig(), cache_dir: str | Path | None = None) -> dict:
-    """The curves of a trained model on the patient split ``train`` held out of ``data_dir`` with
-    ``config``'s seed and fraction (those of the card that made it): for a card written before
-    cards carried them."""
-    from model.artifact import get_model
-
-    data_dir = Path(data_dir)
-    cache = Path(cache_dir) / f"train_{config.input_size}.npz" if cache_dir else None
-    full = load_folder(data_dir / "train", size=config.input_size, cache=cache)
-    _, val_idx = patient_split(full, val_fraction=config.val_fraction, seed=config.seed)
-    va = full.subset(val_idx)
-    model = get_model(model_dir)
-    scores = np.concatenate([model.predict(va.images[i:i + 64]) for i in range(0, len(va), 64)])
-    report = binary_report(va.labels, scores, model.card.threshold)
-    return {"n": report["n"], "auc": report["auc"], "curves": curves(va.labels, scores)}
