@@ -26,9 +26,10 @@ from tests.helpers.dicom_factory import NORMAL_JPEG, PLANTED_PATIENT_ID, PNEUMON
 from tests.helpers.fhir_server import FhirServer, Refused, Store, matches, transaction
 from tests.helpers.processes import cli_json, free_port, storescu, wait_until
 from tests.helpers.records import delivery_rows
-from worker.delivery import SendError
+from worker.delivery import SendError, configured_destinations
 from worker.delivery.fhir import FhirDestination
 from worker.fhir.report import DICOM_UID, Identifiers, report_bundle
+from worker.settings import Settings
 
 MRN = "urn:oid:2.16.840.1.113883.19.5"
 TOKEN = "fhir-token-" + "x" * 20
@@ -198,3 +199,11 @@ def test_a_film_sent_by_c_store_ends_as_one_diagnostic_report_though_the_first_a
     assert TOKEN not in json.dumps([row.receipt, row.reason, row.destination])
     for p in processes:
         assert PLANTED_PATIENT_ID not in p.log() and TOKEN not in p.log()
+
+
+@pytest.mark.parametrize("url", ["ftp://ehr.example.org/fhir", "https://user:secret@ehr.example.org/fhir"])
+def test_a_base_url_that_is_not_http_or_carries_credentials_is_refused_at_start_up(url):
+    with pytest.raises(ValueError, match="without credentials"):
+        Settings(fhir_base_url=url)
+    assert configured_destinations(Settings(fhir_base_url="https://ehr.example.org/fhir/"))[0].address == \
+        "https://ehr.example.org/fhir"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, FilePath, HttpUrl, SecretStr, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
@@ -56,7 +56,7 @@ class Settings(BaseSettings):
                                          "lost its sender (a killed worker) and is sent again")
     results_timeout_seconds: float = Field(30.0, gt=0, le=3600,
                                            description="seconds a destination may take to take one delivery")
-    fhir_base_url: HttpUrl | None = Field(
+    fhir_base_url: str | None = Field(
         None, description="FHIR R4 base URL (e.g. https://ehr.example.org/fhir) that receives a DiagnosticReport "
                           "per screened study, as a transaction Bundle; unset = none")
     fhir_token: SecretStr | None = Field(None, description="bearer token sent to PNEUMOSCREEN_FHIR_BASE_URL (never "
@@ -218,7 +218,7 @@ class Settings(BaseSettings):
                              " any sender is accepted only on a loopback address; set the RIS's MSH-3 application")
         return self
 
-    @field_validator("results_dicomweb_url")
+    @field_validator("results_dicomweb_url", "fhir_base_url")
     @classmethod
     def _valid_dicomweb_url(cls, value: str | None) -> str | None:
         if value and not re.match(r"^https?://[^/@\s]+(/\S*)?$", value):
