@@ -35,7 +35,10 @@ _RETRY = {"acks_late": True, "autoretry_for": _TRANSIENT, "retry_backoff": True,
 
 
 def _ids(instance_ids: int | list[int]) -> list[int]:
-    """A message's instances (a message queued by an earlier version names one)."""
+    """A message's instances. Compatibility: a single int (and ``instance_id`` by keyword in
+    ``on_failure``) serves the pipeline messages of releases 0.4.0 and earlier, one instance each
+    (lists since 0.5.0). Remove, with ``infer``'s single ``prepared`` string, in the first release
+    after 0.6.0 whose upgrade notes ask for the queues to be drained."""
     return [instance_ids] if isinstance(instance_ids, int) else list(instance_ids)
 
 
@@ -87,12 +90,13 @@ def preprocess(instance_ids: int | list[int], model_dir: str | None = None,
 
 @app.task(name="pneumoscreen.infer", base=InstanceTask, **_RETRY)
 def infer(instance_ids: int | list[int], prepared: str | list[str], model_dir: str | None = None,
-          preprocessing: str = "1") -> None:
+          preprocessing: str = "1") -> None:  # "1": compatibility, messages of 0.3.0 and earlier name none
     """Batch and predict. Images prepared by another preprocessing version than the model's
     (a message queued before an upgrade), or at another size than its input (prepared for a
     model of another size), go back to the preprocess queue, whose workers read the spool: an
     inference worker may run on a machine without it."""
     ids = _ids(instance_ids)
+    # compatibility, messages of 0.4.0 and earlier (one image as a string): removed with _ids
     images = [prepared] if isinstance(prepared, str) else list(prepared)
     model = runtime.load_model(model_dir)
     card = model.card
