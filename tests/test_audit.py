@@ -29,6 +29,7 @@ from worker.audit import catalog
 from worker.audit.messages import NODE_AUTHENTICATION, AuditSource, Outcome, Participant
 from worker.audit.sink import BOM, Repository, SyslogSender, octet_counted, syslog_message
 from worker.audit.spool import DROPPED, AuditSpool
+from worker.delivery.engine import report_outcome
 from worker.settings import Settings
 
 SCHEMA_FILE = Path(audit.__file__).with_name("audit-message.rnc")
@@ -219,10 +220,10 @@ def _scripted_session(tmp_path: Path, repository: dict[str, str], processes: lis
         audit.start(settings, "rescreen")
         assert find_studies(Peer("PACS", "127.0.0.1", pacs_port), calling_ae="PNEUMOSCREEN", since=None, until=None,
                             modalities=("CR",))
-        audit.export_event("dicom-sr", f"PACS@127.0.0.1:{pacs_port}", "1.2.826.0.1.3680043.10.511.9", "SENT",
-                           sop_classes={"1.2.840.10008.5.1.4.1.1.88.33": 1})
-        audit.export_event("hl7", "mllp://127.0.0.1:2575", "1.2.826.0.1.3680043.10.511.9", "FAILED",
-                           reason="the RIS answered AE")
+        # as the delivery engine reports every delivery that ended, whatever its kind
+        report_outcome("dicom", f"PACS@127.0.0.1:{pacs_port}", "1.2.826.0.1.3680043.10.511.9", "SENT", "1.2.3.4",
+                       {"1.2.840.10008.5.1.4.1.1.88.34": 1})
+        report_outcome("hl7", "127.0.0.1:2575", "1.2.826.0.1.3680043.10.511.9", "FAILED", "the RIS answered AE")
     finally:
         audit.stop()
         server.shutdown()
@@ -266,7 +267,7 @@ def test_a_scripted_session_reaches_a_syslog_repository_as_schema_valid_audit_me
     names = {str(ds.PatientName)} - {""}
     assert not any(name.encode() in etree.tostring(r) for r in received for name in names)  # no patient names
     sent = [r for r in received if _event(r) == ("110104", None, "R", "0")]
-    assert len(sent) == 1 and next(sent[0].iter("SOPClass")).get("UID") == "1.2.840.10008.5.1.4.1.1.88.33"
+    assert len(sent) == 1 and next(sent[0].iter("SOPClass")).get("UID") == "1.2.840.10008.5.1.4.1.1.88.34"
     query = next(r for r in received if _event(r)[0] == "110112")
     assert query.find("ParticipantObjectIdentification").get("ParticipantObjectID") == \
         StudyRootQueryRetrieveInformationModelFind

@@ -94,7 +94,7 @@ def test_a_refusal_releases_the_claim_with_the_peer_text_and_give_up_fails_it(se
         engine._outcome_hooks.remove(hook)
     [row] = _rows(sessions, "1.8")
     assert row["state"] == DeliveryState.FAILED.value and "unknown order" in row["reason"]
-    assert heard == [("folder", str(folder.root), "1.8", "FAILED", "gave up after 8 retries: AE: unknown order")]
+    assert heard == [("folder", str(folder.root), "1.8", "FAILED", "gave up after 8 retries: AE: unknown order", {})]
     assert list(folder.root.iterdir()) == []
 
 

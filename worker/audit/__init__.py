@@ -181,6 +181,7 @@ def start(settings: Settings, application: str, *, report_activity: bool = True)
             return _trail
         _trail = AuditTrail(settings, application)
     events.subscribe(_on_dicom_event)
+    _hear_deliveries()
     if report_activity:
         _report(lambda: _trail.application_activity(started=True), _trail)
         atexit.register(stop)
@@ -197,6 +198,24 @@ def stop() -> None:
     events.unsubscribe(_on_dicom_event)
     _report(lambda: current.application_activity(started=False), current)
     current.close()
+
+
+_delivery_hook = None
+
+
+def _hear_deliveries() -> None:
+    """Every delivery that ends (SR, STOW-RS, HL7, FHIR) is audited: DICOM Instances Transferred or Export."""
+    global _delivery_hook
+    if _delivery_hook is not None:
+        return
+    from worker.delivery import on_outcome
+
+    def delivered(kind: str, destination: str, study_uid: str, outcome: str, detail: str,
+                  objects: Mapping[str, int]) -> None:
+        export_event(kind, destination, study_uid, outcome, reason=None if outcome == "SENT" else detail,
+                     sop_classes=objects)
+
+    _delivery_hook = on_outcome(delivered)
 
 
 def _on_dicom_event(event: events.Event) -> None:

@@ -17,7 +17,8 @@ Two rules each destination keeps:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from db.deliveries import DeliveryJob
@@ -43,6 +44,8 @@ class Receipt:
 
     value: str
     summary: str = ""
+    #: the DICOM objects sent, {SOP Class UID: count} (for the audit trail); empty for other kinds
+    objects: Mapping[str, int] = field(default_factory=dict)
 
 
 class Destination(ABC):

@@ -9,6 +9,7 @@ through :mod:`worker.delivery.dicomweb` where the archive takes DICOMweb only.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -64,6 +65,11 @@ def build_heatmaps(job: DeliveryJob, keras_model, *, which: str) -> list[Dataset
     return captures
 
 
+def sop_class_counts(datasets: list[Dataset]) -> dict[str, int]:
+    """{SOP Class UID: how many} of ``datasets`` (what an audit message says was sent)."""
+    return dict(Counter(str(ds.SOPClassUID) for ds in datasets))
+
+
 @dataclass
 class ResultObjects:
     """Shared by the DICOM destinations (C-STORE and STOW-RS): the report and its optional heatmaps."""
@@ -105,4 +111,4 @@ class DicomDestination(Destination):
             raise SendError(str(exc), transient=exc.transient) from exc
         report = content[0]
         return Receipt(report.SOPInstanceUID, f"report {report.SOPInstanceUID}, {len(content) - 1} heatmap(s), "
-                                              f"to {self.peer.ae_title}")
+                                              f"to {self.peer.ae_title}", objects=sop_class_counts(content))

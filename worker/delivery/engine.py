@@ -10,7 +10,7 @@ behind, and asks for what a worker killed between answering and asking never ask
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,8 +39,9 @@ UNREPORTED_LOOKBACK = timedelta(hours=24)
 #: finds the destination of a delivery row from its kind and address
 Resolver = Callable[[str, str], Destination]
 
-#: called with (kind, address, study UID, outcome "SENT"/"FAILED", receipt or reason) once a delivery has ended
-Outcome = Callable[[str, str, str, str, str], None]
+#: called with (kind, address, study UID, outcome "SENT"/"FAILED", receipt or reason, the DICOM objects sent
+#: as {SOP Class UID: count}, empty for other kinds or a failure) once a delivery has ended
+Outcome = Callable[[str, str, str, str, str, Mapping[str, int]], None]
 
 _outcome_hooks: list[Outcome] = []
 
@@ -51,10 +52,17 @@ def on_outcome(hook: Outcome) -> Outcome:
     return hook
 
 
-def _ended(job: DeliveryJob, outcome: str, detail: str) -> None:
+def _ended(job: DeliveryJob, outcome: str, detail: str, objects: Mapping[str, int] | None = None) -> None:
+    report_outcome(job.kind, job.destination, job.StudyInstanceUID, outcome, detail, objects)
+
+
+def report_outcome(kind: str, address: str, study_uid: str, outcome: str, detail: str,
+                   objects: Mapping[str, int] | None = None) -> None:
+    """Tell every registered hook that a delivery ended (``outcome`` "SENT" or "FAILED"; ``detail`` the
+    receipt or the reason; ``objects`` the DICOM objects sent by SOP Class UID)."""
     for hook in _outcome_hooks:
         try:
-            hook(job.kind, job.destination, job.StudyInstanceUID, outcome, detail)
+            hook(kind, address, study_uid, outcome, detail, dict(objects or {}))
         except Exception:  # noqa: BLE001 - a hook's failure must not undo a delivery already recorded
             log.exception("delivery outcome hook %r failed", hook)
 
@@ -137,7 +145,7 @@ def deliver(sessions: sessionmaker[Session], delivery_id: int, resolve: Resolver
         finish_delivery(session, delivery_id=delivery_id, receipt=receipt.value, instance_count=len(job.images))
     log.info("study %s: %s sent to %s (%d image(s)) %s", job.StudyInstanceUID, job.kind, destination.address,
              len(job.images), receipt.summary)
-    _ended(job, "SENT", receipt.value)
+    _ended(job, "SENT", receipt.value, receipt.objects)
     return "sent"
 
 
