@@ -44,7 +44,7 @@ class Receipt:
 
     value: str
     summary: str = ""
-    #: the DICOM objects sent, {SOP Class UID: count} (for the audit trail); empty for other kinds
+    #: the DICOM objects sent, ``{SOP Class UID: count}`` (for the audit trail); empty for other kinds
     objects: Mapping[str, int] = field(default_factory=dict)
 
 

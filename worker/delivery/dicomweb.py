@@ -17,7 +17,7 @@ from pydicom import Dataset
 
 from db.deliveries import DeliveryJob
 from worker.delivery.base import Destination, Receipt, SendError
-from worker.delivery.dicom import ResultObjects
+from worker.delivery.dicom import ResultObjects, sop_class_counts
 
 log = logging.getLogger(__name__)
 
@@ -115,4 +115,4 @@ class DicomwebDestination(Destination):
             raise SendError(f"STOW-RS: the archive's answer does not list the report {report.SOPInstanceUID} "
                             "as stored", transient=False)
         return Receipt(report.SOPInstanceUID, f"report {report.SOPInstanceUID}, {len(content) - 1} heatmap(s), "
-                                              f"by STOW-RS")
+                                              f"by STOW-RS", objects=sop_class_counts(content))
