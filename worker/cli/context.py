@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from datetime import datetime
 
@@ -15,19 +16,34 @@ from worker.settings import Settings
 log = logging.getLogger("pneumoscreen")
 
 
+class WithheldValues(logging.Filter):
+    """pydicom's own warnings quote the offending value (``Invalid value for VR AS: '51'``), which may be a
+    patient's name, ID or birth date: the quoted text is withheld, the rest of the message kept (Python
+    warnings go through logging too, so that the same warning printed by ``warnings`` is withheld as well)."""
+
+    _QUOTED = re.compile(r"(['\"]).*?\1")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name in ("pydicom", "py.warnings") or record.name.startswith("pydicom."):
+            record.msg, record.args = self._QUOTED.sub("<value withheld>", record.getMessage()), None
+        return True
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.captureWarnings(True)
     for noisy in ("pynetdicom", "absl", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from dicom_io.wire import PynetdicomNoise
 
-    quiet = PynetdicomNoise()
+    quiet, withheld = PynetdicomNoise(), WithheldValues()
     for handler in logging.getLogger().handlers:  # a filter on the handler sees pynetdicom's child loggers too
         handler.addFilter(quiet)
+        handler.addFilter(withheld)
 
 
 def load_settings(**overrides) -> Settings:
