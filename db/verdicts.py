@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Account, Instance, InstanceState, Series, Study, Verdict, utcnow
+from db.models import Account, Instance, InstanceState, Prediction, Series, Study, Verdict, utcnow
 
 MAX_ACTOR, MAX_REFERENCE = 128, 128
 
@@ -98,12 +98,16 @@ def study_verdicts(session: Session, *, study_instance_uid: str) -> dict[str, An
     return {"verdict": None if current is None else _row(current), "verdicts": [_row(v) for v in history]}
 
 
-def current_verdicts(session: Session) -> dict[int, Finding]:
-    """Study id -> its current finding, for every study with a verdict."""
+def _current_by_study(session: Session) -> dict[int, Verdict]:
     by_study: dict[int, list[Verdict]] = {}
     for v in session.scalars(select(Verdict).order_by(Verdict.recorded_at, Verdict.id)):
         by_study.setdefault(v.study_id, []).append(v)
-    return {study_id: Finding(_current(history).finding) for study_id, history in by_study.items()}
+    return {study_id: _current(history) for study_id, history in by_study.items()}
+
+
+def current_verdicts(session: Session) -> dict[int, Finding]:
+    """Study id -> its current finding, for every study with a verdict."""
+    return {study_id: Finding(v.finding) for study_id, v in _current_by_study(session).items()}
 
 
 def labelled_studies(session: Session) -> list[dict[str, Any]]:
@@ -133,3 +137,22 @@ def verdict_counts(session: Session) -> dict[str, int]:
             "pneumonia": sum(f is Finding.PNEUMONIA for f in findings.values()),
             "normal": sum(f is Finding.NORMAL for f in findings.values()),
             "recorded": session.scalar(select(func.count(Verdict.id))) or 0}
+
+
+def labelled_scores(session: Session, *, model_version: str) -> list[dict[str, Any]]:
+    """Every study with a current verdict, oldest study first: ``{"study_instance_uid", "label", "source"
+    (of the current verdict), "probability"}``, the probability the highest ``model_version`` stored for
+    the study's films (as the worklist flags a study), None when that model screened none of them."""
+    current = _current_by_study(session)
+    if not current:
+        return []
+    highest = dict(session.execute(
+        select(Series.study_id, func.max(Prediction.probability))
+        .join(Instance, Instance.series_id == Series.id).join(Prediction, Prediction.instance_id == Instance.id)
+        .where(Series.study_id.in_(select(Verdict.study_id)), Prediction.model_version == model_version)
+        .group_by(Series.study_id)).all())
+    uids = dict(session.execute(select(Study.id, Study.StudyInstanceUID)
+                                .where(Study.id.in_(select(Verdict.study_id)))).all())
+    return [{"study_instance_uid": uids[study_id], "label": Finding(v.finding).label, "source": v.source,
+             "probability": None if highest.get(study_id) is None else float(highest[study_id])}
+            for study_id, v in sorted(current.items())]

@@ -46,20 +46,45 @@ def minimum_positives(sensitivity: float) -> int:
     return math.ceil(EXPECTED_MISSES / (1.0 - sensitivity) - 1e-9)
 
 
+def shortfall(labels: np.ndarray, sensitivity: float) -> dict[str, int]:
+    """How many more labelled pneumonia and normal examples ``labels`` needs before it can carry a
+    threshold for ``sensitivity`` (0 and 0 when it can)."""
+    labels = np.asarray(labels)
+    return {"pneumonia": max(0, minimum_positives(sensitivity) - int(np.sum(labels == 1))),
+            "normal": max(0, MIN_NORMALS - int(np.sum(labels == 0)))}
+
+
 def check_sample(labels: np.ndarray, sensitivity: float) -> None:
     """Raise :class:`SampleTooSmall` unless ``labels`` can carry a threshold for ``sensitivity``."""
     positives, normals = int(np.sum(labels == 1)), int(np.sum(labels == 0))
     needed = minimum_positives(sensitivity)
+    missing = shortfall(labels, sensitivity)
     problems = []
-    if positives < needed:
+    if missing["pneumonia"]:
         problems.append(f"{positives} pneumonia films; a threshold for sensitivity {sensitivity:g} needs at least "
                         f"{needed}, so that about {EXPECTED_MISSES} fall below it (a threshold set by one or two films "
                         f"does not hold at the next film)")
-    if normals < MIN_NORMALS:
+    if missing["normal"]:
         problems.append(f"{normals} normal films; specificity needs at least {MIN_NORMALS}")
     if problems:
         raise SampleTooSmall("the sample is too small: " + "; ".join(problems)
                              + ". Add labelled films, or ask for a lower --sensitivity.")
+
+
+def site_figures(labels: np.ndarray, scores: np.ndarray, *, card_threshold: float, sensitivity: float,
+                 auc_interval: bool = True) -> tuple[float, dict]:
+    """The threshold ``labels`` and ``scores`` give for ``sensitivity``, and the figures with 95 % intervals
+    at the card's threshold and at that one (``at_card_threshold``, ``at_site_threshold``); without
+    ``auc_interval`` no bootstrap of the AUC (seconds). Needs examples of both classes; whether the sample
+    supports the threshold is :func:`check_sample`'s to say."""
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=float)
+    if labels.size == 0 or labels.min() == labels.max():
+        raise ValueError("site figures need labelled examples of both classes")
+    threshold = threshold_for_sensitivity(labels, scores, sensitivity)
+    draws = 1000 if auc_interval else None
+    return threshold, {"at_card_threshold": report_with_intervals(labels, scores, card_threshold, auc_draws=draws),
+                       "at_site_threshold": report_with_intervals(labels, scores, threshold, auc_draws=draws)}
 
 
 def site_name(text: str) -> str:
@@ -89,9 +114,7 @@ def calibrate(model_dir: Path, labels: np.ndarray, scores: np.ndarray, *, sensit
     check_sample(labels, sensitivity)
     name = site_name(name)
     base = read_card(model_dir)
-    threshold = threshold_for_sensitivity(labels, scores, sensitivity)
-    figures = {"at_card_threshold": report_with_intervals(labels, scores, base.threshold),
-               "at_site_threshold": report_with_intervals(labels, scores, threshold)}
+    threshold, figures = site_figures(labels, scores, card_threshold=base.threshold, sensitivity=sensitivity)
     if (out_dir / CARD_FILE).exists():
         raise FileExistsError(f"{out_dir} already holds a model; choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)

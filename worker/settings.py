@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     inference_batch_ms: float = Field(20.0, ge=0, le=10000, description="wait this long for a batch to fill")
     tf_threads: int = Field(0, ge=0, le=256,
                             description="TensorFlow intra- and inter-op threads (0 = TensorFlow's default)")
+    site_sensitivity: float | None = Field(
+        None, gt=0.5, lt=1.0,
+        description="operations page: the sensitivity the site's threshold is worked out for on its labelled "
+                    "sample, and how many labelled studies that needs (as calibrate --sensitivity); default: "
+                    "the one the model card's threshold was chosen for, else 0.95")
     drift_window: int = Field(500, ge=30, le=100_000,
                               description="drift check: the last N films the configured model screened, compared "
                                           "with its reference (held-out scores, training films' input statistics)")

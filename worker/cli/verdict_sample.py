@@ -1,7 +1,7 @@
 """The site's labelled sample from its own verdicts, for `pneumoscreen calibrate --from-verdicts`:
 every study with a current verdict, its screened (eligible, frontal) films read from the spool and
 scored by the model being calibrated, one label and one score per study (its highest film's, as the
-worklist flags a study)."""
+worklist flags a study: ``worker.site_sample.per_study``, the operations page's rule too)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import logging
 from pathlib import Path
 
 import click
-import numpy as np
 
 from worker.cli.context import require_current_schema, sessions
+from worker.site_sample import per_study
 
 log = logging.getLogger("pneumoscreen")
 
@@ -29,7 +29,7 @@ def score_verdicts(settings, model, score_files):
         raise click.ClickException("no study with a verdict has a screened film yet: record verdicts on "
                                    "screened studies (study page or POST /studies/{uid}/verdict) first")
     scored = {path: (score, error) for path, score, error in score_files(paths, model)}
-    labels, scores, files, unreadable = [], [], [], 0
+    by_study, files, unreadable = [], [], 0
     for study in studies:
         mine = [scored[Path(p)] for p in study["films"]]
         for _, error in mine:
@@ -37,9 +37,9 @@ def score_verdicts(settings, model, score_files):
                 unreadable += 1
                 log.warning("left out, unreadable: %s", error)
         readable = [score for score, error in mine if error is None]
+        by_study.append((study["label"], readable))
         if readable:
-            labels.append(study["label"])
-            scores.append(max(readable))
             files += [(Path(p), study["label"]) for p in study["films"]]
-    sample = {"source": "verdicts", "unit": "study", "studies": len(labels), "films": len(files)}
-    return np.array(labels, dtype=int), np.array(scores, dtype=float), files, unreadable, sample
+    labels, scores = per_study(by_study)
+    sample = {"source": "verdicts", "unit": "study", "studies": int(labels.size), "films": len(files)}
+    return labels, scores, files, unreadable, sample

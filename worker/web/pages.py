@@ -43,6 +43,7 @@ from worker.api.verdicts import record as record_verdict_for
 from worker.images import UnreadableInput
 from worker.settings import Settings
 from worker.web.renders import RenderCache, card_plot_png, film_png, gradcam_png
+from worker.web.operations import TimedCache, drift_plot, drift_view, site_view
 from worker.web.session import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
@@ -75,6 +76,7 @@ class PageContext:
     sessions: Sessions
     page_auth: PageAuth
     cache: RenderCache = field(default_factory=RenderCache)
+    computed: TimedCache = field(default_factory=TimedCache)
 
 
 def page_context(request: Request) -> PageContext:
@@ -239,11 +241,15 @@ def operations_page(request: Request, session: SessionDep, pages: ContextDep, we
     settings = pages.settings
     snapshot = pipeline_snapshot(session, latency_buckets=LATENCY_BUCKETS)
     broker = broker_client(settings.broker_url) if settings.shares_broker else None
-    return render(request, "operations.html", web, refresh=2 * REFRESH_SECONDS, snapshot=snapshot,
+    card = _card(settings)
+    site = site_view(session, pages.computed, settings=settings, card=card) if card else None
+    drift = drift_view(session, pages.computed, settings=settings, card=card) if card else None
+    return render(request, "operations.html", web, refresh=2 * REFRESH_SECONDS, snapshot=snapshot, site=site,
+                  drift=drift,
                   queues=queue_depths(broker), shares_broker=settings.shares_broker,
                   failures=list_instances(session, state=InstanceState.FAILED, limit=20, newest_first=True),
                   failed_deliveries=list_deliveries(session, state=DeliveryState.FAILED, limit=20),
-                  card=_card(settings), versions=model_versions(session),
+                  card=card, versions=model_versions(session),
                   intended_population=settings.intended_population)
 
 
@@ -273,4 +279,16 @@ def model_plot(pages: ContextDep, web: SignedIn) -> Response:
     if card is None:
         raise HTTPException(404, "no model card")
     png = pages.cache.get_or_render(("card", card.version, card.sha256), lambda: card_plot_png(card))
+    return Response(png, media_type="image/png", headers=_NO_STORE)
+
+
+@router.get("/web/plots/drift.png")
+def drift_histogram(session: SessionDep, pages: ContextDep, web: SignedIn) -> Response:
+    card = _card(pages.settings)
+    if card is None:
+        raise HTTPException(404, "no model card")
+    try:
+        png = drift_plot(session, pages.computed, settings=pages.settings, card=card)
+    except FileNotFoundError as exc:
+        raise HTTPException(404, f"no drift plot: {exc}") from None
     return Response(png, media_type="image/png", headers=_NO_STORE)

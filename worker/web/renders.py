@@ -1,6 +1,6 @@
 """Images for the pages, rendered on demand from the spool and kept in a bounded cache in memory
 (never written into the database): the film as a viewer displays it, and its Grad-CAM overlay;
-and the model card's plot.
+and the model card's plot and the drift window's score histogram.
 
 The overlay is drawn for the model this API process is configured with (it loads the model
 on the first overlay asked for, a few seconds), by ``worker.heatmaps.heatmap_overlay``.
@@ -144,3 +144,31 @@ def _specificity_bars(axis, card, validation: dict) -> None:
     axis.set_xlim(0, 1)
     axis.set_xlabel("specificity at the threshold")
     axis.set_title(f"Normal films left unflagged ({card.version})")
+
+
+def drift_plot_png(reference_scores, window_scores, *, threshold: float, version: str) -> bytes:
+    """The drift window's scores against the model's held-out scores: two histograms (share of films
+    per bin, so windows of any size compare) and the threshold, flagged films to its right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = np.linspace(0.0, 1.0, 21)
+    figure, axis = plt.subplots(figsize=(7.5, 3.6), dpi=90)
+    for scores, label, colour, style in ((reference_scores, "held-out films (reference)", "#999999", "stepfilled"),
+                                         (window_scores, "films screened lately (window)", "#3b6ea5", "step")):
+        scores = np.asarray(scores, dtype=float)
+        if scores.size:
+            axis.hist(scores, bins=bins, weights=np.full(scores.size, 1.0 / scores.size), histtype=style,
+                      color=colour, alpha=0.6 if style == "stepfilled" else 1.0, linewidth=2,
+                      label=f"{label}, {scores.size}")
+    axis.axvline(threshold, color="#d9534f", linestyle="--", label=f"threshold {threshold:.3f}")
+    axis.set(xlabel="probability of pneumonia", ylabel="share of films", xlim=(0, 1),
+             title=f"Scores of model {version}: the window against the reference")
+    axis.legend(loc="upper center", fontsize=8)
+    figure.tight_layout()
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    plt.close(figure)
+    return out.getvalue()
