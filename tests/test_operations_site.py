@@ -1,7 +1,7 @@
-"""The operations page's site loop, in process (FastAPI's TestClient over a real SQLite database
-filled as the listener, the inference worker and the verdict API fill it, and the shipped model's
-card and reference): the site's labelled sample with its figures and what it still needs, the drift
-report, and the drift plot. Each figure on the page is compared with what
+"""The operations page's site loop, in process (FastAPI's TestClient over a real database, SQLite
+then PostgreSQL, filled by the functions the listener, the inference worker and the verdict API use,
+and the shipped model's card and reference): the site's labelled sample with its figures and what it
+still needs, the drift report, and the drift plot. Each figure on the page is compared with what
 ``worker.site_sample.site_sample`` and ``worker.drift.drift_report`` return for the same rows."""
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ UID = "1.2.826.0.1.3680043.10.31.4"
 SENSITIVITY = 0.9  # 30 pneumonia and 20 normal studies carry its threshold
 WINDOW = 40
 CARD = read_card(DEFAULT_MODEL_DIR, verify=False)
+
+
+@pytest.fixture
+def database_url(any_database_url) -> str:
+    """Every test here on SQLite and on PostgreSQL."""
+    return any_database_url
 
 
 def _client(tmp_path, database_url, **settings) -> TestClient:
