@@ -30,15 +30,26 @@ from sqlalchemy import select
 
 from db.accounts import add_account
 from db.audit import recent_audit
+from db.deliveries import DeliveryJob, ScreenedImage
 from db.models import DeliveryState, Instance, InstanceState, ResultDelivery
 from db.session import make_engine, make_sessionmaker
-from tests.helpers.dicom_factory import NORMAL_JPEG, PNEUMONIA_JPEG, chest_dataset
-from tests.helpers.processes import free_port, wait_for_port, wait_until
+from dicom_io.sr import read_screening_report
+from tests.helpers.dicom_factory import (
+    NORMAL_JPEG,
+    PLANTED_PATIENT_ID,
+    PLANTED_PATIENT_NAME,
+    PNEUMONIA_JPEG,
+    chest_dataset,
+)
+from tests.helpers.orthanc import Orthanc
+from tests.helpers.processes import Process, cli_json, free_port, wait_for_port, wait_until
+from worker.delivery import SendError
 from worker.settings import Settings
 
 TOKEN = "5a8e0c2b9d4f6a1e3c5b7d9f0a2c4e6b"
 STOW_SOURCE = "DICOMWEB"
 OUT_OF_RESOURCES, STUDY_MISMATCH, CANNOT_UNDERSTAND = 0xA700, 0xA900, 0xC000
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 class ApiServer:
@@ -245,3 +256,111 @@ def test_a_chunked_body_past_the_bound_is_cut_off_with_413_and_leaves_nothing(tm
         cut = api.post("/dicomweb/studies", content=parts[9] + parts[10][:50_000], headers=headers)
         assert cut.status_code == 400 and "closing multipart boundary" in cut.json()["detail"]
         assert len(rows(sessions)) == 9 and staged(tmp_path / "data") == []
+
+
+def _job(tmp_path: Path, url: str, *, study: str) -> DeliveryJob:
+    """A claimed delivery of two screened films (written to ``tmp_path``) to ``url``."""
+    images = []
+    for jpeg, probability in ((PNEUMONIA_JPEG, 0.91), (NORMAL_JPEG, 0.08)):
+        ds = film(jpeg, study=study)
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        images.append(ScreenedImage(str(ds.SOPInstanceUID), str(path), probability, probability >= 0.5, 0.5,
+                                    "pneumoscreen-test", "0" * 64))
+    return DeliveryJob(id=1, StudyInstanceUID=study, model_version="9.9.9", kind="dicomweb", destination=url,
+                       attempts=1, images=tuple(images), AccessionNumber="ACC0001")
+
+
+@pytest.mark.slow  # servers on ports (in this process)
+def test_the_sr_goes_out_by_stow_rs_and_a_refusal_is_a_send_error_with_the_archive_reason(serve, sessions, tmp_path):
+    from worker.delivery.dicomweb import DicomwebDestination
+
+    archive = serve()  # pneumoscreen's own STOW-RS intake as the receiving archive
+    study = generate_uid()
+    job = _job(tmp_path, archive.url, study=study)
+    destination = DicomwebDestination(archive.url, token=TOKEN)
+    content = destination.build(job)
+    assert destination.build(job)[0].SOPInstanceUID == content[0].SOPInstanceUID  # a retry sends the same SR
+    receipt = destination.send(content)
+    assert receipt.value == content[0].SOPInstanceUID
+    assert destination.send(content).value == receipt.value  # sent again: the archive keeps one copy
+    [sr] = [row for uid, row in rows(sessions).items() if uid == receipt.value]
+    report = read_screening_report(dcmread(sr.path))
+    assert report.study_instance_uid == study and report.flagged and report.model_version == "9.9.9"
+
+    with pytest.raises(SendError, match="HTTP 401") as refused:
+        DicomwebDestination(archive.url, token="y" * 32).send(content)
+    assert not refused.value.transient
+    with pytest.raises(SendError, match="no answer") as refused:
+        DicomwebDestination(f"http://127.0.0.1:{free_port()}/dicomweb", timeout=5).send(content)
+    assert refused.value.transient
+
+    full = serve(min_free_mb=1 << 40)
+    with pytest.raises(SendError, match=rf"HTTP 503: {receipt.value}: 0xA700 \(refused: out of resources\)") as refused:
+        DicomwebDestination(full.url, token=TOKEN).send(content)
+    assert refused.value.transient
+
+
+def _with_dicomweb(servers: dict | None = None) -> dict:
+    """Orthanc configuration keys for its DicomWeb plugin (Debian's orthanc-dicomweb), knowing ``servers``."""
+    if not Path(DICOMWEB_PLUGIN).is_file():
+        pytest.fail("Orthanc's DicomWeb plugin is not installed (apt-get install orthanc-dicomweb)")
+    return {"Plugins": [DICOMWEB_PLUGIN],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": servers or {}}}
+
+
+def _all(db_url: str, model) -> list:
+    """Every row of ``model`` in the database at ``db_url`` (another process's)."""
+    engine = make_engine(db_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            return list(session.scalars(select(model)))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow  # Orthanc, the production topology and `pneumoscreen api` as processes
+def test_orthanc_pushes_a_study_by_stow_rs_it_is_screened_and_the_sr_comes_back_by_stow_rs(
+    tmp_path, pg_url, processes, production
+):
+    api_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", modalities={}, extra_config=_with_dicomweb({
+        "pneumoscreen": {"Url": f"http://127.0.0.1:{api_port}/dicomweb/",
+                         "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"}}}))
+    try:
+        env, _, _, _ = production(study_quiet_seconds=0.5, api_token=TOKEN, api_port=api_port,
+                                  results_dicomweb_url=f"http://127.0.0.1:{orthanc.http_port}/dicom-web")
+        api = Process(["api"], env, tmp_path / "api.log")
+        processes.append(api)
+        wait_for_port(api_port, api.proc)
+
+        study = generate_uid()
+        films = {}
+        for jpeg in (PNEUMONIA_JPEG, NORMAL_JPEG):
+            ds = film(jpeg, study=study)
+            path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            films[str(ds.SOPInstanceUID)] = orthanc.upload(path)
+        [orthanc_study] = {orthanc.get(f"/instances/{i}/study")["ID"] for i in films.values()}
+        orthanc.post("/dicom-web/servers/pneumoscreen/stow", {"Resources": [orthanc_study]})
+
+        received = {i.SOPInstanceUID: i for i in _all(pg_url, Instance)}
+        assert set(received) == set(films) and {i.calling_ae for i in received.values()} == {STOW_SOURCE}
+        screened = wait_until(lambda: (rows := cli_json("instances", env=env)) and all(
+            r["state"] == "PREDICTED" for r in rows) and rows, timeout=180, what="the pushed study screened")
+        assert {r["sop_instance_uid"] for r in screened} == set(films)
+
+        [sent] = wait_until(lambda: [d for d in _all(pg_url, ResultDelivery) if d.state == DeliveryState.SENT] or None,
+                            timeout=120, what="the SR stored in Orthanc by STOW-RS")
+        assert (sent.kind, sent.destination) == ("dicomweb", f"http://127.0.0.1:{orthanc.http_port}/dicom-web")
+        sr = dcmread(io.BytesIO(orthanc.download(orthanc.instance_id(sent.receipt))))
+    finally:
+        orthanc.stop()
+    report = read_screening_report(sr)
+    assert report.study_instance_uid == study and sr.SOPInstanceUID == sent.receipt
+    probabilities = {r["sop_instance_uid"]: r["probability"] for r in screened}
+    assert {uid for uid, _, _ in report.images} == set(films)
+    for uid, probability, _ in report.images:
+        assert probability == pytest.approx(probabilities[uid], abs=1e-5)
+    for p in processes:
+        assert PLANTED_PATIENT_ID not in p.log() and PLANTED_PATIENT_NAME.split("^")[0] not in p.log()
