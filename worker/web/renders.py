@@ -155,7 +155,7 @@ def drift_plot_png(reference_scores, window_scores, *, threshold: float, version
     import matplotlib.pyplot as plt
 
     bins = np.linspace(0.0, 1.0, 21)
-    figure, axis = plt.subplots(figsize=(7.5, 3.6), dpi=90)
+    figure, axis = plt.subplots(figsize=(11, 3.4), dpi=90)
     for scores, label, colour, style in ((reference_scores, "held-out films (reference)", "#999999", "stepfilled"),
                                          (window_scores, "films screened lately (window)", "#3b6ea5", "step")):
         scores = np.asarray(scores, dtype=float)
