@@ -199,6 +199,8 @@ def test_with_no_labels_the_page_says_how_many_studies_it_needs(page):
     assert f"It needs {minimum_positives(SENSITIVITY)} more pneumonia and {MIN_NORMALS} more normal" in needed
     assert "No figures yet" in _text(tree.get_element_by_id("site-figures"))
     assert "drift is judged on at least 30" in _text(tree.get_element_by_id("drift-verdict"))
+    with TestClient(client.app, follow_redirects=False) as stranger:
+        assert stranger.get("/web/plots/drift.png").status_code == 303  # to sign in
 
 
 def test_a_small_sample_shows_its_figures_and_what_it_still_needs(page):
