@@ -90,10 +90,11 @@ class StoreOutcome:
 
 
 def store_received(received: Path, context: StoreContext, *, SOPInstanceUID: str | None, SOPClassUID: str,
-                   TransferSyntaxUID: str, calling_ae: str | None) -> StoreOutcome:
+                   TransferSyntaxUID: str, calling_ae: str | None, peer: events.Peer | None = None) -> StoreOutcome:
     """Move a received file (a temporary file of ours) into the spool and record it.
 
-    The one path for everything that enters: the C-STORE handler and ``pneumoscreen ingest``.
+    The one path for everything that enters: the C-STORE handler, ``pneumoscreen ingest`` and STOW-RS
+    (``peer``: who sent it, when not the association of this thread).
     ``StoreStatus.SUCCESS`` only once the bytes are fsync'd and the row is committed.
     """
     size = received.stat().st_size
@@ -152,7 +153,7 @@ def store_received(received: Path, context: StoreContext, *, SOPInstanceUID: str
     else:
         log.info("duplicate %s from %s: already stored, kept once", SOPInstanceUID, calling_ae)
     events.publish(events.InstanceStored(SOPClassUID, SOPInstanceUID, header["StudyInstanceUID"],
-                                         header["PatientID"] or None, events.current_peer(), created))
+                                         header["PatientID"] or None, peer or events.current_peer(), created))
     return StoreOutcome(StoreStatus.SUCCESS, SOPInstanceUID, None if created else "duplicate: already stored", created)
 
 

@@ -33,6 +33,7 @@ from db.audit import recent_audit
 from db.deliveries import DeliveryJob, ScreenedImage
 from db.models import DeliveryState, Instance, InstanceState, ResultDelivery
 from db.session import make_engine, make_sessionmaker
+from dicom_io import events
 from dicom_io.sr import read_screening_report
 from tests.helpers.dicom_factory import (
     NORMAL_JPEG,
@@ -127,8 +128,15 @@ def test_dicomweb_client_stores_a_study_kept_like_a_c_store_and_audited(serve, s
     api = serve()
     study = generate_uid()
     films = [film(PNEUMONIA_JPEG, study=study), film(NORMAL_JPEG, study=study)]
-    # the two films (about 110 KB each) over 200 KB: sent with chunked transfer encoding
-    answer = client(api.url, chunk_size=200_000).store_instances(films, study_instance_uid=study)
+    heard: list[events.InstanceStored] = []
+    events.subscribe(heard.append)  # what the audit trail hears
+    try:
+        # the two films (about 110 KB each) over 200 KB: sent with chunked transfer encoding
+        answer = client(api.url, chunk_size=200_000).store_instances(films, study_instance_uid=study)
+    finally:
+        events.unsubscribe(heard.append)
+    assert [(e.SOPInstanceUID, e.peer, e.created) for e in heard] == [
+        (str(f.SOPInstanceUID), events.Peer(None, "127.0.0.1"), True) for f in films]
     assert stored(answer) == {str(f.SOPInstanceUID) for f in films}
     assert "FailedSOPSequence" not in answer
     kept = rows(sessions)

@@ -30,6 +30,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from db.accounts import Role
+from dicom_io import events
 from dicom_io.handlers import StoreContext, store_received
 from dicom_io.ingest import file_identity
 from dicom_io.spool import PARTIAL_PREFIX
@@ -166,7 +167,7 @@ class InstanceResult:
     reason: str = ""
 
 
-def store_part(part: Part, context: StoreContext, *, study: str | None) -> InstanceResult:
+def store_part(part: Part, context: StoreContext, *, study: str | None, peer: events.Peer | None) -> InstanceResult:
     """Store one received part as a C-STORE would be (``store_received``), or say why not."""
     media_type = part.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
     if media_type != "application/dicom":
@@ -188,17 +189,19 @@ def store_part(part: Part, context: StoreContext, *, study: str | None) -> Insta
                               f"transfer syntax {identity.TransferSyntaxUID} cannot be decoded here")
     outcome = store_received(part.path, context, SOPInstanceUID=identity.SOPInstanceUID,
                              SOPClassUID=identity.SOPClassUID, TransferSyntaxUID=identity.TransferSyntaxUID,
-                             calling_ae=STOW_SOURCE)
+                             calling_ae=STOW_SOURCE, peer=peer)
     if outcome.status == StoreStatus.SUCCESS:
         return InstanceResult(identity.SOPClassUID, outcome.SOPInstanceUID or uids[1])
     return InstanceResult(identity.SOPClassUID, outcome.SOPInstanceUID or uids[1], int(outcome.status),
                           outcome.reason or "")
 
 
-def store_instances(body: StowBody, context: StoreContext, *, study: str | None) -> list[InstanceResult]:
-    """Store every complete part, in order; the temporary files left are removed."""
+def store_instances(body: StowBody, context: StoreContext, *, study: str | None,
+                    peer: events.Peer | None = None) -> list[InstanceResult]:
+    """Store every complete part, in order (``peer``: the sender, for the audit trail); the temporary files
+    left are removed."""
     try:
-        return [store_part(part, context, study=study) for part in body.parts if part.complete]
+        return [store_part(part, context, study=study, peer=peer) for part in body.parts if part.complete]
     finally:
         body.discard()
 
@@ -280,7 +283,8 @@ def dicomweb_router(auth: BearerAuth, settings: Settings) -> APIRouter:
         except BaseException:
             body.discard()
             raise
-        results = await run_in_threadpool(store_instances, body, context, study=study)
+        sender = events.Peer(None, request.client.host if request.client else None)
+        results = await run_in_threadpool(store_instances, body, context, study=study, peer=sender)
         if not results:
             raise HTTPException(400, "the request holds no instance")
         status, answer = store_response(results)
