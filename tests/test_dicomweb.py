@@ -5,21 +5,19 @@
   do, the answer is the PS3.18 Store Instances Response; each failure mode (not DICOM, another study,
   too large, the spool full) has its Failure Reason and HTTP status, and the caller is audited.
 - A body streamed with chunked transfer encoding past the bound is cut off with 413 and leaves nothing.
+- The DICOMweb destination sends the SR to that same intake (a real STOW-RS server): the receipt is the SR's
+  UID, a retry stores it once, a refusal is a SendError with the archive's Failure Reason.
 - Against a real Orthanc with its DicomWeb plugin: Orthanc pushes a study to the production topology by
-  STOW-RS and it is screened; the SR goes back to Orthanc by STOW-RS; an archive that refuses the SR
-  leaves the delivery with Orthanc's reason.
+  STOW-RS, it is screened, and the SR goes back to Orthanc by STOW-RS.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import requests
 import uvicorn

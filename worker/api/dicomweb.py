@@ -105,7 +105,7 @@ class StowBody:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=self.folder, prefix=f"{PARTIAL_PREFIX}{os.getpid()}-", suffix=".part")
         self._file = os.fdopen(fd, "wb")
-        self._head: bytes | None = b""
+        self._head = b""
         self.parts.append(Part(Path(name)))
 
     def _data(self, data: bytes, start: int, end: int) -> None:
