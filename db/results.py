@@ -208,6 +208,35 @@ def unscreened_reasons(session: Session, *, study_instance_uids: Collection[str]
     return {uid: list(seen) for uid, seen in reasons.items()}
 
 
+def open_instance_count(session: Session, *, instance_ids: list[int]) -> int:
+    """How many of ``instance_ids`` have not ended yet (not PREDICTED, SKIPPED or FAILED)."""
+    return sum(session.scalar(select(func.count()).select_from(Instance)
+                              .where(Instance.id.in_(ids), Instance.state.not_in(TERMINAL_STATES)))
+               for ids in in_chunks(instance_ids))
+
+
+def studies_progress(session: Session, *, study_instance_uids: Collection[str]) -> tuple[int, int]:
+    """(instances arrived, instances ended) over the studies ``study_instance_uids``."""
+    arrived, ended = 0, 0
+    for uids in in_chunks(list(study_instance_uids)):
+        row = session.execute(
+            select(func.count(Instance.id),
+                   func.coalesce(func.sum(case((Instance.state.in_(TERMINAL_STATES), 1), else_=0)), 0))
+            .join(Series, Instance.series_id == Series.id).join(Study, Series.study_id == Study.id)
+            .where(Study.StudyInstanceUID.in_(uids))
+        ).one()
+        arrived, ended = arrived + int(row[0]), ended + int(row[1])
+    return arrived, ended
+
+
+def known_studies(session: Session, *, study_instance_uids: Collection[str]) -> set[str]:
+    """Those of ``study_instance_uids`` already in the database."""
+    known: set[str] = set()
+    for uids in in_chunks(list(study_instance_uids)):
+        known.update(session.scalars(select(Study.StudyInstanceUID).where(Study.StudyInstanceUID.in_(uids))))
+    return known
+
+
 def instance_path(session: Session, *, sop_instance_uid: str) -> str | None:
     """The spool path of an instance, or None when it is unknown."""
     return session.scalar(select(Instance.path).where(Instance.SOPInstanceUID == sop_instance_uid))

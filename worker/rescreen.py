@@ -19,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import TERMINAL_STATES, Instance, utcnow
+from db.models import utcnow
 from db.queries import requeue_for_model
-from db.session import IN_CLAUSE_CHUNK, in_chunks
+from db.results import open_instance_count, studies_progress
+from db.session import IN_CLAUSE_CHUNK
 from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.spool import Spool
 from model.artifact import ModelCard
@@ -101,12 +101,8 @@ def screen_here(sessions: sessionmaker[Session], ids: list[int], *, model, polic
 
 def open_count(sessions: sessionmaker[Session], ids: list[int]) -> int:
     """How many of ``ids`` have not ended yet."""
-    left = 0
     with sessions() as session:
-        for chunk in in_chunks(ids):
-            left += session.scalar(select(func.count()).select_from(Instance)
-                                   .where(Instance.id.in_(chunk), Instance.state.not_in(TERMINAL_STATES)))
-    return left
+        return open_instance_count(session, instance_ids=ids)
 
 
 def wait(sessions: sessionmaker[Session], ids: list[int], *, timeout: float,
@@ -128,18 +124,11 @@ def wait_for_studies(sessions: sessionmaker[Session], study_uids: list[str], *, 
                      progress: Progress | None = None, interval: float = 1.0) -> int:
     """Wait until ``expected`` instances of these studies have arrived and every one has ended;
     returns how many are still missing or open when the wait stops."""
-    from db.models import Series, Study
-
     deadline = time.monotonic() + timeout
     reported = 0
     while True:
         with sessions() as session:
-            arrived, ended = session.execute(
-                select(func.count(Instance.id),
-                       func.coalesce(func.sum(case((Instance.state.in_(TERMINAL_STATES), 1), else_=0)), 0))
-                .join(Series, Instance.series_id == Series.id).join(Study, Series.study_id == Study.id)
-                .where(Study.StudyInstanceUID.in_(study_uids))
-            ).one()
+            arrived, ended = studies_progress(session, study_instance_uids=study_uids)
         if progress is not None and ended > reported:
             progress(ended - reported)
             reported = ended

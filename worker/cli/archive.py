@@ -170,10 +170,7 @@ def _send_reports_here(settings, instance_ids: list[int], model_version: str) ->
 
 
 def _rescreen_from_pacs(settings, pacs, since, until, include_known, wait, timeout, as_json) -> None:
-    from sqlalchemy import select
-
-    from db.models import Study
-    from db.results import worklist
+    from db.results import known_studies, worklist
     from dicom_io.scu import DeliveryError, Peer, echo, find_studies, move_study
     from worker import audit, rescreen
 
@@ -197,8 +194,7 @@ def _rescreen_from_pacs(settings, pacs, since, until, include_known, wait, timeo
     except DeliveryError as exc:
         raise click.ClickException(f"C-FIND on {pacs}: {exc}") from None
     with sessions().begin() as session:
-        known = set(session.scalars(select(Study.StudyInstanceUID).where(
-            Study.StudyInstanceUID.in_([m.study_instance_uid for m in matches])))) if matches else set()
+        known = known_studies(session, study_instance_uids=[m.study_instance_uid for m in matches])
     todo = [m for m in matches if include_known or m.study_instance_uid not in known]
     moved = Counter()
     failures = []
