@@ -147,7 +147,7 @@ def load_model(model_dir: str | None = None):
 def _delivery_resources():
     from worker.delivery import Resources
 
-    return Resources(keras_model=lambda: load_model().keras_model)
+    return Resources(model=load_model)
 
 
 def destinations():

@@ -24,14 +24,15 @@ from worker.settings import Settings
 class Resources:
     """What a destination may need beyond its settings: the served model, for heatmaps."""
 
-    keras_model: Callable[[], object] | None = field(default=None, repr=False)
+    #: the served model (``model.artifact.LoadedModel``), loaded on first use
+    model: Callable[[], object] | None = field(default=None, repr=False)
 
 
 Factory = Callable[[str, Settings, Resources], Destination]
 
 
 def result_objects(settings: Settings, resources: Resources) -> ResultObjects:
-    return ResultObjects(heatmaps=settings.results_heatmaps, keras_model=resources.keras_model)
+    return ResultObjects(heatmaps=settings.results_heatmaps, model=resources.model)
 
 
 def _dicom(address: str, settings: Settings, resources: Resources) -> Destination:

@@ -21,7 +21,7 @@ from db.deliveries import DeliveryJob
 from dicom_io.scu import DeliveryError, Peer, send_datasets
 from dicom_io.sr import AlgorithmInfo, build_heatmap_capture, build_screening_report
 from worker.delivery.base import Destination, Receipt, SendError
-from worker.images import prepare_film
+from worker.heatmaps import heatmap_overlay
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,16 @@ def build_report(job: DeliveryJob) -> Dataset:
     )
 
 
-def build_heatmaps(job: DeliveryJob, keras_model, *, which: str) -> list[Dataset]:
-    """Grad-CAM Secondary Captures for the flagged images (``which="flagged"``) or all of them."""
-    from model.gradcam import gradcam, overlay
-
+def build_heatmaps(job: DeliveryJob, model, *, which: str) -> list[Dataset]:
+    """Grad-CAM Secondary Captures for the flagged images (``which="flagged"``) or all of them, drawn by the
+    one heatmap function (under the model's lock: deliveries run beside inference in a worker)."""
     captures = []
     series_uid = generate_uid(entropy_srcs=[job.StudyInstanceUID, job.model_version, "GRADCAM"])
     for number, image in enumerate(job.images, start=1):
         if which == "flagged" and not image.flagged:
             continue
         source = dcmread(image.path)
-        film, prepared = prepare_film(source, keras_model.input_shape[1])
-        rgb = cv2.cvtColor(overlay(film, gradcam(keras_model, prepared)), cv2.COLOR_BGR2RGB)
+        rgb = cv2.cvtColor(heatmap_overlay(source, model), cv2.COLOR_BGR2RGB)
         captures.append(build_heatmap_capture(
             source, rgb, algorithm=_algorithm(job), probability=image.probability,
             sop_instance_uid=generate_uid(entropy_srcs=[image.SOPInstanceUID, job.model_version, "GRADCAM"]),
@@ -75,13 +73,14 @@ class ResultObjects:
     """Shared by the DICOM destinations (C-STORE and STOW-RS): the report and its optional heatmaps."""
 
     heatmaps: str = "none"
-    keras_model: Callable[[], object] | None = field(default=None, repr=False)
+    #: the served model (a ``model.artifact.LoadedModel``), loaded only when a heatmap is asked for
+    model: Callable[[], object] | None = field(default=None, repr=False)
 
     def build(self, job: DeliveryJob) -> list[Dataset]:
         """The SR first, then the heatmaps asked for; the SR's SOP Instance UID is the receipt."""
         datasets = [build_report(job)]
-        if self.heatmaps != "none" and self.keras_model is not None:
-            datasets += build_heatmaps(job, self.keras_model(), which=self.heatmaps)
+        if self.heatmaps != "none" and self.model is not None:
+            datasets += build_heatmaps(job, self.model(), which=self.heatmaps)
         return datasets
 
 
