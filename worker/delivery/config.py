@@ -85,6 +85,11 @@ def configured_destinations(settings: Settings, resources: Resources = Resources
             if (address := getattr(settings, setting))]
 
 
+def configured_kinds(settings: Settings) -> list[str]:
+    """The kinds of destination the settings turn on (without building them)."""
+    return [kind for kind, (setting, _) in KINDS.items() if getattr(settings, setting)]
+
+
 def resolver(settings: Settings, resources: Resources = Resources()) -> Callable[[str, str], Destination]:
     """``(kind, address) -> Destination`` for :func:`worker.delivery.engine.deliver`."""
     return lambda kind, address: destination_for(kind, address, settings, resources)

@@ -40,6 +40,7 @@ from db.verdicts import Finding, study_verdicts
 from worker.api.auth import Principal
 from worker.api.schemas import UID_PATTERN
 from worker.api.verdicts import record as record_verdict_for
+from worker.delivery.config import configured_kinds
 from worker.images import UnreadableInput
 from worker.settings import Settings
 from worker.web.renders import RenderCache, card_plot_png, film_png, gradcam_png
@@ -217,7 +218,7 @@ def study_page(request: Request, session: SessionDep, pages: ContextDep, web: Si
     return render(request, "study.html", web, study={**study, **study_verdicts(session, study_instance_uid=study_instance_uid)},
                   versions=model_versions(session), card=_card(settings),
                   deliveries=list_deliveries(session, study_instance_uid=study_instance_uid),
-                  reporting=settings.results_destination)
+                  reporting=configured_kinds(settings))
 
 
 @router.post("/web/studies/{study_instance_uid}/verdict")
