@@ -46,7 +46,9 @@ def encode_prepared(image: np.ndarray) -> str:
 
 
 def decode_prepared(payload: str) -> np.ndarray:
-    """The image of ``encode_prepared``; a PNG payload (queued by an earlier version) decodes too."""
+    """The image of ``encode_prepared``. Compatibility: a PNG payload serves the inference messages of
+    releases 0.4.0 and earlier (raw bytes since 0.5.0); remove the PNG branch with ``tasks._ids``, in the
+    first release after 0.6.0 whose upgrade notes ask for the queues to be drained."""
     data = base64.b64decode(payload)
     if data.startswith(_PNG_SIGNATURE):
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
