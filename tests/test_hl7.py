@@ -193,3 +193,91 @@ def test_a_ris_that_keeps_refusing_fails_the_delivery_with_its_words_and_one_tha
     with pytest.raises(SendError, match="no connection") as down:
         Hl7Destination(ris.address, parties=PARTIES, timeout=2).send(build_oru(_job(0.9), PARTIES, patient=PATIENT))
     assert down.value.transient is True
+
+
+# --- end to end: production topology (listener and worker processes, Redis, PostgreSQL) ------------------
+
+def _hl7_rows(db_url: str) -> list[dict]:
+    from db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(db_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            return [r for r in list_deliveries(session) if r["kind"] == "hl7"]
+    finally:
+        engine.dispose()
+
+
+def _film(folder: Path, jpeg: Path, study: str, kind: str) -> Path:
+    ds = chest_dataset(jpeg, study_uid=study, transfer_syntax=ExplicitVRLittleEndian, sop_class=kind)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.slow
+def test_a_film_sent_by_c_store_reaches_the_ris_once_after_one_ae(tmp_path, processes, production, pg_url):
+    from model.artifact import read_card
+    from tests.helpers.dicom_factory import PLANTED_PATIENT_NAME
+    from tests.helpers.processes import cli_json, storescu, wait_until
+
+    ris = RisPeer(tmp_path / "ris", answers="AE,AA")
+    try:
+        env, port, _, _ = production(study_quiet_seconds=0.5, hl7_destination=ris.address,
+                                     hl7_receiving_facility="HOSPITAL")
+        study = generate_uid()
+        assert storescu(port, _film(tmp_path / "send", PNEUMONIA_JPEG, study, "CR"),
+                        _film(tmp_path / "send", NORMAL_JPEG, study, "DX")).returncode == 0
+        [row] = wait_until(lambda: [r for r in _hl7_rows(pg_url) if r["state"] == "SENT"] or None, timeout=150,
+                           what="the ORU acknowledged AA")
+        received = ris.messages()
+    finally:
+        ris.stop()
+    assert [m["answered"] for m in received] == ["AE", "AA"]
+    refused, accepted = (hl7.parse(m["message"]) for m in received)
+    control_id = str(accepted.segment("MSH")(10))
+    assert str(refused.segment("MSH")(10)) == control_id and row["receipt"].startswith(control_id)
+    validate_oru(str(accepted))
+    card = read_card()
+    instances = cli_json("instances", env=env)
+    probabilities = [i["probability"] for i in instances]
+    flagged = max(probabilities) >= card.threshold
+    obx = _obx(accepted)
+    assert str(obx["110180"](5)) == study
+    assert accepted.unescape(str(accepted.segment("PID")(3)(1)(1))) == PLANTED_PATIENT_ID
+    assert str(accepted.segment("OBR")(18)) == "ACC0001" and str(accepted.segment("MSH")(6)) == "HOSPITAL"
+    assert float(str(obx["PROB"](5))) == pytest.approx(max(probabilities), abs=1e-4)
+    assert float(str(obx["THRESH"](5))) == pytest.approx(card.threshold, abs=1e-4)
+    assert str(obx["FLAG"](5)(1)(1)) == ("POS" if flagged else "NEG")
+    assert str(accepted.segment("OBR")(5)) == ("S" if flagged else "R")
+    assert f"{card.name} {card.version}" in str(obx["DEVICE"](5))
+    for p in processes:
+        assert PLANTED_PATIENT_ID not in p.log() and PLANTED_PATIENT_NAME.split("^")[0] not in p.log()
+
+
+@pytest.mark.slow
+def test_a_sender_killed_while_the_ris_holds_its_ack_resends_the_same_message_once_restarted(
+        tmp_path, processes, production, pg_url):
+    from tests.helpers.processes import Process, storescu, wait_until
+
+    ris = RisPeer(tmp_path / "ris", answers="AA", hold=120, hold_count=1)
+    try:
+        env, port, _, worker = production(study_quiet_seconds=0.5, hl7_destination=ris.address,
+                                          results_claim_seconds=10, broker_visibility_timeout=10)
+        assert storescu(port, _film(tmp_path / "send", PNEUMONIA_JPEG, generate_uid(), "CR")).returncode == 0
+        wait_until(ris.messages, timeout=240, what="the ORU at the RIS")
+        worker.proc.kill()  # SIGKILL while the RIS holds its acknowledgement
+        worker.proc.wait(timeout=10)
+        [row] = _hl7_rows(pg_url)
+        assert row["state"] == "SENDING"
+        # deliveries go by the maintenance queue: a worker of that queue alone starts without the model
+        processes.append(Process(["worker", "--queues", "maintenance"], env, tmp_path / "worker-2.log"))
+        [row] = wait_until(lambda: [r for r in _hl7_rows(pg_url) if r["state"] == "SENT"] or None, timeout=150,
+                           what="the ORU sent again by the restarted worker")
+        received = ris.messages()
+    finally:
+        ris.stop()
+    control_ids = [str(hl7.parse(m["message"]).segment("MSH")(10)) for m in received]
+    assert len(control_ids) == 2 and len(set(control_ids)) == 1, "one control ID per content"
+    assert row["receipt"].startswith(control_ids[0]) and row["attempts"] == 2
