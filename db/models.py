@@ -254,3 +254,28 @@ class InstanceInput(Base):
     brightness: Mapped[float] = mapped_column(Float)
     manufacturer: Mapped[str | None] = mapped_column(String(64))
     modality: Mapped[str | None] = mapped_column(String(16))
+
+
+class Hl7Report(Base):
+    """A report message the RIS sent over MLLP (an ORU^R01 final report), kept whatever became of it:
+    RECORDED as verdicts, or UNMATCHED / UNREADABLE / IGNORED / REJECTED with the reason
+    (``db.hl7_reports``). The message is kept as it came, for an operator; it is never logged."""
+
+    __tablename__ = "hl7_report"
+    __table_args__ = (Index("ix_hl7_report_state", "state"), Index("ix_hl7_report_accession", "accession_number"),
+                      Index("ix_hl7_report_control_id", "control_id"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: MSH-3^MSH-4 of the sender, as it came
+    sender: Mapped[str | None] = mapped_column(String(128))
+    #: MSH-10
+    control_id: Mapped[str | None] = mapped_column(String(199))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    #: RECORDED, UNMATCHED, UNREADABLE, IGNORED or REJECTED (``db.hl7_reports.ReportState``)
+    state: Mapped[str] = mapped_column(String(16))
+    finding: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    #: the acknowledgement code we answered (AA, AE, AR)
+    ack_code: Mapped[str] = mapped_column(String(2))
+    message: Mapped[str] = mapped_column(Text)
