@@ -281,3 +281,128 @@ def test_a_sender_killed_while_the_ris_holds_its_ack_resends_the_same_message_on
     control_ids = [str(hl7.parse(m["message"]).segment("MSH")(10)) for m in received]
     assert len(control_ids) == 2 and len(set(control_ids)) == 1, "one control ID per content"
     assert row["receipt"].startswith(control_ids[0]) and row["attempts"] == 2
+
+
+# --- the RIS's final reports, read as verdicts -----------------------------------------------------------
+
+def final_report(accession: str | None, *codes: str, status: str = "F", control_id: str = "RPT0001",
+                 message_type: str = "ORU^R01^ORU_R01", application: str = "RIS") -> str:
+    """A final report as a RIS sends it: its findings as CWE OBX values (``code^text^system``)."""
+    obr_accession = accession or ""
+    segments = [f"MSH|^~\\&|{application}|HOSPITAL|PNEUMOSCREEN|RADIOLOGY|20261203100000||{message_type}|{control_id}"
+                "|P|2.5.1",
+                "PID|1||PID-97531-PLANTED^^^HOSP^PI||Zyxwvut^Plantedname",
+                f"ORC|RE||{obr_accession}",
+                f"OBR|1||{obr_accession}|36643-5^XR Chest 2 Views^LN|||20261203093000|||||||||||{obr_accession}|||||||"
+                f"{status}",
+                "OBX|1|TX|59776-5^Findings^LN||Patchy consolidation of the right lower lobe.||||||F"]
+    segments += [f"OBX|{n}|CWE|18782-3^Radiology Study observation^LN||{code}||||||F"
+                 for n, code in enumerate(codes, start=2)]
+    return "\r".join(segments) + "\r"
+
+
+PNEUMONIA = "233604007^Pneumonia^SCT"
+NORMAL = "17621005^Normal^SCT"
+
+
+def _feed(sessions, text: str):
+    from worker.hl7.report import CodeMap, receive_report
+
+    return receive_report(sessions, text.encode(), codes=CodeMap.parse("SCT^233604007,RADLEX^RID5350", "SCT^17621005"),
+                          allowed_senders=frozenset(), application="PNEUMOSCREEN", facility="RADIOLOGY")
+
+
+def _kept(sessions) -> list[dict]:
+    from db.hl7_reports import list_reports
+
+    with sessions.begin() as s:
+        return list_reports(s)
+
+
+def test_a_final_report_is_recorded_as_the_study_verdict_and_acknowledged_aa(sessions):
+    from db.verdicts import record_verdict, study_verdicts
+
+    with sessions.begin() as s:
+        receive(s, "1.2.3.1", "1.2.3.1.1", "ACC-71")
+    answer = _feed(sessions, final_report("ACC-71", PNEUMONIA))
+    ack = hl7.parse(answer.ack)
+    assert (str(ack.segment("MSA")(1)), str(ack.segment("MSA")(2))) == ("AA", "RPT0001")
+    assert str(ack.segment("MSH")(9)) == "ACK^R01^ACK" and str(ack.segment("MSH")(5)) == "RIS"
+    with sessions.begin() as s:
+        verdict = study_verdicts(s, study_instance_uid="1.2.3.1")["verdict"]
+    assert (verdict["finding"], verdict["source"], verdict["actor"], verdict["reference"]) == (
+        "pneumonia", "ris-report", "ris:RIS", "RPT0001")
+    # the RIS sends it again (our ACK was lost): acknowledged, not recorded twice
+    assert _feed(sessions, final_report("ACC-71", PNEUMONIA)).ack_code == "AA"
+    with sessions.begin() as s:
+        assert len(study_verdicts(s, study_instance_uid="1.2.3.1")["verdicts"]) == 1
+        record_verdict(s, study_instance_uid="1.2.3.1", finding="normal", source="radiologist", actor="user:ada")
+    _feed(sessions, final_report("ACC-71", PNEUMONIA, control_id="RPT0002"))
+    with sessions.begin() as s:
+        assert study_verdicts(s, study_instance_uid="1.2.3.1")["verdict"]["finding"] == "normal", \
+            "a radiologist's verdict wins over a report's"
+    assert [r["state"] for r in _kept(sessions)] == ["RECORDED", "IGNORED", "RECORDED"]
+
+
+@pytest.mark.parametrize("text, code, state, error, words", [
+    (final_report("ACC-404", PNEUMONIA), "AE", "UNMATCHED", "204", "no study received"),
+    (final_report("ACC-72", "999^Atelectasis^L"), "AE", "UNREADABLE", "101", "no coded OBX value"),
+    (final_report("ACC-72", PNEUMONIA, NORMAL), "AE", "UNREADABLE", "102", "both pneumonia and normal"),
+    (final_report(None, PNEUMONIA), "AE", "UNREADABLE", "101", "no accession number"),
+    (final_report("ACC-72", PNEUMONIA, status="P"), "AA", "IGNORED", None, "not a final report"),
+    (final_report("ACC-72", PNEUMONIA, message_type="ADT^A01^ADT_A01"), "AR", "REJECTED", "200", "ORU^R01"),
+    ("this is not HL7 at all", "AE", "UNREADABLE", "100", "not an HL7 v2 message"),
+    (final_report("ACC-72", PNEUMONIA).replace("\rOBR|", "\rXXX|"), "AE", "UNREADABLE", "100", "no OBR segment"),
+])
+def test_a_report_that_cannot_be_recorded_is_kept_with_its_reason_and_answered_per_the_standard(
+        sessions, text, code, state, error, words):
+    from worker.hl7.ack import Ack
+
+    with sessions.begin() as s:
+        receive(s, "1.2.3.2", "1.2.3.2.1", "ACC-72")
+    answer = _feed(sessions, text)
+    ack = Ack.parse(answer.ack)
+    assert (ack.code, answer.state.value) == (code, state) and words in ack.text
+    if error:
+        assert str(hl7.parse(answer.ack).segment("ERR")(3)(1)(1)) == error
+    [kept] = _kept(sessions)
+    assert (kept["state"], kept["ack_code"], words in kept["reason"]) == (state, code, True)
+    from db.verdicts import study_verdicts
+
+    with sessions.begin() as s:
+        assert study_verdicts(s, study_instance_uid="1.2.3.2")["verdicts"] == []
+
+
+@pytest.mark.slow
+def test_the_listener_takes_final_reports_from_a_ris_matched_unmatched_and_malformed(tmp_path, redis_url):
+    from db.hl7_reports import list_reports
+    from db.session import make_engine, make_sessionmaker
+    from db.verdicts import study_verdicts
+    from tests.helpers.processes import free_port, listening, storescu
+    from tests.helpers.ris import send_reports
+    from worker.hl7.ack import Ack
+
+    feed = free_port()
+    with listening(tmp_path, redis_url, hl7_listen_port=feed) as (port, listener, data_dir):
+        film = _film(tmp_path / "send", NORMAL_JPEG, generate_uid(), "CR")  # accession ACC0001
+        assert storescu(port, film).returncode == 0
+        reports = {name: tmp_path / f"{name}.hl7" for name in ("matched", "unmatched", "malformed")}
+        reports["matched"].write_text(final_report("ACC0001", NORMAL, control_id="R1"))
+        reports["unmatched"].write_text(final_report("ACC-NONE", PNEUMONIA, control_id="R2"))
+        reports["malformed"].write_text(  # no OBR: not a report
+            f"MSH|^~\\&|RIS|HOSPITAL|||20261203||ORU^R01|R3|P|2.5.1\rOBX|1|CWE|X||{NORMAL}\r")
+        acks = [Ack.parse(a) for a in send_reports(feed, *reports.values())]
+        log = listener.log()
+    assert [(a.code, a.control_id) for a in acks] == [("AA", "R1"), ("AE", "R2"), ("AE", "R3")]
+    engine = make_engine(f"sqlite:///{data_dir / 'pneumoscreen.db'}")
+    try:
+        with make_sessionmaker(engine).begin() as s:
+            from pydicom import dcmread
+
+            verdict = study_verdicts(s, study_instance_uid=dcmread(film).StudyInstanceUID)["verdict"]
+            kept = {r["control_id"]: r for r in list_reports(s)}
+    finally:
+        engine.dispose()
+    assert (verdict["finding"], verdict["source"]) == ("normal", "ris-report")
+    assert {k: v["state"] for k, v in kept.items()} == {"R1": "RECORDED", "R2": "UNMATCHED", "R3": "UNREADABLE"}
+    assert "HL7 report listener" in log and "Plantedname" not in log and PLANTED_PATIENT_ID not in log

@@ -219,8 +219,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _open_report_listener_needs_senders(self) -> "Settings":
         if self.hl7_listen_port is not None and not self.hl7_allowed_senders and not is_loopback(self.hl7_listen_host):
-            raise ValueError(f"the HL7 report listener on {self.hl7_listen_host} with no PNEUMOSCREEN_HL7_ALLOWED_SENDERS:"
-                             " any sender is accepted only on a loopback address; set the RIS's MSH-3 application")
+            raise ValueError(f"the HL7 report listener on {self.hl7_listen_host} with no "
+                             "PNEUMOSCREEN_HL7_ALLOWED_SENDERS: any sender is accepted only on a loopback address; "
+                             "set the RIS's MSH-3 application")
         return self
 
     @field_validator("results_dicomweb_url", "fhir_base_url")

@@ -199,9 +199,22 @@ def started_service(settings: Settings, *, embedded: bool,
         dispatcher = Dispatcher(sessions(), quiet_seconds=settings.study_quiet_seconds)
         dispatcher.start()
         stack.callback(dispatcher.stop)
+        _start_report_feed(settings, stack)
         stopping = stopping or threading.Event()
         stack.callback(stopping.set)
         yield Service(app, receivers, dispatcher, stopping)
+
+
+def _start_report_feed(settings: Settings, stack: contextlib.ExitStack) -> None:
+    """The RIS's final reports over MLLP (PNEUMOSCREEN_HL7_LISTEN_PORT), when set; stopped on leaving."""
+    from worker.hl7.listener import start_report_listener
+
+    try:
+        feed = start_report_listener(settings, sessions())
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if feed is not None:
+        stack.callback(feed.stop)
 
 
 def supervise(service: Service) -> None:

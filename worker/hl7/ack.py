@@ -90,8 +90,8 @@ class Sender:
 
 def build_ack(code: AckCode, to: Sender, *, application: str, facility: str, control_id: str,
               error: ErrorCode | None = None, text: str = "") -> str:
-    """Our ACK^<trigger>^ACK to ``to``'s message, valid against the 2.5.1 ACK structure; AE/AR carry an ERR
-    with ``error`` and ``text`` (also in MSA-3)."""
+    """Our ACK^<trigger>^ACK to ``to``'s message, valid against the 2.5.1 ACK structure (save MSA-2 when the
+    message's control ID could not be read); AE/AR carry an ERR with ``error`` and ``text`` (also in MSA-3)."""
     ack = Message("ACK", version=VERSION, validation_level=VALIDATION_LEVEL.STRICT)
     msh = ack.msh
     msh.msh_3 = escape(application)
@@ -117,5 +117,6 @@ def build_ack(code: AckCode, to: Sender, *, application: str, facility: str, con
         err.err_4 = "E"
         if text:
             err.err_8 = escape(text)
-    ack.validate()
+    if to.control_id:  # an ACK to a message whose control ID could not be read has no MSA-2, which 2.5.1 wants
+        ack.validate()
     return ack.to_er7() + "\r"
