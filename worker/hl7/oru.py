@@ -26,6 +26,7 @@ from hl7apy.exceptions import HL7apyException
 from pydicom import dcmread
 
 from db.deliveries import DeliveryJob
+from model.artifact import study_flagged
 
 #: HL7's "locally defined" coding system (99zzz) for our own observation codes
 CODING = "99PNSCR"
@@ -178,7 +179,7 @@ def _observations(job: DeliveryJob, *, flagged: bool, status: str) -> list[tuple
 
 
 def _assemble(job: DeliveryJob, patient: Patient, parties: Parties, *, timestamp: str, control_id: str) -> Message:
-    flagged = study_flagged(job)
+    flagged = study_flagged(image.flagged for image in job.images)
     status = "C" if job.earlier else "P"
     message = Message("ORU_R01", version=VERSION, validation_level=VALIDATION_LEVEL.STRICT)
     _msh(message, parties, timestamp=timestamp, control_id=control_id)
@@ -204,11 +205,6 @@ def _assemble(job: DeliveryJob, patient: Patient, parties: Parties, *, timestamp
     return message
 
 
-def study_flagged(job: DeliveryJob) -> bool:
-    """A study is flagged when any of its images is."""
-    return any(image.flagged for image in job.images)
-
-
 def _hl7_time(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
 
@@ -228,7 +224,8 @@ def build_oru(job: DeliveryJob, parties: Parties, *, patient: Patient | None = N
         message.validate()
     except HL7apyException as exc:
         raise ValueError(f"the ORU^R01 does not build: {exc}") from exc
-    return OruMessage(control_id, message.to_er7() + "\r", flagged=study_flagged(job), corrected=bool(job.earlier))
+    flagged = study_flagged(image.flagged for image in job.images)
+    return OruMessage(control_id, message.to_er7() + "\r", flagged=flagged, corrected=bool(job.earlier))
 
 
 def validate_oru(text: str) -> Message:
