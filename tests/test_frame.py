@@ -1,0 +1,122 @@
+"""Frame dependence: the within-class Spearman correlation of the logit with width / height, the
+figures per band of width / height, and the sample weights that balance the classes per band."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.frame import (
+    band_names,
+    bands,
+    frame_balance_weights,
+    frame_dependence,
+    known_aspects,
+    summarize,
+    to_logit,
+)
+
+
+def _synthetic_fold(n_per_class: int = 300, seed: int = 3):
+    """Normals narrower than pneumonias, as in the release (medians about 1.22 and 1.49)."""
+    rng = np.random.default_rng(seed)
+    aspect = np.concatenate([rng.normal(1.22, 0.12, n_per_class), rng.normal(1.49, 0.12, n_per_class)])
+    labels = np.repeat([0, 1], n_per_class)
+    return labels, aspect, rng
+
+
+def test_a_score_that_follows_the_frame_correlates_near_one_within_each_class():
+    labels, aspect, rng = _synthetic_fold()
+    logits = 4.0 * labels + 3.0 * aspect + rng.normal(0, 0.01, len(labels))  # follows the frame within class
+    report = frame_dependence(logits, labels, aspect, threshold=5.0)
+    assert report["spearman"]["normal"]["rho"] > 0.99 and report["spearman"]["pneumonia"]["rho"] > 0.99
+    assert report["spearman"]["normal"]["n"] == 300 and report["n"] == 600 and report["unknown"] == 0
+
+
+def test_a_score_independent_of_the_frame_correlates_near_zero():
+    labels, aspect, rng = _synthetic_fold()
+    logits = 4.0 * labels + rng.normal(0, 1.0, len(labels))
+    report = frame_dependence(logits, labels, aspect, threshold=2.0)
+    for name in ("normal", "pneumonia"):
+        assert abs(report["spearman"][name]["rho"]) < 0.15  # |rho| of independent n=300: sd about 0.058
+        assert report["spearman"][name]["p"] > 0.01
+
+
+def test_specificity_and_sensitivity_per_band_at_the_threshold():
+    aspect = np.array([1.0, 1.1, 1.15, 1.19, 1.2, 1.3, 1.39, 1.4, 1.5, 1.6, 1.3, 1.45])
+    labels = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    logits = np.array([0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0, -1.0, 1.0, 0.99])
+    report = frame_dependence(logits, labels, aspect, threshold=1.0)  # at or above 1.0 is flagged
+    assert list(report["bands"]) == ["<1.2", "1.2-1.4", ">=1.4"]
+    assert report["bands"]["<1.2"] == {"normal": 4, "pneumonia": 0, "specificity": 0.75, "sensitivity": None}
+    assert report["bands"]["1.2-1.4"]["specificity"] == pytest.approx(1 / 3)
+    assert report["bands"]["1.2-1.4"]["sensitivity"] == 1.0
+    assert report["bands"][">=1.4"]["specificity"] == pytest.approx(1 / 3)
+    assert report["bands"][">=1.4"]["sensitivity"] == 0.0
+
+
+def test_films_of_unknown_proportions_are_left_out():
+    labels, aspect, rng = _synthetic_fold(50)
+    logits = rng.normal(0, 1, len(labels))
+    aspect[:10] = 1.0  # squashed copies
+    report = frame_dependence(logits, labels, known_aspects(aspect), threshold=0.0)
+    assert report["unknown"] == 10 and report["n"] == 90 and report["spearman"]["normal"]["n"] == 40
+    assert sum(b["normal"] + b["pneumonia"] for b in report["bands"].values()) == 90
+
+
+def test_a_constant_score_has_no_correlation_rather_than_nan():
+    labels, aspect, _ = _synthetic_fold(20)
+    report = frame_dependence(np.zeros(len(labels)), labels, aspect, threshold=0.5)
+    assert report["spearman"]["normal"]["rho"] is None and report["spearman"]["pneumonia"]["p"] is None
+
+
+def test_mismatched_or_invalid_inputs_are_refused():
+    with pytest.raises(ValueError, match="one length"):
+        frame_dependence(np.zeros(3), np.zeros(2), np.ones(3), 0.0)
+    with pytest.raises(ValueError, match="0 \\(NORMAL\\) or 1"):
+        frame_dependence(np.zeros(2), np.array([0, 2]), np.ones(2), 0.0)
+    with pytest.raises(ValueError, match="increasing"):
+        band_names((1.4, 1.2))
+
+
+def test_bands_put_the_edges_in_the_upper_band_and_nan_nowhere():
+    assert bands(np.array([1.19, 1.2, 1.39, 1.4, np.nan])).tolist() == [0, 1, 1, 2, -1]
+
+
+def test_summary_keeps_the_largest_correlation_and_the_lowest_specificity_over_folds():
+    labels, aspect, rng = _synthetic_fold(100)
+    follows = frame_dependence(4 * labels + aspect, labels, aspect, threshold=2.0)
+    independent = frame_dependence(4 * labels + rng.normal(0, 1, 200), labels, aspect, threshold=2.0)
+    summary = summarize([follows, independent])
+    assert summary["spearman"]["normal"]["max_abs_rho"] == pytest.approx(1.0)
+    assert summary["bands"]["<1.2"]["min_specificity"] == min(
+        follows["bands"]["<1.2"]["specificity"], independent["bands"]["<1.2"]["specificity"])
+
+
+def test_logit_is_the_inverse_of_the_sigmoid_and_clipped():
+    p = np.array([0.1, 0.5, 0.9])
+    assert np.allclose(1 / (1 + np.exp(-to_logit(p))), p)
+    assert np.isfinite(to_logit(np.array([0.0, 1.0]))).all()
+
+
+def test_balance_weights_give_every_band_the_overall_class_balance():
+    labels, aspect, _ = _synthetic_fold(300)
+    aspect[::7] = np.nan  # films of unknown proportions are one group more
+    weights = frame_balance_weights(labels, aspect)
+    overall = np.mean(labels == 1)
+    band_of = bands(aspect)
+    for b in np.unique(band_of):
+        members = band_of == b
+        weighted_pneumonia = weights[members & (labels == 1)].sum() / weights[members].sum()
+        assert weighted_pneumonia == pytest.approx(overall)
+        assert weights[members].sum() == pytest.approx(members.sum())  # each band keeps its size
+    unweighted = [np.mean(labels[band_of == b] == 1) for b in (0, 2)]
+    assert unweighted[0] < 0.3 and unweighted[1] > 0.7  # the frame did carry the label before
+
+
+def test_a_band_with_one_class_only_is_left_unweighted():
+    labels = np.array([0, 0, 1, 1, 1, 1])
+    aspect = np.array([1.1, 1.3, 1.3, 1.3, 1.5, 1.6])
+    weights = frame_balance_weights(labels, aspect)
+    assert weights[0] == 1.0 and weights[4] == 1.0 and weights[5] == 1.0
+    assert weights[1] == pytest.approx((2 / 6) * 3 / 1) and weights[2] == pytest.approx((4 / 6) * 3 / 2)
