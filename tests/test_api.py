@@ -321,13 +321,16 @@ def test_api_answers_with_the_token_refuses_without_and_audits_every_query(
     # the OpenAPI schema: five paths, the bearer scheme on all but /healthz, the documented fields
     schema = c.http.get("/openapi.json").json()
     assert schema["info"]["title"] == "pneumoscreen"
-    assert set(schema["paths"]) == {"/worklist", "/studies/{study_instance_uid}", "/instances", "/healthz", "/metrics"}
+    assert set(schema["paths"]) == {"/worklist", "/studies/{study_instance_uid}", "/instances", "/healthz", "/metrics",
+                                    "/studies/{study_instance_uid}/verdict", "/accounts", "/accounts/{name}/disable",
+                                    "/dicomweb/studies", "/dicomweb/studies/{study}"}
     assert schema["components"]["securitySchemes"]["bearer"] == {
         "type": "http", "scheme": "bearer",
-        "description": "the API token (PNEUMOSCREEN_API_TOKEN) as `Authorization: Bearer <token>`"}
+        "description": "a personal API token (`pneumoscreen users add`), or the installation's "
+                       "PNEUMOSCREEN_API_TOKEN, as `Authorization: Bearer <token>`"}
     for path, operations in schema["paths"].items():
-        security = operations["get"].get("security")
-        assert security == (None if path == "/healthz" else [{"bearer": []}]), path
+        for operation in operations.values():
+            assert operation.get("security") == (None if path == "/healthz" else [{"bearer": []}]), path
     components = schema["components"]["schemas"]
     assert set(components["WorklistRow"]["properties"]) >= WORKLIST_FIELDS
     assert set(components["InstanceRow"]["properties"]) == INSTANCE_FIELDS

@@ -115,7 +115,10 @@ def test_in_a_real_browser_a_radiologist_records_and_changes_a_verdict_and_an_op
     processes.append(api)
     wait_for_port(port, api.proc)
     browser = _chromium()
-    wait = WebDriverWait(browser, 60)
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    # the page reloads after each verdict: an element read while it reloads is stale, and read again
+    wait = WebDriverWait(browser, 60, ignored_exceptions=[StaleElementReferenceException])
 
     def sign_in(name: str) -> None:
         browser.delete_all_cookies()
