@@ -94,6 +94,9 @@ class TrainingConfig:
     #: ``margin``, for the design sensitivity at which the target holds on sets it was not chosen on;
     #: ``pooled``, for the target itself on the pooled sets.
     operating_point: str = "margin"
+    #: Weight the training films so that within each band of width / height the classes keep their
+    #: overall proportions (:func:`model.frame.frame_balance_weights`): the frame carries no label.
+    balance_frame: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -141,9 +144,11 @@ def _manifest_hash(data: LabelledImages) -> str:
 
 
 def _dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuffle: bool, seed: int,
-             augmentation: str = "standard", aspects: np.ndarray | None = None):
+             augmentation: str = "standard", aspects: np.ndarray | None = None,
+             weights: np.ndarray | None = None):
     """Batches of network input. ``framing`` needs ``aspects``: each film's
-    proportions, reframed to proportions drawn from all of them."""
+    proportions, reframed to proportions drawn from all of them. With ``weights``, each
+    batch carries them as Keras sample weights ``(x, y, w)``."""
     import tensorflow as tf
 
     from model.augment import acquisition_augment
@@ -154,15 +159,17 @@ def _dataset(images: np.ndarray, labels: np.ndarray, *, batch_size: int, shuffle
         aspects = np.ones(len(labels), dtype=np.float32)
     pool = tf.constant(np.asarray(aspects, dtype=np.float32))
 
-    def to_input(x, y, aspect):
+    def to_input(x, y, aspect, *w):
         x = tf.cast(x, tf.float32)[..., None] / 255.0
         if augmentation == "acquisition":
             x = acquisition_augment(x)
         elif augmentation == "framing":
             x = acquisition_augment(x, aspect, pool)
-        return tf.repeat(x, 3, axis=-1), y
+        return (tf.repeat(x, 3, axis=-1), y, *w)
 
-    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32), np.asarray(aspects, np.float32)))
+    columns = (images, labels.astype(np.float32), np.asarray(aspects, np.float32))
+    ds = tf.data.Dataset.from_tensor_slices(columns if weights is None else
+                                            (*columns, np.asarray(weights, np.float32)))
     if shuffle:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
@@ -224,7 +231,7 @@ def recalibrate_batch_norm(model, dataset, *, batches: int = BN_BATCHES) -> int:
         layer.moving_variance.assign(np.ones(layer.moving_variance.shape, np.float32))
     used = 0
     try:
-        for used, (x, _) in enumerate(dataset.take(batches), start=1):
+        for used, (x, *_) in enumerate(dataset.take(batches), start=1):
             for layer in layers:
                 layer.momentum = (used - 1) / used  # a running mean: batch k weighs 1/k
             model(x, training=True)
@@ -261,12 +268,14 @@ def fit_network(tr: LabelledImages, va: LabelledImages, config: TrainingConfig):
                                                    restore_best_weights=True, verbose=1)]
     else:
         callbacks = [snapshots.callback] if config.average == "swa" else []
+    sample_weights = _frame_weights(tr, class_weight) if config.balance_frame else None
     training = _dataset(tr.images, tr.labels, batch_size=config.batch_size, shuffle=True, seed=config.seed,
-                        augmentation=config.augmentation, aspects=tr.aspects)
+                        augmentation=config.augmentation, aspects=tr.aspects, weights=sample_weights)
     started = time.monotonic()
     history = model.fit(
         training, validation_data=_dataset(va.images, va.labels, batch_size=64, shuffle=False, seed=config.seed),
-        epochs=config.epochs, class_weight=class_weight, callbacks=callbacks, verbose=2,
+        epochs=config.epochs, class_weight=None if config.balance_frame else class_weight, callbacks=callbacks,
+        verbose=2,
     )
     epochs_run = len(history.history["loss"])
     facts = {"epochs_run": epochs_run, "best_epoch": int(np.argmax(history.history["val_auc"])) + 1}
@@ -283,6 +292,16 @@ def fit_network(tr: LabelledImages, va: LabelledImages, config: TrainingConfig):
     facts.update({"seconds": round(seconds, 1), "images_per_second": round(len(tr) * epochs_run / seconds, 1),
                   "class_weight": class_weight})
     return model, facts
+
+
+def _frame_weights(tr: LabelledImages, class_weight: dict[int, float]) -> np.ndarray:
+    """Each training film's sample weight under ``balance_frame``: its class weight times the weight
+    that gives its width / height band the overall class balance (Keras takes class weights or
+    sample weights, not both). Squashed copies, whose proportions are lost, are one group more."""
+    from model.frame import frame_balance_weights, known_aspects
+
+    balance = frame_balance_weights(tr.labels, known_aspects(tr.aspects))
+    return balance * np.where(tr.labels == 1, class_weight[1], class_weight[0])
 
 
 def fit_recipe(tr: LabelledImages, va: LabelledImages, config: TrainingConfig):
@@ -342,6 +361,22 @@ def card_sections(check: dict) -> dict:
             "perturbations": summary["shifted"], "mean": summary["shifted_mean"], "worst": summary["shifted_worst"],
         },
     }
+
+
+def frame_card_section(check: dict, full: LabelledImages) -> dict:
+    """The check's frame dependence for the card's ``validation.frame_dependence``: on every
+    held-out fold, at the fold's threshold, the within-class Spearman correlation of the logit with
+    the film's width / height and the figures per band (:func:`model.frame.frame_dependence`), and
+    their worst over folds. Squashed copies (their proportions lost) are left out and counted."""
+    from model.frame import BAND_EDGES, frame_dependence, known_aspects, summarize, to_logit
+
+    folds = [frame_dependence(to_logit(h["scores"]), full.labels[h["index"]], known_aspects(full.aspects[h["index"]]),
+                              float(to_logit(report["threshold"])))
+             for h, report in zip(check["held_out"], check["folds"])]
+    return {"method": "Spearman correlation of the logit with the film's width/height within each class, and "
+                      "specificity/sensitivity per width/height band, on each held-out fold at the fold's "
+                      "threshold; films of unknown proportions (squashed copies) left out",
+            "band_edges": list(BAND_EDGES), "folds": folds, "summary": summarize(folds)}
 
 
 def first_folder_figures(check: dict, full: LabelledImages, first: Path, target_sensitivity: float) -> dict:
@@ -419,6 +454,7 @@ def _fold_check(full: LabelledImages, config: TrainingConfig,
     validation = card_sections(check)
     validation["cross_validation"]["first_folder"] = first_folder_figures(check, full, first,
                                                                           config.target_sensitivity)
+    validation["frame_dependence"] = frame_card_section(check, full)
     return validation, [(f"fold {i + 1}", full.labels[h["index"]], h["scores"])
                         for i, h in enumerate(check["held_out"])]
 
@@ -497,7 +533,7 @@ def _write_card(serving, out_dir: Path, config: TrainingConfig, *, threshold: fl
         training={**facts, "seed": config.seed, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
                   "epochs": config.epochs, "augmentation": config.augmentation_name,
                   "label_smoothing": config.label_smoothing, "stretch": config.stretch,
-                  "average": config.average,
+                  "average": config.average, "balance_frame": config.balance_frame,
                   **({"average_epochs": config.average_epochs} if config.average == "swa" else {}),
                   **({"ema": config.ema} if config.average == "ema" else {}),
                   "target_sensitivity": config.target_sensitivity, "operating_point": config.operating_point},

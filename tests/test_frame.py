@@ -120,3 +120,80 @@ def test_a_band_with_one_class_only_is_left_unweighted():
     weights = frame_balance_weights(labels, aspect)
     assert weights[0] == 1.0 and weights[4] == 1.0 and weights[5] == 1.0
     assert weights[1] == pytest.approx((2 / 6) * 3 / 1) and weights[2] == pytest.approx((4 / 6) * 3 / 2)
+
+
+def _framed_dataset(root):
+    """The fold check's tiny films (12 per class, patient-style names, pneumonias with a bright
+    patch), reframed: pneumonias mostly wider (as in the release), one square (squashed) copy per class."""
+    import cv2
+
+    from tests.test_validation import _tiny_dataset
+
+    widths = {"NORMAL": (88, 88, 104, 120), "PNEUMONIA": (88, 104, 120, 120)}
+    _tiny_dataset(root)
+    for cls, cycle in widths.items():
+        for i, path in enumerate(sorted((root / "train" / cls).iterdir())):
+            width = 80 if i == 0 else cycle[i % 4]
+            cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), (width, 80)))
+    return root
+
+
+def test_the_card_section_measures_every_fold_at_its_threshold_without_the_squashed_copies():
+    from model.dataset import LabelledImages
+    from model.train import frame_card_section
+
+    labels, aspect, rng = _synthetic_fold(60)
+    aspect[:5] = 1.0  # squashed copies
+    scores = 1 / (1 + np.exp(-(3 * labels + 2 * aspect)))  # follows the frame within each class
+    full = LabelledImages(np.zeros((120, 1, 1), np.uint8), labels, np.arange(120).astype(str),
+                          [f"{i}.png" for i in range(120)], aspect.astype(np.float32))
+    index = [np.arange(0, 120, 2), np.arange(1, 120, 2)]
+    check = {"held_out": [{"index": i, "scores": scores[i]} for i in index],
+             "folds": [{"threshold": 0.99}, {"threshold": 0.5}]}
+    section = frame_card_section(check, full)
+    assert len(section["folds"]) == 2 and section["band_edges"] == [1.2, 1.4]
+    assert section["folds"][0]["unknown"] + section["folds"][1]["unknown"] == 5
+    assert section["summary"]["spearman"]["normal"]["max_abs_rho"] > 0.99
+    # at 0.5 every film is flagged (scores above 0.5), at 0.99 only some: the fold's own threshold is used
+    assert all(b["specificity"] in (None, 0.0) for b in section["folds"][1]["bands"].values())
+    assert any(b["specificity"] not in (None, 0.0) for b in section["folds"][0]["bands"].values())
+
+
+def test_balanced_training_batches_carry_the_frame_weights():
+    from model.dataset import LabelledImages
+    from model.train import _dataset, _frame_weights
+
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    aspects = np.array([1.1, 1.1, 1.5, 1.1, 1.5, 1.5, 1.5, 1.0], dtype=np.float32)
+    tr = LabelledImages(np.zeros((8, 8, 8), np.uint8), labels, np.arange(8).astype(str),
+                        [f"{i}.png" for i in range(8)], aspects)
+    class_weight = {0: 8 / 6, 1: 8 / 10}
+    weights = _frame_weights(tr, class_weight)
+    expected = frame_balance_weights(labels, known_aspects(aspects)) * np.array([class_weight[c] for c in labels])
+    assert np.allclose(weights, expected)
+    batches = list(_dataset(tr.images, labels, batch_size=8, shuffle=False, seed=0, weights=weights))
+    x, y, w = batches[0]
+    assert x.shape == (8, 8, 8, 3) and np.allclose(w.numpy(), weights)
+
+
+@pytest.mark.slow
+def test_train_balances_the_frame_and_prints_and_writes_the_frame_dependence(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from worker.cli import cli
+
+    data = _framed_dataset(tmp_path / "data")
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "model"),
+                                      "--epochs", "1", "--folds", "2", "--version", "0.0.1",
+                                      "--input-size", "64", "--balance-frame"])
+    assert result.exit_code == 0, result.output
+    assert "frame dependence: |Spearman(logit, width/height)| at most" in result.output
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    section = card["validation"]["frame_dependence"]
+    assert card["training"]["balance_frame"] is True
+    assert len(section["folds"]) == 2
+    assert sum(f["n"] + f["unknown"] for f in section["folds"]) == 24  # every film held out once
+    assert sum(f["unknown"] for f in section["folds"]) == 2  # the two square (squashed) films
+    assert list(section["folds"][0]["bands"]) == ["<1.2", "1.2-1.4", ">=1.4"]

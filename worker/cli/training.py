@@ -57,9 +57,12 @@ LABEL_VALUES = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
               help="margin: the threshold for the design sensitivity at which every held-out set reaches "
                    "--sensitivity at the threshold chosen on the others (a margin as wide as the sets "
                    "disagree); pooled: the threshold for --sensitivity itself on the pooled held-out sets")
+@click.option("--balance-frame", is_flag=True,
+              help="weight the training films so that within each band of width/height (<1.2, 1.2-1.4, >=1.4) "
+                   "the classes keep their overall proportions: the frame's shape carries no label")
 def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, model_version: str, folds: int,
           augmentations: tuple[str, ...], label_smoothing: float, stretch: float, average: str, average_epochs: int, ema: float,
-          input_size: int, sensitivity: float, operating_point: str) -> None:
+          input_size: int, sensitivity: float, operating_point: str, balance_frame: bool) -> None:
     """Train the screening CNN and write a model artifact."""
     from model.train import TrainingConfig
     from model.train import train as run_training
@@ -72,7 +75,8 @@ def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, mo
                                 members=tuple(augmentations) if len(augmentations) > 1 else (),
                                 label_smoothing=label_smoothing, stretch=stretch,
                                 average=average, average_epochs=average_epochs, ema=ema, input_size=input_size,
-                                target_sensitivity=sensitivity, operating_point=operating_point)
+                                target_sensitivity=sensitivity, operating_point=operating_point,
+                                balance_frame=balance_frame)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     card = run_training(list(data_dirs), out_dir, config)
@@ -93,6 +97,21 @@ def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, mo
                    f"AUC {shifted['mean']['auc']['mean']:.4f} ± {shifted['mean']['auc']['sd']:.4f}, "
                    f"specificity {shifted['mean']['specificity']['mean']:.3f} ± "
                    f"{shifted['mean']['specificity']['sd']:.3f} (worst {shifted['worst']['specificity']['mean']:.3f})")
+    if "frame_dependence" in card.validation:
+        click.echo(_frame_line(card.validation["frame_dependence"]))
+
+
+def _frame_line(section: dict) -> str:
+    """The frame dependence of the fold check in one line: the largest within-class |Spearman| of
+    the logit with width/height over folds, and the lowest specificity per width/height band."""
+    def figure(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    rho, bands = section["summary"]["spearman"], section["summary"]["bands"]
+    per_band = ", ".join(f"{band} {figure(b['min_specificity'])}" for band, b in bands.items())
+    return (f"frame dependence: |Spearman(logit, width/height)| at most {figure(rho['normal']['max_abs_rho'])} "
+            f"among normals, {figure(rho['pneumonia']['max_abs_rho'])} among pneumonias; "
+            f"lowest specificity per width/height band: {per_band}")
 
 
 def _score_files(files: list[Path], model, *, batch_size: int = 32):
