@@ -17,7 +17,7 @@ width / height alone as a score (how much the frame tells the class on these fil
 
 No network runs: the scores are the card's. A second or two.
 
-    .venv/bin/python bench/frame_dependence.py [--model DIR] [--json-out PATH]
+    .venv/bin/python bench/frame_dependence.py [--model DIR] [--data DIR ...] [--json-out PATH]
 """
 
 from __future__ import annotations
@@ -82,10 +82,13 @@ def held_out_index(card, films: LabelledImages) -> dict[str, np.ndarray]:
     return sets
 
 
-def measure(model_dir: Path) -> dict:
+def measure(model_dir: Path, data_dirs: list[Path] | None = None) -> dict:
+    """The figures of every held-out set of the artifact in ``model_dir``; ``data_dirs``: the
+    folders it was trained on, in their order (default: those its card names, relative ones
+    taken from the repository root)."""
     card = read_card(model_dir)
-    data_dirs = [Path(d.strip()) if Path(d.strip()).is_absolute() else (ROOT / d.strip())
-                 for d in card.training_data["folder"].split(",")]
+    data_dirs = data_dirs or [Path(d.strip()) if Path(d.strip()).is_absolute() else (ROOT / d.strip())
+                              for d in card.training_data["folder"].split(",")]
     films = training_list(data_dirs)
     if _manifest_hash(films) != card.training_data["manifest_sha256"]:
         raise SystemExit(f"the films under {data_dirs} are not the ones the card was trained on (manifest hash)")
@@ -133,9 +136,12 @@ def print_report(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="model artifact folder")
+    parser.add_argument("--data", type=Path, action="append",
+                        help="a folder the model was trained on, repeated in the training's order "
+                             "[default: those the card names]")
     parser.add_argument("--json-out", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()
-    result = measure(args.model)
+    result = measure(args.model, args.data)
     print_report(result)
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=1))
