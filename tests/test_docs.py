@@ -16,7 +16,7 @@ README = ROOT / "README.md"
 CODE_FOLDERS = ("worker", "dicom_io", "model", "db")
 SETUP_COMMANDS = (
     "sudo apt-get install -y python3-venv make && make run",
-    "sudo apt-get install -y python3-venv make dcmtk orthanc openssl redis-server postgresql chromium "
+    "sudo apt-get install -y python3-venv make dcmtk dicom3tools orthanc orthanc-dicomweb openssl redis-server postgresql chromium "
     "chromium-driver && make test",
 )
 _LOADING_TAGS = {"script", "link", "img", "source", "iframe", "audio", "video", "embed", "object"}
