@@ -23,7 +23,15 @@ import numpy as np
 #: the model card so a model is never served with a different preprocessing.
 PREPROCESSING_VERSION = "2"
 
-#: Version "1" was the resize alone; "2" added :func:`normalize_contrast`.
+#: Version "1" was the resize alone; "2" added :func:`normalize_contrast`; "3" (opt-in, not yet
+#: the installation's) crops each film to its content and then to a square before both
+#: (:func:`frame_crop`), so the network never sees the frame's proportions.
+
+#: The versions :func:`prepare` can produce.
+VERSIONS = ("2", "3")
+
+#: Version "3": grey levels at or below this are background when finding a film's content bounds.
+BACKGROUND_LEVEL = 0
 
 #: Side of the square network input, in pixels.
 INPUT_SIZE = 224
@@ -32,7 +40,7 @@ INPUT_SIZE = 224
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
 
-def prepare(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
+def prepare(image: np.ndarray, size: int = INPUT_SIZE, version: str = PREPROCESSING_VERSION) -> np.ndarray:
     """Return the ``size`` x ``size`` ``uint8`` grey image the network is fed from.
 
     Parameters
@@ -43,7 +51,12 @@ def prepare(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
         have had its modality/VOI LUTs applied and MONOCHROME1 inverted.
     size:
         Output side in pixels.
+    version:
+        One of :data:`VERSIONS`; "3" first applies :func:`frame_crop`. The default is this
+        installation's :data:`PREPROCESSING_VERSION`, whose output never changes.
     """
+    if version not in VERSIONS:
+        raise ValueError(f"unknown preprocessing version {version!r}, expected one of {VERSIONS}")
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8:
@@ -57,9 +70,28 @@ def prepare(image: np.ndarray, size: int = INPUT_SIZE) -> np.ndarray:
         raise ValueError(f"image must be 2-D grey or 3-D colour, got shape {image.shape}")
     if min(image.shape) < 2:
         raise ValueError(f"image is too small to screen: {image.shape[1]}x{image.shape[0]}")
+    if version == "3":
+        image = frame_crop(image)
     interpolation = cv2.INTER_AREA if min(image.shape) >= size else cv2.INTER_LINEAR
     out = cv2.resize(image, (size, size), interpolation=interpolation)
     return normalize_contrast(np.ascontiguousarray(out, dtype=np.uint8))
+
+
+def frame_crop(image: np.ndarray) -> np.ndarray:
+    """Version "3"'s crop of a 2-D ``uint8`` grey film: to the bounds of its content (the rows and
+    columns holding a level above :data:`BACKGROUND_LEVEL`, so a black border or padding goes),
+    then to the centre square of those bounds (the longer axis cut on both sides). The same film
+    padded with black to any proportions gives the same crop. A film with no content, or content
+    under 2 pixels thick, is returned unchanged."""
+    rows = np.flatnonzero((image > BACKGROUND_LEVEL).any(axis=1))
+    cols = np.flatnonzero((image > BACKGROUND_LEVEL).any(axis=0))
+    if rows.size < 2 or cols.size < 2:
+        return image
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    side = min(bottom - top, right - left)
+    top += (bottom - top - side) // 2
+    left += (right - left - side) // 2
+    return np.ascontiguousarray(image[top:top + side, left:left + side])
 
 
 def normalize_contrast(image: np.ndarray) -> np.ndarray:
@@ -107,6 +139,6 @@ def read_image_file(path: str | Path) -> np.ndarray:
     return image
 
 
-def prepare_file(path: str | Path, size: int = INPUT_SIZE) -> np.ndarray:
+def prepare_file(path: str | Path, size: int = INPUT_SIZE, version: str = PREPROCESSING_VERSION) -> np.ndarray:
     """:func:`read_image_file` then :func:`prepare`."""
-    return prepare(read_image_file(path), size)
+    return prepare(read_image_file(path), size, version)

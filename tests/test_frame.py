@@ -197,3 +197,68 @@ def test_train_balances_the_frame_and_prints_and_writes_the_frame_dependence(tmp
     assert sum(f["n"] + f["unknown"] for f in section["folds"]) == 24  # every film held out once
     assert sum(f["unknown"] for f in section["folds"]) == 2  # the two square (squashed) films
     assert list(section["folds"][0]["bands"]) == ["<1.2", "1.2-1.4", ">=1.4"]
+
+
+# sha256 of prepare(version="3")'s bytes for the fixture film: a change here changes what a model
+# trained at version "3" sees, and needs another version.
+GOLDEN_V3_SHA256 = "7fada10884542e5053a4ca881d28f9becc92fee4b8695bdf7d4a74518827fbc8"
+
+
+def _padded(film: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+    return np.pad(film, ((top, bottom), (left, right)), constant_values=0)
+
+
+def test_the_frame_crop_gives_the_same_prepared_image_whatever_the_padding():
+    from model.preprocessing import prepare, read_image_file
+    from tests.helpers.dicom_factory import PNEUMONIA_JPEG
+
+    film = read_image_file(PNEUMONIA_JPEG)  # 419 x 256: width/height 1.64
+    others = [_padded(film, 0, 0, 100, 100),    # wider, 2.42
+              _padded(film, 80, 80, 0, 0),      # narrower, 1.01
+              _padded(film, 300, 10, 0, 0),     # portrait, 0.74, padded on one side
+              _padded(film, 5, 40, 200, 3)]     # every side, unevenly
+    reference = prepare(film, version="3")
+    for other in others:
+        assert np.array_equal(prepare(other, version="3"), reference)
+        # version "2" squashes the whole frame: the padding and the proportions reach the network
+        assert np.abs(prepare(other).astype(int) - prepare(film).astype(int)).mean() > 10
+
+
+def test_the_frame_crop_is_the_centre_square_of_the_content():
+    from model.preprocessing import frame_crop
+
+    film = np.zeros((50, 90), np.uint8)
+    film[10:40, 20:80] = np.arange(60, dtype=np.uint8)[None, :] + 1  # content 60 wide, 30 high
+    crop = frame_crop(film)
+    assert crop.shape == (30, 30) and np.array_equal(crop, film[10:40, 35:65])
+    blank = np.zeros((20, 30), np.uint8)
+    assert frame_crop(blank) is blank
+
+
+def test_version_3_keeps_jpeg_and_dicom_byte_identical_and_version_2_unchanged(tmp_path):
+    import hashlib
+
+    from pydicom import dcmread
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicom_io.pixels import display_image
+    from model.preprocessing import PREPROCESSING_VERSION, prepare, prepare_file
+    from tests.helpers.dicom_factory import PNEUMONIA_JPEG, write_chest_dicom
+    from tests.test_preprocessing import GOLDEN_SHA256
+
+    for photometric in ("MONOCHROME2", "MONOCHROME1"):
+        write_chest_dicom(tmp_path / f"{photometric}.dcm", PNEUMONIA_JPEG, transfer_syntax=ExplicitVRLittleEndian,
+                          photometric=photometric)
+        from_dicom = prepare(display_image(dcmread(tmp_path / f"{photometric}.dcm")), version="3")
+        assert np.array_equal(from_dicom, prepare_file(PNEUMONIA_JPEG, version="3"))
+    assert hashlib.sha256(prepare_file(PNEUMONIA_JPEG, version="3").tobytes()).hexdigest() == GOLDEN_V3_SHA256
+    assert PREPROCESSING_VERSION == "2"  # the installation's version: the shipped card's
+    assert hashlib.sha256(prepare_file(PNEUMONIA_JPEG).tobytes()).hexdigest() == GOLDEN_SHA256
+    assert hashlib.sha256(prepare_file(PNEUMONIA_JPEG, version="2").tobytes()).hexdigest() == GOLDEN_SHA256
+
+
+def test_an_unknown_preprocessing_version_is_refused():
+    from model.preprocessing import prepare
+
+    with pytest.raises(ValueError, match="unknown preprocessing version '4'"):
+        prepare(np.zeros((8, 8), np.uint8), version="4")
