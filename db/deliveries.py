@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, and_, exists, func, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -27,6 +27,7 @@ from db.models import (
     utcnow,
 )
 from db.queries import iso_utc, upsert
+from db.results import any_image_flagged
 
 
 def completed_studies(session: Session, *, instance_ids: list[int]) -> list[int]:
@@ -125,7 +126,7 @@ def _screened_images(session: Session, *, study_id: int, model_version: str) -> 
 
 def _earlier_deliveries(session: Session, delivery: ResultDelivery) -> tuple[EarlierDelivery, ...]:
     """Other versions' results SENT to the same destination, each with whether it flagged the study."""
-    flagged = (select(func.max(Prediction.flagged.cast(Integer)))
+    flagged = (select(any_image_flagged(Prediction.flagged))
                .join(Instance, Prediction.instance_id == Instance.id)
                .join(Series, Instance.series_id == Series.id)
                .where(Series.study_id == delivery.study_id, Prediction.model_version == ResultDelivery.model_version)
