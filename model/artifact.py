@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from model.preprocessing import PREPROCESSING_VERSION, prepared_batch
+from model.preprocessing import PREPROCESSING_VERSION, VERSIONS, prepared_batch
 
 WEIGHTS_FILE = "model.keras"
 CARD_FILE = "model_card.json"
@@ -100,10 +100,10 @@ def read_card(model_dir: str | Path | None = None, *, verify: bool = True) -> Mo
     if not card_path.is_file() or not weights_path.is_file():
         raise ModelArtifactError(f"{model_dir}: expected {WEIGHTS_FILE} and {CARD_FILE}")
     card = ModelCard.from_file(card_path)
-    if card.preprocessing_version != PREPROCESSING_VERSION:
+    if card.preprocessing_version not in VERSIONS:
         raise ModelArtifactError(
             f"{model_dir}: model expects preprocessing version {card.preprocessing_version}, "
-            f"this installation has {PREPROCESSING_VERSION}"
+            f"this installation prepares {', '.join(VERSIONS)}"
         )
     if verify and sha256_file(weights_path) != card.sha256:
         raise ModelArtifactError(f"{weights_path}: sha256 does not match {CARD_FILE}")
@@ -111,12 +111,14 @@ def read_card(model_dir: str | Path | None = None, *, verify: bool = True) -> Mo
 
 
 def save_artifact(model, out_dir: str | Path, **card_fields: Any) -> ModelCard:
-    """Write ``model`` and its card into ``out_dir``; the sha256 is computed here."""
+    """Write ``model`` and its card into ``out_dir``; the sha256 is computed here. The card's
+    ``preprocessing_version`` defaults to :data:`PREPROCESSING_VERSION`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights_path = out_dir / WEIGHTS_FILE
     model.save(weights_path)
-    card = ModelCard(sha256=sha256_file(weights_path), preprocessing_version=PREPROCESSING_VERSION, **card_fields)
+    card = ModelCard(sha256=sha256_file(weights_path),
+                     **{"preprocessing_version": PREPROCESSING_VERSION, **card_fields})
     card.write(out_dir / CARD_FILE)
     return card
 

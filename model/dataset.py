@@ -66,17 +66,17 @@ def list_images(folder: str | Path) -> list[tuple[Path, int]]:
 
 
 def load_folder(folder: str | Path, *, size: int = INPUT_SIZE, cache: str | Path | None = None,
-                progress: bool = True) -> LabelledImages:
-    """Load and prepare every image of a Kaggle-layout folder (cached as .npz if asked).
+                progress: bool = True, version: str = PREPROCESSING_VERSION) -> LabelledImages:
+    """Load and prepare every image of a Kaggle-layout folder at preprocessing ``version`` (cached
+    as .npz if asked).
 
     A cache is used only if it holds the same files at the same size, prepared
-    by this :data:`~model.preprocessing.PREPROCESSING_VERSION`; otherwise it is
-    rebuilt.
+    by the same preprocessing version; otherwise it is rebuilt.
     """
     entries = list_images(folder)
     if cache is not None and Path(cache).is_file():
         with np.load(cache) as z:
-            if ("preprocessing" in z.files and str(z["preprocessing"]) == PREPROCESSING_VERSION
+            if ("preprocessing" in z.files and str(z["preprocessing"]) == version
                     and "aspects" in z.files
                     and list(z["names"]) == [str(p) for p, _ in entries] and z["images"].shape[1] == size):
                 log.info("using cached arrays %s", cache)
@@ -88,7 +88,7 @@ def load_folder(folder: str | Path, *, size: int = INPUT_SIZE, cache: str | Path
     for i, (path, _) in enumerate(entries):
         grey = read_image_file(path)
         aspects[i] = grey.shape[1] / grey.shape[0]
-        images[i] = prepare(grey, size)
+        images[i] = prepare(grey, size, version)
         if progress and (i + 1) % 500 == 0:
             log.info("read %d/%d images of %s", i + 1, len(entries), folder)
     labels = np.array([label for _, label in entries], dtype=np.int64)
@@ -96,7 +96,7 @@ def load_folder(folder: str | Path, *, size: int = INPUT_SIZE, cache: str | Path
     if cache is not None:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, images=images, labels=labels, patients=patients, aspects=aspects,
-                 names=np.array([str(p) for p, _ in entries]), preprocessing=np.array(PREPROCESSING_VERSION))
+                 names=np.array([str(p) for p, _ in entries]), preprocessing=np.array(version))
     return LabelledImages(images, labels, patients, [p for p, _ in entries], aspects)
 
 

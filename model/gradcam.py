@@ -47,19 +47,27 @@ def gradcam(keras_model, prepared: np.ndarray, *, layer: str = DEFAULT_LAYER) ->
 
 
 def overlay(film: np.ndarray, heat: np.ndarray, *, alpha: float = 0.4,
-            max_side: int = OVERLAY_MAX_SIDE) -> np.ndarray:
+            max_side: int = OVERLAY_MAX_SIDE, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """The film as displayed (2-D ``uint8``, any size) with the heat map in the JET
     colour map on top (BGR uint8).
 
-    The heat map, computed on the square prepared image, is stretched back to
-    the film's own proportions; the film keeps its grey levels (not the
-    equalized ones the network saw) and is scaled down to ``max_side`` at most.
+    The heat map, computed on the square prepared image, is stretched back onto ``box``
+    (``(top, left, height, width)`` in the film's pixels: the region the preprocessing resized to
+    that square, :func:`model.preprocessing.crop_box`; default the whole film) and is zero outside
+    it; the film keeps its grey levels (not the equalized ones the network saw) and is scaled down
+    to ``max_side`` at most.
     """
+    top, left, height, width = box or (0, 0, film.shape[0], film.shape[1])
     scale = min(1.0, max_side / max(film.shape))
     if scale < 1.0:
         film = cv2.resize(film, (max(1, round(film.shape[1] * scale)), max(1, round(film.shape[0] * scale))),
                           interpolation=cv2.INTER_AREA)
-    heat = cv2.resize(np.clip(heat, 0, 1).astype(np.float32), film.shape[::-1], interpolation=cv2.INTER_LINEAR)
-    colour = cv2.applyColorMap(np.uint8(heat * 255), cv2.COLORMAP_JET)
+        top, left = round(top * scale), round(left * scale)
+        height = max(1, min(film.shape[0] - top, round(height * scale)))
+        width = max(1, min(film.shape[1] - left, round(width * scale)))
+    full = np.zeros(film.shape, dtype=np.float32)
+    full[top:top + height, left:left + width] = cv2.resize(np.clip(heat, 0, 1).astype(np.float32), (width, height),
+                                                           interpolation=cv2.INTER_LINEAR)
+    colour = cv2.applyColorMap(np.uint8(full * 255), cv2.COLORMAP_JET)
     grey = cv2.cvtColor(np.ascontiguousarray(film, dtype=np.uint8), cv2.COLOR_GRAY2BGR)
     return cv2.addWeighted(colour, alpha, grey, 1 - alpha, 0)

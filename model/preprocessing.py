@@ -19,13 +19,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-#: Bumped whenever :func:`prepare` changes what it produces; written into
-#: the model card so a model is never served with a different preprocessing.
+#: The version a model card that names none, and :func:`prepare` called without one, get. Each
+#: card names the version it was trained with (``preprocessing_version``), and serving prepares
+#: every film for that model at that version, so training and serving stay byte-identical.
 PREPROCESSING_VERSION = "2"
 
-#: Version "1" was the resize alone; "2" added :func:`normalize_contrast`; "3" (opt-in, not yet
-#: the installation's) crops each film to its content and then to a square before both
-#: (:func:`frame_crop`), so the network never sees the frame's proportions.
+#: Version "1" was the resize alone; "2" added :func:`normalize_contrast`; "3" crops each film to
+#: its content and then to a square before both (:func:`frame_crop`), so the network never sees
+#: the frame's proportions. A version, once released, never changes what it produces.
 
 #: The versions :func:`prepare` can produce.
 VERSIONS = ("2", "3")
@@ -52,8 +53,8 @@ def prepare(image: np.ndarray, size: int = INPUT_SIZE, version: str = PREPROCESS
     size:
         Output side in pixels.
     version:
-        One of :data:`VERSIONS`; "3" first applies :func:`frame_crop`. The default is this
-        installation's :data:`PREPROCESSING_VERSION`, whose output never changes.
+        One of :data:`VERSIONS`, the model card's ``preprocessing_version``; "3" first applies
+        :func:`frame_crop`. The default is :data:`PREPROCESSING_VERSION`.
     """
     if version not in VERSIONS:
         raise ValueError(f"unknown preprocessing version {version!r}, expected one of {VERSIONS}")
@@ -83,15 +84,28 @@ def frame_crop(image: np.ndarray) -> np.ndarray:
     then to the centre square of those bounds (the longer axis cut on both sides). The same film
     padded with black to any proportions gives the same crop. A film with no content, or content
     under 2 pixels thick, is returned unchanged."""
-    rows = np.flatnonzero((image > BACKGROUND_LEVEL).any(axis=1))
-    cols = np.flatnonzero((image > BACKGROUND_LEVEL).any(axis=0))
-    if rows.size < 2 or cols.size < 2:
+    top, left, height, width = crop_box(image)
+    if (height, width) == image.shape[:2]:
         return image
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return np.ascontiguousarray(image[top:top + height, left:left + width])
+
+
+def crop_box(image: np.ndarray, version: str = "3") -> tuple[int, int, int, int]:
+    """``(top, left, height, width)``: the region of the 2-D grey film ``image`` that :func:`prepare`
+    at ``version`` resizes to the network's square, in the film's own pixels. The whole film for
+    versions before "3"; :func:`frame_crop`'s square for "3". A heat map computed on the prepared
+    image belongs on this region of the film as displayed."""
+    whole = (0, 0, int(image.shape[0]), int(image.shape[1]))
+    if version != "3":
+        return whole
+    foreground = image > BACKGROUND_LEVEL
+    rows = np.flatnonzero(foreground.any(axis=1))
+    cols = np.flatnonzero(foreground.any(axis=0))
+    if rows.size < 2 or cols.size < 2:
+        return whole
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     side = min(bottom - top, right - left)
-    top += (bottom - top - side) // 2
-    left += (right - left - side) // 2
-    return np.ascontiguousarray(image[top:top + side, left:left + side])
+    return top + (bottom - top - side) // 2, left + (right - left - side) // 2, side, side
 
 
 def normalize_contrast(image: np.ndarray) -> np.ndarray:

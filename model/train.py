@@ -39,7 +39,7 @@ from model.operating_point import (
     save_held_out,
     transferable_threshold,
 )
-from model.preprocessing import INPUT_SIZE, to_model_input
+from model.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION, VERSIONS, to_model_input
 from model.reference import write_training_reference
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,15 @@ class TrainingConfig:
     #: Weight the training films so that within each band of width / height the classes keep their
     #: overall proportions (:func:`model.frame.frame_balance_weights`): the frame carries no label.
     balance_frame: bool = False
+    #: The preprocessing version the films are prepared at (:data:`model.preprocessing.VERSIONS`),
+    #: written on the card; serving prepares every film for this model at it.
+    preprocessing: str = PREPROCESSING_VERSION
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError("epochs must be at least 1")
+        if self.preprocessing not in VERSIONS:
+            raise ValueError(f"preprocessing must be one of {VERSIONS}, got {self.preprocessing!r}")
         for augmentation in (self.augmentation, *self.members):
             if augmentation not in AUGMENTATIONS:
                 raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}")
@@ -332,7 +337,7 @@ def kfold_check(full: LabelledImages, config: TrainingConfig, *, k: int) -> dict
     from model.validation import cross_validate, shifted_images
 
     started = time.monotonic()
-    shifted = shifted_images(full.paths, size=config.input_size)
+    shifted = shifted_images(full.paths, size=config.input_size, version=config.preprocessing)
 
     def fit(train_idx: np.ndarray, held_out_idx: np.ndarray, fold: int):
         model, facts = fit_recipe(full.subset(train_idx), full.subset(held_out_idx), config)
@@ -395,11 +400,19 @@ def first_folder_figures(check: dict, full: LabelledImages, first: Path, target_
             "auc": spread(aucs), "specificity": spread(specs)}
 
 
-def load_training_folders(data_dirs: list[Path], *, size: int, cache_dir: Path) -> LabelledImages:
-    """The ``train/`` of every folder as one set (a film in several counts once, see ``combine``)."""
-    return combine([load_folder(d / "train", size=size, cache=cache_dir / (f"train_{size}.npz" if i == 0 else
-                                                                        f"train{i + 1}_{size}.npz"))
+def load_training_folders(data_dirs: list[Path], *, size: int, cache_dir: Path,
+                          version: str = PREPROCESSING_VERSION) -> LabelledImages:
+    """The ``train/`` of every folder as one set (a film in several counts once, see ``combine``),
+    prepared at preprocessing ``version``."""
+    return combine([load_folder(d / "train", size=size, version=version,
+                                cache=cache_dir / f"train{i + 1 if i else ''}_{size}{_cache_suffix(version)}.npz")
                     for i, d in enumerate(data_dirs)])
+
+
+def _cache_suffix(version: str) -> str:
+    """The training cache's file name part for ``version`` (none for the default, whose caches
+    predate the others)."""
+    return "" if version == PREPROCESSING_VERSION else f"_v{version}"
 
 
 def train(data_dir: str | Path | list[str | Path], out_dir: str | Path, config: TrainingConfig = TrainingConfig(),
@@ -437,11 +450,12 @@ def _load(data_dirs: list[Path], config: TrainingConfig,
           cache_dir: Path) -> tuple[LabelledImages, LabelledImages | None]:
     """Loading: every folder's ``train/`` as one set, and the official ``val/`` of the first folder
     that has one (None if none has)."""
-    full = load_training_folders(data_dirs, size=config.input_size, cache_dir=cache_dir)
+    full = load_training_folders(data_dirs, size=config.input_size, cache_dir=cache_dir, version=config.preprocessing)
     val_dir = next((d / "val" for d in data_dirs if (d / "val").is_dir()), None)
     if val_dir is None:
         return full, None
-    return full, load_folder(val_dir, size=config.input_size, cache=cache_dir / f"val_{config.input_size}.npz")
+    return full, load_folder(val_dir, size=config.input_size, version=config.preprocessing,
+                             cache=cache_dir / f"val_{config.input_size}{_cache_suffix(config.preprocessing)}.npz")
 
 
 def _fold_check(full: LabelledImages, config: TrainingConfig,
@@ -522,6 +536,7 @@ def _write_card(serving, out_dir: Path, config: TrainingConfig, *, threshold: fl
     return save_artifact(
         serving, out_dir,
         name=config.name, version=config.version, threshold=threshold, input_size=config.input_size,
+        preprocessing_version=config.preprocessing,
         training_data={
             "source": "Kermany et al. 2018, Chest X-Ray Images (Pneumonia), doi:10.17632/rscbjbr9sj.2, CC BY 4.0",
             "folder": ", ".join(map(str, data_dirs)), "manifest_sha256": _manifest_hash(full),

@@ -39,7 +39,7 @@ import cv2
 import numpy as np
 
 from model.metrics import binary_report, spread, threshold_for_sensitivity
-from model.preprocessing import INPUT_SIZE, prepare, read_image_file
+from model.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION, prepare, read_image_file
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +129,15 @@ def perturb(image: np.ndarray, name: str) -> np.ndarray:
 
 
 def shifted_images(paths: Sequence[str | Path], *, size: int = INPUT_SIZE,
-                   names: Sequence[str] = tuple(PERTURBATIONS)) -> dict[str, np.ndarray]:
-    """Each file read once, perturbed by each of ``names``, then ``prepare``d:
+                   names: Sequence[str] = tuple(PERTURBATIONS),
+                   version: str = PREPROCESSING_VERSION) -> dict[str, np.ndarray]:
+    """Each file read once, perturbed by each of ``names``, then ``prepare``d at ``version``:
     ``{name: (n, size, size) uint8}`` in the order of ``paths``."""
     out = {name: np.empty((len(paths), size, size), dtype=np.uint8) for name in names}
     for i, path in enumerate(paths):
         image = read_image_file(path)
         for name in names:
-            out[name][i] = prepare(perturb(image, name), size)
+            out[name][i] = prepare(perturb(image, name), size, version)
     return out
 
 

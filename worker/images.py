@@ -11,7 +11,7 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from dicom_io.pixels import PixelDecodeError, display_image
-from model.preprocessing import IMAGE_SUFFIXES, INPUT_SIZE, prepare, read_image_file
+from model.preprocessing import IMAGE_SUFFIXES, INPUT_SIZE, PREPROCESSING_VERSION, prepare, read_image_file
 
 
 class UnreadableInput(ValueError):
@@ -61,13 +61,14 @@ def display_film(source: Path | Dataset) -> np.ndarray:
         raise UnreadableInput(f"{path}: {exc}") from exc
 
 
-def prepare_film(source: Path | Dataset, size: int = INPUT_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def prepare_film(source: Path | Dataset, size: int = INPUT_SIZE,
+                 version: str = PREPROCESSING_VERSION) -> tuple[np.ndarray, np.ndarray]:
     """The one way from a received file, a dataset or an image file to the model's input: the film
-    as displayed and its prepared ``size`` x ``size`` uint8 image (the model card's ``input_size``).
-    ``UnreadableInput`` says why not."""
+    as displayed and its prepared ``size`` x ``size`` uint8 image (the model card's ``input_size``
+    and ``preprocessing_version``). ``UnreadableInput`` says why not."""
     film = display_film(source)
     try:
-        return film, prepare(film, size)
+        return film, prepare(film, size, version)
     except ValueError as exc:  # too small to screen
         where = "" if isinstance(source, Dataset) else f"{source}: "
         raise UnreadableInput(f"{where}{exc}") from exc

@@ -28,7 +28,7 @@ from db.queries import bounded_reason, paths_and_states, record_predictions, reg
 from dicom_io.eligibility import EligibilityPolicy
 from dicom_io.spool import Spool
 from model.artifact import LoadedModel
-from model.preprocessing import INPUT_SIZE
+from model.preprocessing import INPUT_SIZE, PREPROCESSING_VERSION
 from worker.images import UnreadableInput, prepare_film
 
 log = logging.getLogger(__name__)
@@ -84,20 +84,22 @@ def _fail(sessions: sessionmaker[Session], spool: Spool | None, instance_id: int
 
 def preprocess_instance(sessions: sessionmaker[Session], instance_id: int, *,
                         policy: EligibilityPolicy, spool: Spool | None = None,
-                        size: int = INPUT_SIZE) -> np.ndarray | None:
+                        size: int = INPUT_SIZE, version: str = PREPROCESSING_VERSION) -> np.ndarray | None:
     """The prepared image for ``instance_id``, or None if it ended SKIPPED/FAILED (or already had).
 
     With ``spool``, the file of a FAILED instance is moved to its quarantine.
     """
-    prepared = preprocess_instances(sessions, [instance_id], policy=policy, spool=spool, size=size)
+    prepared = preprocess_instances(sessions, [instance_id], policy=policy, spool=spool, size=size, version=version)
     return prepared[0][1] if prepared else None
 
 
 def preprocess_instances(sessions: sessionmaker[Session], instance_ids: list[int], *,
                          policy: EligibilityPolicy, spool: Spool | None = None,
-                         size: int = INPUT_SIZE) -> list[tuple[int, np.ndarray]]:
-    """(instance id, prepared image of side ``size``, the model card's ``input_size``) for each of
-    ``instance_ids`` that could be prepared, in order;
+                         size: int = INPUT_SIZE,
+                         version: str = PREPROCESSING_VERSION) -> list[tuple[int, np.ndarray]]:
+    """(instance id, prepared image of side ``size`` at preprocessing ``version``, the model card's
+    ``input_size`` and ``preprocessing_version``) for each of ``instance_ids`` that could be
+    prepared, in order;
     the others end SKIPPED or FAILED with their reason (or had already ended). The instances are
     read in one query and marked PREPROCESSED, each with its population note (or none), in one
     transaction: the note stands beside the result the prediction then records.
@@ -127,7 +129,7 @@ def preprocess_instances(sessions: sessionmaker[Session], instance_ids: list[int
             finish_instance(sessions, instance_id, InstanceState.SKIPPED, eligibility.reason or "not eligible")
             continue
         try:
-            film, image = prepare_film(ds, size)
+            film, image = prepare_film(ds, size, version)
         except (UnreadableInput, MemoryError) as exc:
             _fail(sessions, spool, instance_id, path, str(exc) or type(exc).__name__)
             continue

@@ -91,7 +91,8 @@ def screen_here(sessions: sessionmaker[Session], ids: list[int], *, model, polic
         items = []
         for instance_id in chunk:
             prepared = pipeline.preprocess_instance(sessions, instance_id, policy=policy, spool=spool,
-                                                    size=model.card.input_size)
+                                                    size=model.card.input_size,
+                                                    version=model.card.preprocessing_version)
             if prepared is not None:
                 items.append((instance_id, prepared))
         pipeline.predict_and_record(sessions, model, items)

@@ -99,6 +99,12 @@ def input_size(model_dir: str | Path | None = None) -> int:
     return model_card(model_dir or settings().model_dir).input_size
 
 
+def preprocessing_version(model_dir: str | Path | None = None) -> str:
+    """The preprocessing version the model in ``model_dir`` (default: the configured one) was trained
+    with, at which every film for it is prepared."""
+    return model_card(model_dir or settings().model_dir).preprocessing_version
+
+
 def listener_config(current: Settings | None = None, *, reuse_port: bool = False) -> "ListenerConfig":
     """How the listener talks to the network, from ``current`` (default: this process's settings)."""
     from dicom_io.server import ListenerConfig

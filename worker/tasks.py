@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from db.models import InstanceState
 from db.queries import set_state
 from model.artifact import read_card
-from model.preprocessing import PREPROCESSING_VERSION
+from model.preprocessing import VERSIONS
 from worker import delivery, dispatcher, pipeline, rescreen, runtime
 from worker.celery_app import app, sent_now
 
@@ -64,25 +64,27 @@ def preprocess(instance_ids: int | list[int], model_dir: str | None = None,
     ``model_dir`` (a rescreen with another model) travels on to ``infer``; its card's intended
     population decides which films are screened.
 
-    ``expected_preprocessing`` comes with instances that an inference worker sent back (its model
-    expects that version): a worker that prepares another version fails them with the reason rather
-    than sending them round again. ``size`` comes with them too: the side the model takes, which
-    the worker prepares at instead of its own configured model's (the two differ while a model of
-    another input size is being rolled out).
+    Each film is prepared at the preprocessing version and the side of the model (its card's
+    ``preprocessing_version`` and ``input_size``), those of ``model_dir`` or of the configured one.
+    ``expected_preprocessing`` and ``size`` come with instances that an inference worker sent back:
+    the version and the side its model takes, which the worker prepares at instead of its own
+    configured model's (the two differ while another model is being rolled out). A version this
+    worker cannot produce fails them with the reason rather than sending them round again.
     """
     ids = _ids(instance_ids)
-    if expected_preprocessing is not None and expected_preprocessing != PREPROCESSING_VERSION:
-        reason = (f"the model expects preprocessing {expected_preprocessing}, this preprocess worker prepares "
-                  f"{PREPROCESSING_VERSION}: upgrade the workers together, then send the study again")
+    version = expected_preprocessing or runtime.preprocessing_version(model_dir)
+    if version not in VERSIONS:
+        reason = (f"the model expects preprocessing {version}, this preprocess worker prepares "
+                  f"{', '.join(VERSIONS)}: upgrade the workers together, then send the study again")
         for instance_id in ids:
             pipeline.finish_instance(runtime.sessions(), instance_id, InstanceState.FAILED, reason,
                                      level=logging.ERROR)
         return
     prepared = [(instance_id, pipeline.encode_prepared(image)) for instance_id, image in pipeline.preprocess_instances(
         runtime.sessions(), ids, policy=runtime.eligibility_policy(model_dir=model_dir), spool=runtime.spool(),
-        size=size or runtime.input_size(model_dir))]
+        size=size or runtime.input_size(model_dir), version=version)]
     if prepared:
-        kwargs = {"preprocessing": PREPROCESSING_VERSION, **({"model_dir": model_dir} if model_dir else {})}
+        kwargs = {"preprocessing": version, **({"model_dir": model_dir} if model_dir else {})}
         sent = [instance_id for instance_id, _ in prepared]
         infer.apply_async(args=[sent, [image for _, image in prepared]], kwargs=kwargs,
                           argsrepr=f"({sent}, <{len(sent)} prepared images>)", headers=sent_now())

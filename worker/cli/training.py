@@ -60,9 +60,14 @@ LABEL_VALUES = {"NORMAL": 0, "PNEUMONIA": 1, "0": 0, "1": 1}
 @click.option("--balance-frame", is_flag=True,
               help="weight the training films so that within each band of width/height (<1.2, 1.2-1.4, >=1.4) "
                    "the classes keep their overall proportions: the frame's shape carries no label")
+@click.option("--preprocessing", type=click.Choice(["2", "3"]), default="2", show_default=True,
+              help="the preprocessing version the films are prepared at, written on the card: 2, the whole film "
+                   "resized and equalized; 3, first cropped to its content and then to the centre square, so "
+                   "the network never sees the frame's proportions")
 def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, model_version: str, folds: int,
           augmentations: tuple[str, ...], label_smoothing: float, stretch: float, average: str, average_epochs: int, ema: float,
-          input_size: int, sensitivity: float, operating_point: str, balance_frame: bool) -> None:
+          input_size: int, sensitivity: float, operating_point: str, balance_frame: bool,
+          preprocessing: str) -> None:
     """Train the screening CNN and write a model artifact."""
     from model.train import TrainingConfig
     from model.train import train as run_training
@@ -76,7 +81,7 @@ def train(data_dirs: tuple[Path, ...], out_dir: Path, epochs: int, seed: int, mo
                                 label_smoothing=label_smoothing, stretch=stretch,
                                 average=average, average_epochs=average_epochs, ema=ema, input_size=input_size,
                                 target_sensitivity=sensitivity, operating_point=operating_point,
-                                balance_frame=balance_frame)
+                                balance_frame=balance_frame, preprocessing=preprocessing)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     card = run_training(list(data_dirs), out_dir, config)
@@ -127,7 +132,7 @@ def _score_files(files: list[Path], model, *, batch_size: int = 32):
             batch, prepared = [], []
             for path in files[start:start + batch_size]:
                 try:
-                    prepared.append(prepare_film(path, model.card.input_size)[1])
+                    prepared.append(prepare_film(path, model.card.input_size, model.card.preprocessing_version)[1])
                     batch.append(path)
                 except UnreadableInput as exc:
                     results.append((path, None, str(exc)))
