@@ -187,12 +187,14 @@ def test_train_balances_the_frame_and_prints_and_writes_the_frame_dependence(tmp
     data = _framed_dataset(tmp_path / "data")
     result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(tmp_path / "model"),
                                       "--epochs", "1", "--folds", "2", "--version", "0.0.1",
-                                      "--input-size", "64", "--balance-frame"])
+                                      "--input-size", "64", "--balance-frame", "--preprocessing", "3"])
     assert result.exit_code == 0, result.output
     assert "frame dependence: |Spearman(logit, width/height)| at most" in result.output
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
     section = card["validation"]["frame_dependence"]
     assert card["training"]["balance_frame"] is True
+    assert card["preprocessing_version"] == "3"  # the version the films were prepared at, for serving
+    assert (tmp_path / "model" / "cache" / "train_64_v3.npz").is_file()  # its own cache, beside version 2's
     assert len(section["folds"]) == 2
     assert sum(f["n"] + f["unknown"] for f in section["folds"]) == 24  # every film held out once
     assert sum(f["unknown"] for f in section["folds"]) == 2  # the two square (squashed) films
@@ -262,3 +264,92 @@ def test_an_unknown_preprocessing_version_is_refused():
 
     with pytest.raises(ValueError, match="unknown preprocessing version '4'"):
         prepare(np.zeros((8, 8), np.uint8), version="4")
+
+
+def test_a_training_config_names_a_version_the_installation_prepares():
+    from model.train import TrainingConfig
+
+    assert TrainingConfig(preprocessing="3").preprocessing == "3"
+    with pytest.raises(ValueError, match="preprocessing must be one of"):
+        TrainingConfig(preprocessing="4")
+
+
+def test_the_overlay_lays_the_heat_on_the_region_the_crop_kept_and_none_outside():
+    from model.gradcam import overlay
+    from model.preprocessing import crop_box
+
+    film = np.zeros((100, 300), np.uint8)
+    film[10:90, 40:260] = 120  # content 220 wide, 80 high: the crop is its centre 80 x 80 square
+    box = crop_box(film, "3")
+    assert box == (10, 110, 80, 80) and crop_box(film, "2") == (0, 0, 100, 300)
+    hot = overlay(film, np.ones((16, 16), np.float32), box=box, max_side=300)
+    cold = overlay(film, np.zeros((16, 16), np.float32), box=box, max_side=300)
+    inside = np.zeros(film.shape, bool)
+    inside[10:90, 110:190] = True
+    assert hot.shape == (100, 300, 3)
+    assert np.array_equal(hot[~inside], cold[~inside])  # no heat where the network saw nothing
+    assert (np.abs(hot[inside].astype(int) - cold[inside].astype(int)).sum(axis=1) > 90).all()
+    # scaled down for display, the box scales with the film
+    small = overlay(film, np.ones((16, 16), np.float32), box=box, max_side=150)
+    small_cold = overlay(film, np.zeros((16, 16), np.float32), box=box, max_side=150)
+    changed = np.flatnonzero(np.abs(small.astype(int) - small_cold.astype(int)).sum(axis=(0, 2)))
+    assert small.shape == (50, 150, 3) and changed.min() == 55 and changed.max() == 94
+
+
+def _model_at_version(tmp_path, version: str):
+    """The shipped model's weights under a card that names preprocessing ``version``."""
+    import json
+    import shutil
+
+    from model.artifact import CARD_FILE, DEFAULT_MODEL_DIR
+
+    copy = tmp_path / f"model-v{version}"
+    shutil.copytree(DEFAULT_MODEL_DIR, copy)
+    card = json.loads((copy / CARD_FILE).read_text())
+    card["preprocessing_version"] = version
+    (copy / CARD_FILE).write_text(json.dumps(card))
+    return copy
+
+
+def test_a_model_whose_card_says_version_3_gets_its_films_prepared_at_version_3(sessions, sqlite_url, tmp_path):
+    # one worker serving both queues (as in `run`): the film is prepared at the card's version,
+    # scored by that model, and its heat map drawn through the same crop
+    from pydicom import dcmread
+
+    from db.results import list_instances
+    from dicom_io.pixels import display_image
+    from model.artifact import get_model
+    from model.preprocessing import prepare
+    from tests.helpers.dicom_factory import PNEUMONIA_JPEG, write_chest_dicom
+    from tests.helpers.records import receive_file
+    from worker import runtime, tasks
+    from worker.celery_app import ALL_QUEUES
+    from worker.heatmaps import heatmap_overlay
+    from worker.settings import Settings
+
+    model_dir = _model_at_version(tmp_path, "3")
+    path = tmp_path / "a.dcm"
+    ds = write_chest_dicom(path, PNEUMONIA_JPEG)
+    padded = np.pad(display_image(ds), ((0, 0), (150, 150)))  # the same film, wider: the same score at "3"
+    with sessions.begin() as s:
+        instance_id = receive_file(s, path, ds)
+    runtime.configure(Settings(database_url=sqlite_url, data_dir=tmp_path / "data", model_dir=str(model_dir),
+                               inference_batch_ms=1))
+    runtime.set_worker_queues(ALL_QUEUES)
+    try:
+        assert runtime.preprocessing_version() == "3" and runtime.infers_here()
+        tasks.preprocess([instance_id])
+    finally:
+        runtime.set_worker_queues(())
+        runtime.configure(Settings())
+    with sessions() as s:
+        [row] = list_instances(s)
+    model = get_model(model_dir)
+    side = model.card.input_size
+    film = display_image(dcmread(path))
+    assert row["state"] == "PREDICTED", row["reason"]
+    assert row["probability"] == pytest.approx(model.predict(prepare(film, side, "3"))[0], abs=1e-5)
+    assert row["probability"] == pytest.approx(model.predict(prepare(padded, side, "3"))[0], abs=1e-5)
+    assert abs(row["probability"] - model.predict(prepare(film, side, "2"))[0]) > 1e-4
+    heat = heatmap_overlay(path, model)
+    assert heat.shape[:2] == film.shape  # drawn on the film as displayed, in its own proportions

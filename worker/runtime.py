@@ -29,13 +29,15 @@ _settings: Settings | None = None
 _sessions: tuple[int, sessionmaker[Session]] | None = None
 _batchers: dict[tuple[int, str], "BatchPredictor"] = {}
 _cards: dict[str, ModelCard] = {}
+_worker_queues: frozenset[str] = frozenset()
+_prepared_store: tuple[int, object] | None = None
 
 
 def configure(settings: Settings) -> None:
     """Install ``settings`` for this process (the CLI calls this once at start-up)."""
-    global _settings, _sessions
+    global _settings, _sessions, _prepared_store
     with _lock:
-        _settings, _sessions = settings, None
+        _settings, _sessions, _prepared_store = settings, None, None
 
 
 def settings() -> Settings:
@@ -59,6 +61,38 @@ def request_session() -> Iterator[Session]:
     """A session per HTTP request (a FastAPI dependency of the API and the pages), closed afterwards."""
     with sessions()() as session:
         yield session
+
+
+def set_worker_queues(queues) -> None:
+    """The queues this process's Celery worker consumes (``run`` and ``worker`` say so before it starts)."""
+    global _worker_queues
+    with _lock:
+        _worker_queues = frozenset(queues)
+
+
+def infers_here() -> bool:
+    """True when this worker serves both the preprocess and the inference queue and
+    ``PNEUMOSCREEN_INLINE_INFERENCE`` allows it: the films it prepares go to its own model, with no
+    second message (``pneumoscreen run`` always; a ``worker`` started with both queues)."""
+    from worker.celery_app import INFERENCE_QUEUE, PREPROCESS_QUEUE
+
+    return settings().inline_inference != "no" and {PREPROCESS_QUEUE, INFERENCE_QUEUE} <= _worker_queues
+
+
+def prepared_store():
+    """This process's :class:`worker.prepared.RedisPreparedStore` (on the broker's Redis), or None
+    when the prepared images travel in the messages (``PNEUMOSCREEN_PREPARED_STORE``)."""
+    global _prepared_store
+    from worker.prepared import RedisPreparedStore
+
+    current = settings()
+    if not current.prepared_in_redis:
+        return None
+    with _lock:
+        if _prepared_store is None or _prepared_store[0] != os.getpid():
+            _prepared_store = (os.getpid(), RedisPreparedStore.from_url(current.broker_url,
+                                                                        current.prepared_ttl_seconds))
+        return _prepared_store[1]
 
 
 def spool() -> Spool:

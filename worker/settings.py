@@ -90,6 +90,15 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(60.0, ge=1.0, description="how often beat runs the reconciler")
     broker_visibility_timeout: float = Field(3600.0, ge=10.0,
                                              description="Redis: an unacknowledged message is delivered again after this")
+    prepared_store: Literal["auto", "redis", "message"] = Field(
+        "auto", description="where prepared images wait for the inference workers: redis, binary values with a "
+                            "time to live in the broker's Redis (the message names them); message, inside the "
+                            "Celery message; auto, redis when the broker is Redis")
+    prepared_ttl_seconds: float = Field(3600.0, ge=10.0, description="a prepared image not used this long is "
+                                                                     "dropped (prepared again from the spool if needed)")
+    inline_inference: Literal["auto", "yes", "no"] = Field(
+        "auto", description="a worker that serves both the preprocess and the inference queue runs the model on "
+                            "the films it prepared itself, without a second message; auto: yes")
     min_free_mb: int = Field(512, ge=0, description="refuse C-STORE (0xA700) below this much free spool space")
     max_associations: int = Field(16, ge=1, le=1000, description="concurrent associations per listener process")
     listener_processes: int = Field(1, ge=1, le=64,
@@ -328,6 +337,13 @@ class Settings(BaseSettings):
         """True when listener and workers are separate processes joined by a broker and a shared
         database; False on the embedded default (SQLite in the data dir, `run`'s in-process broker)."""
         return self.database_url is not None and not self.broker_url.startswith("memory")
+
+    @property
+    def prepared_in_redis(self) -> bool:
+        """True when prepared images wait in Redis rather than inside the inference messages."""
+        if self.prepared_store == "auto":
+            return self.broker_url.startswith(("redis://", "rediss://"))
+        return self.prepared_store == "redis"
 
     @property
     def effective_database_url(self) -> str:

@@ -80,26 +80,54 @@ def preprocess(instance_ids: int | list[int], model_dir: str | None = None,
             pipeline.finish_instance(runtime.sessions(), instance_id, InstanceState.FAILED, reason,
                                      level=logging.ERROR)
         return
-    prepared = [(instance_id, pipeline.encode_prepared(image)) for instance_id, image in pipeline.preprocess_instances(
+    prepared = pipeline.preprocess_instances(
         runtime.sessions(), ids, policy=runtime.eligibility_policy(model_dir=model_dir), spool=runtime.spool(),
-        size=size or runtime.input_size(model_dir), version=version)]
-    if prepared:
-        kwargs = {"preprocessing": version, **({"model_dir": model_dir} if model_dir else {})}
-        sent = [instance_id for instance_id, _ in prepared]
-        infer.apply_async(args=[sent, [image for _, image in prepared]], kwargs=kwargs,
-                          argsrepr=f"({sent}, <{len(sent)} prepared images>)", headers=sent_now())
+        size=size or runtime.input_size(model_dir), version=version)
+    if not prepared:
+        return
+    sent = [instance_id for instance_id, _ in prepared]
+    if runtime.infers_here():  # this worker's own model takes them: no second message
+        _predict_and_deliver(sent, [image for _, image in prepared], model_dir)
+        return
+    kwargs = {"preprocessing": version, **({"model_dir": model_dir} if model_dir else {})}
+    store = runtime.prepared_store()
+    if store is not None:  # the images wait in Redis; the message names the instances, version and side
+        store.put(prepared, version=version)
+        infer.apply_async(args=[sent, None], kwargs={**kwargs, "stored": int(prepared[0][1].shape[0])},
+                          headers=sent_now())
+        return
+    infer.apply_async(args=[sent, [pipeline.encode_prepared(image) for _, image in prepared]], kwargs=kwargs,
+                      argsrepr=f"({sent}, <{len(sent)} prepared images>)", headers=sent_now())
+
+
+def _predict_and_deliver(ids: list[int], images: list, model_dir: str | None) -> None:
+    """One batch's answers stored (through this process's micro-batcher), then its deliveries requested."""
+    runtime.batch_predictor(model_dir).predict_many(ids, images)
+    version = runtime.load_model(model_dir).card.version
+    for delivery_id in delivery.request_deliveries(runtime.sessions(), instance_ids=ids, model_version=version,
+                                                   destinations=runtime.destinations()):
+        deliver_results.delay(delivery_id)
+
+
+def _stored_images(ids: list[int], preprocessing: str, side: int) -> list:
+    """The images the preprocess worker left in the prepared store, in order (None: missing)."""
+    store = runtime.prepared_store()
+    if store is None:  # this worker was told to keep images in messages: it cannot read the store
+        log.warning("instances %s: their prepared images wait in Redis, but PNEUMOSCREEN_PREPARED_STORE is "
+                    "'message' here; prepared again", ids)
+        return [None] * len(ids)
+    return store.get(ids, version=preprocessing, side=side)
 
 
 @app.task(name="pneumoscreen.infer", base=InstanceTask, **_RETRY)
-def infer(instance_ids: int | list[int], prepared: str | list[str], model_dir: str | None = None,
-          preprocessing: str = "1") -> None:  # "1": compatibility, messages of 0.3.0 and earlier name none
-    """Batch and predict. Images prepared by another preprocessing version than the model's
-    (a message queued before an upgrade), or at another size than its input (prepared for a
-    model of another size), go back to the preprocess queue, whose workers read the spool: an
-    inference worker may run on a machine without it."""
+def infer(instance_ids: int | list[int], prepared: str | list[str] | None, model_dir: str | None = None,
+          preprocessing: str = "1", stored: int | None = None) -> None:  # "1": messages of 0.3.0 and earlier
+    """Batch and predict. ``prepared``: the images, in the message; or None and ``stored``, the side of
+    the images the preprocess worker left in the prepared store (:mod:`worker.prepared`). Images
+    prepared by another preprocessing version than the model's (a message queued before an
+    upgrade), at another size than its input, or no longer in the store, go back to the preprocess
+    queue, whose workers read the spool: an inference worker may run on a machine without it."""
     ids = _ids(instance_ids)
-    # compatibility, messages of 0.4.0 and earlier (one image as a string): removed with _ids
-    images = [prepared] if isinstance(prepared, str) else list(prepared)
     model = runtime.load_model(model_dir)
     card = model.card
     back_kwargs = {"expected_preprocessing": card.preprocessing_version, "size": card.input_size,
@@ -109,21 +137,26 @@ def infer(instance_ids: int | list[int], prepared: str | list[str], model_dir: s
                  "prepared again", ids, preprocessing, card.preprocessing_version)
         preprocess.apply_async(args=[ids], kwargs=back_kwargs, headers=sent_now())
         return
-    decoded = [pipeline.decode_prepared(image) for image in images]
-    fits = [image.shape[0] == card.input_size for image in decoded]
+    if stored is not None:
+        decoded = _stored_images(ids, preprocessing, stored)
+        why = "no longer in the prepared store"
+    else:
+        # compatibility, messages of 0.4.0 and earlier (one image as a string): removed with _ids
+        decoded = [pipeline.decode_prepared(image) for image in ([prepared] if isinstance(prepared, str) else prepared)]
+        why = f"prepared at another size than the {card.input_size} px the model takes"
+    fits = [image is not None and image.shape[0] == card.input_size for image in decoded]
     if not all(fits):
         other = [i for i, ok in zip(ids, fits) if not ok]
-        log.info("instances %s were prepared at another size than the %d px the model takes; sent back to be "
-                 "prepared again", other, card.input_size)
+        log.info("instances %s were %s; sent back to be prepared again", other, why)
         preprocess.apply_async(args=[other], kwargs=back_kwargs, headers=sent_now())
         ids, decoded = [i for i, ok in zip(ids, fits) if ok], [d for d, ok in zip(decoded, fits) if ok]
         if not ids:
             return
     # stored with the rest of their batch before it returns
-    runtime.batch_predictor(model_dir).predict_many(ids, decoded)
-    for delivery_id in delivery.request_deliveries(runtime.sessions(), instance_ids=ids, model_version=card.version,
-                                                   destinations=runtime.destinations()):
-        deliver_results.delay(delivery_id)
+    _predict_and_deliver(ids, decoded, model_dir)
+    store = runtime.prepared_store() if stored is not None else None
+    if store is not None:
+        store.forget(ids, version=preprocessing, side=stored)
 
 
 @app.task(name="pneumoscreen.deliver_results", bind=True, acks_late=True, autoretry_for=_TRANSIENT,

@@ -238,9 +238,10 @@ def run(data_dir, host, port, ae_title, concurrency) -> None:
     from celery.beat import EmbeddedService
     from sqlalchemy.engine import make_url
 
-    from worker import audit
+    from worker import audit, runtime
     from worker.celery_app import ALL_QUEUES
 
+    runtime.set_worker_queues(ALL_QUEUES)  # one process: what it prepares goes to its own model
     _load_model(settings)
     _check_population(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -332,8 +333,9 @@ def worker_command(queues: str, concurrency: int | None, pool: str) -> None:
     if "preprocess" in queues.split(","):
         _check_population(settings)
     app = configure_app(settings)
-    from worker import audit
+    from worker import audit, runtime
 
+    runtime.set_worker_queues(queues.split(","))
     audit.start(settings, "worker")
     from celery.signals import worker_init
 
