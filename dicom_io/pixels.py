@@ -86,13 +86,14 @@ def _windowed_by_table(arr: np.ndarray, ds: Dataset, has_rescale: bool) -> np.nd
     """Modality LUT + VOI for integer pixels, computed once per stored value present
     (a table of at most 65,536 entries) and then looked up: the same values as
     applying them to every pixel, ten times faster on a radiograph."""
-    lo, hi = int(arr.min()), int(arr.max())
+    # unsigned pixels index a table that starts at 0 (at most 65,536 entries): no pass over the
+    # image to offset them; signed ones are offset from their minimum
+    lo = 0 if arr.dtype.kind == "u" else int(arr.min())
+    hi = int(arr.max())
     domain = np.arange(lo, hi + 1, dtype=np.int64).astype(arr.dtype)
     values = apply_modality_lut(domain, ds) if has_rescale else domain
     table = _apply_voi(values, ds)
-    # offsets into the table: in the pixels' own type when unsigned (no copy to int64)
-    offsets = arr - arr.dtype.type(lo) if arr.dtype.kind == "u" else arr.astype(np.int32) - lo
-    return np.take(table, offsets)
+    return np.take(table, arr if lo == 0 else arr.astype(np.int32) - lo)
 
 
 def display_image(ds: Dataset) -> np.ndarray:

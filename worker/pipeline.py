@@ -134,7 +134,7 @@ def preprocess_instances(sessions: sessionmaker[Session], instance_ids: list[int
             _fail(sessions, spool, instance_id, path, str(exc) or type(exc).__name__)
             continue
         prepared.append((instance_id, image))
-        inputs[instance_id] = {"rows": film.shape[0], "columns": film.shape[1], "brightness": float(film.mean()),
+        inputs[instance_id] = {"rows": film.shape[0], "columns": film.shape[1], "brightness": cv2.mean(film)[0],
                                "manufacturer": ds.get("Manufacturer"), "modality": ds.get("Modality")}
         notes[instance_id] = eligibility.note
         if eligibility.note:
