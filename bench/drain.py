@@ -42,8 +42,8 @@ def queue_prepared(database_url: str, redis_url: str, count: int) -> None:
     from db.queries import record_received, set_state
     from db.session import make_engine, make_sessionmaker
     from model.artifact import read_card
-    from model.preprocessing import PREPROCESSING_VERSION
     from worker import pipeline
+    from worker.prepared import RedisPreparedStore
     from worker.celery_app import configure_app, in_messages, sent_now
     from worker.settings import Settings
     from worker.tasks import infer
@@ -65,9 +65,18 @@ def queue_prepared(database_url: str, redis_url: str, count: int) -> None:
             ids.append(instance_id)
         for instance_id in ids:
             set_state(session, instance_id=instance_id, state=InstanceState.PREPROCESSED)
+    card = read_card()
+    settings = Settings(broker_url=redis_url, database_url=database_url)
+    store = RedisPreparedStore.from_url(redis_url, settings.prepared_ttl_seconds) if settings.prepared_in_redis else None
     for chunk in in_messages(ids):
-        infer.apply_async(args=[chunk, [pipeline.encode_prepared(images[i % len(images)]) for i in chunk]],
-                          kwargs={"preprocessing": PREPROCESSING_VERSION}, headers=sent_now())
+        prepared = [(i, images[i % len(images)]) for i in chunk]
+        kwargs = {"preprocessing": card.preprocessing_version}
+        if store is not None:  # as the preprocess workers leave them: in Redis, the message naming them
+            store.put(prepared, version=card.preprocessing_version)
+            infer.apply_async(args=[chunk, None], kwargs={**kwargs, "stored": card.input_size}, headers=sent_now())
+        else:
+            infer.apply_async(args=[chunk, [pipeline.encode_prepared(image) for _, image in prepared]],
+                              kwargs=kwargs, headers=sent_now())
     engine.dispose()
 
 

@@ -74,12 +74,53 @@ def _family(pid: int) -> list[int]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of the process and its children so far."""
+    return sum(cpu_by_role(pid, "").values())
+
+
+def cpu_by_role(pid: int, name: str) -> dict[str, float]:
+    """CPU seconds so far of the process ``name`` and its children, by role: a listener's receiver
+    processes (``listen --receiver``, the listener of `pneumoscreen run` too) as ``listener``, the
+    rest under ``name``."""
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+    roles: dict[str, float] = collections.defaultdict(float)
     for p in _family(pid):
-        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            receiver = b"--receiver" in Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:  # gone since it was listed
+            continue
+        roles["listener" if receiver and name else name] += (int(fields[11]) + int(fields[12])) / ticks
+    return dict(roles)
+
+
+#: Where a sample of a process's stack is spent, first match wins: (stage, substrings of the stack).
+STAGES = (
+    ("forward pass", ("tensorflow", "keras")),
+    ("listener: our handler (spool, fsync, row, events)", ("handle_store (dicom_io",)),
+    ("listener: pynetdicom (PDUs, temp file, reactor loops)", ("pynetdicom", "dicom_io/wire.py")),
+    ("decode (pixel data, LUTs)", ("display_image (dicom_io",)),
+    ("prepare (crop, resize, equalize)", ("prepare (model/preprocessing",)),
+    ("read the file and judge it", ("dcmread (pydicom", "judge (dicom_io")),
+    ("database", ("sqlalchemy", "psycopg", "sqlite3")),
+    ("broker and task machinery (Celery, kombu, Redis)", ("kombu", "celery", "redis", "billiard")),
+    ("dispatcher", ("dispatcher.py",)),
+)
+
+
+def stage_samples(raw: Path) -> dict[str, dict[str, int]]:
+    """From py-spy's raw stacks of one process and its children: per role (``listener`` for a
+    receiver process, ``main`` otherwise), the samples in each of :data:`STAGES` (``other``: none
+    of them)."""
+    counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for line in raw.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if not samples.isdigit():
+            continue
+        processes = [frame for frame in stack.split(";")[:3] if frame.startswith("process ")]
+        role = "listener" if any("--receiver" in frame for frame in processes) else "main"
+        stage = next((name for name, marks in STAGES if any(m in stack for m in marks)), "other")
+        counts[role][stage] += int(samples)
+    return {role: dict(c.most_common()) for role, c in counts.items()}
 
 
 def start_profilers(procs: dict[str, subprocess.Popen], out: Path) -> dict[str, subprocess.Popen]:
@@ -225,7 +266,7 @@ def measure(args) -> dict:
             time.sleep(8)  # the inference worker loads TensorFlow and the model
 
             engine = create_engine(database_url)
-            cpu_before = {name: cpu_seconds(p.pid) for name, p in procs.items()}
+            cpu_before = {name: cpu_by_role(p.pid, name) for name, p in procs.items()}
             profilers = start_profilers(procs, args.profile) if args.profile else {}
             sampler = QueueSampler(None if embedded else redis_url, engine)
             sampler.start()
@@ -242,8 +283,8 @@ def measure(args) -> dict:
                 time.sleep(0.1)
             total_seconds = time.perf_counter() - started
             timeline = sampler.stop()
-            cpu_ms = {name: round(1000 * (cpu_seconds(p.pid) - cpu_before[name]) / len(files), 1)
-                      for name, p in procs.items()}
+            cpu_ms = {role: round(1000 * (seconds - cpu_before[name].get(role, 0.0)) / len(files), 1)
+                      for name, p in procs.items() for role, seconds in cpu_by_role(p.pid, name).items()}
             for profiler in profilers.values():
                 profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
             for profiler in profilers.values():
@@ -291,6 +332,7 @@ def measure(args) -> dict:
     }
     if args.profile:
         report["profile"] = {name: top_functions(args.profile / f"{name}.txt") for name in procs}
+        report["stages"] = {name: stage_samples(args.profile / f"{name}.txt") for name in procs}
     return report
 
 

@@ -1,24 +1,30 @@
 """The pipeline's tax, in one run: what the product does around the model, measured side by side
-on this machine, with the model's pure inference rate so ratios compare across machines.
+on this machine, every figure as a ratio to the model alone (the pure inference rate at batch 32,
+measured in the same run), so that figures compare across machines.
 
 1. `pneumoscreen run` (the embedded default): COUNT_RUN CR films of 2 MB over one association
    (bench/e2e.py --topology embedded);
 2. the production topology (bench/e2e.py): COUNT_E2E films over 2 associations, listener with 2
-   processes, preprocess and inference workers, Redis, PostgreSQL; its CPU per image summed over
-   all processes, less the forward pass;
+   processes, preprocess and inference workers, Redis, PostgreSQL;
 3. one inference worker draining COUNT_DRAIN queued images against the model alone (bench/drain.py);
-4. receive over 1 and 4 associations against Orthanc and storescp (bench/receive.py).
+4. receive over 1 and 4 associations against Orthanc, storescp and pynetdicom alone (bench/receive.py).
+
+With py-spy installed (``pip install py-spy``) runs 1 and 2 are sampled, and a second table says
+where each millisecond of CPU per image goes, per process: each process's CPU per image (from
+/proc) split by the share of its samples in each stage (``bench/e2e.py``'s ``STAGES``).
 
     .venv/bin/python bench/tax.py [--run 300] [--e2e 500] [--drain 2000] [--receive 300] [--repeats 1]
 
-Prints a Markdown table (the README's) and writes bench/results/tax.json.
+Prints the two Markdown tables (the benchmarks page's) and writes bench/results/tax.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -30,10 +36,14 @@ import drain
 import e2e
 
 
-def e2e_args(topology: str, count: int, associations: int) -> argparse.Namespace:
+def e2e_args(topology: str, count: int, associations: int, profile: Path | None) -> argparse.Namespace:
     return argparse.Namespace(topology=topology, count=count, associations=associations, batch_size=32,
                               listener_processes=2, preprocess_concurrency=2, preprocess_pool="threads",
-                              profile=None)
+                              profile=profile)
+
+
+def py_spy() -> bool:
+    return bool(shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy").exists())
 
 
 def main() -> None:
@@ -47,10 +57,13 @@ def main() -> None:
     args = parser.parse_args()
 
     results: dict = {}
+    profiles = Path(tempfile.mkdtemp(prefix="pneumoscreen-tax-")) if py_spy() else None
+    if profiles is None:
+        print("py-spy is not installed: no per-stage table (pip install py-spy)", flush=True)
     print(f"embedded: `pneumoscreen run`, {args.run} films, 1 association ...", flush=True)
-    results["embedded"] = e2e.measure(e2e_args("embedded", args.run, 1))
+    results["embedded"] = e2e.measure(e2e_args("embedded", args.run, 1, profiles and profiles / "embedded"))
     print(f"production topology, {args.e2e} films, 2 associations ...", flush=True)
-    results["production"] = e2e.measure(e2e_args("production", args.e2e, 2))
+    results["production"] = e2e.measure(e2e_args("production", args.e2e, 2, profiles and profiles / "production"))
     print(f"one inference worker draining {args.drain} queued images ...", flush=True)
     results["drain"] = drain.measure(args.drain, 32)
     if args.receive:
@@ -59,47 +72,92 @@ def main() -> None:
         subprocess.run([sys.executable, str(ROOT / "bench" / "receive.py"), "--count", str(args.receive),
                         "--repeats", str(args.repeats), "--out", str(out)], check=True, cwd=ROOT)
         results["receive"] = json.loads(out.read_text())["results"]
+        results["receive_pure"] = round(e2e.pure_inference_rate(32), 1)  # the model alone, this run
     for name in ("embedded", "production"):
         results[name].pop("timeline", None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+    if profiles is not None:
+        print()
+        print(stage_table(results))
     print(f"wrote {args.out}")
 
 
+def _ratio(rate: float, pure: float) -> str:
+    return f"**{rate / pure:.3f}x**"
+
+
 def table(results: dict) -> str:
+    """Every figure beside the model alone measured in the same run: the ratio is the figure."""
     embedded, production, drained = results["embedded"], results["production"], results["drain"]
     rows = [
         ("`pneumoscreen run`, one association, send start to last PREDICTED",
-         (f"{embedded['images_per_second']} img/s ({embedded['count']} films), "
-          f"{embedded['images_per_second'] / production['images_per_second']:.2f}x the production topology")),
-        ("production topology (`bench/e2e.py`)",
-         (f"{production['images_per_second']} img/s ({production['count']} films; p95 "
-          f"{production['latency_dispatch_to_result_seconds']['p95']} s)")),
-        ("CPU per image summed over all processes, minus the forward pass",
-         f"production {production['cpu_ms_per_image_around_the_model']} ms "
-         f"({production['cpu_ms_per_image_total']} - {production['forward_pass_ms_per_image']}: "
-         + ", ".join(f"{k} {v}" for k, v in production["cpu_ms_per_image"].items())
-         + f"); embedded {embedded['cpu_ms_per_image_around_the_model']} ms"),
-        (f"one inference worker draining {drained['count']} queued images vs the model alone",
-         (f"{drained['ratio']}x ({drained['worker_images_per_second']} vs "
-          f"{drained['pure_inference_images_per_second']} img/s; worker CPU {drained['worker_cpu_ms_per_image']} "
-          f"ms/image, forward {drained['forward_pass_ms_per_image']})")),
+         _ratio(embedded["images_per_second"], embedded["pure_inference_images_per_second"]),
+         f"{embedded['images_per_second']} img/s ({embedded['count']} films)",
+         embedded["pure_inference_images_per_second"]),
+        ("production topology (`bench/e2e.py`), 2 associations",
+         _ratio(production["images_per_second"], production["pure_inference_images_per_second"]),
+         f"{production['images_per_second']} img/s ({production['count']} films); dispatch to result p50 "
+         f"{production['latency_dispatch_to_result_seconds']['p50']} s, p95 "
+         f"{production['latency_dispatch_to_result_seconds']['p95']} s",
+         production["pure_inference_images_per_second"]),
+        (f"one inference worker draining {drained['count']} queued images",
+         _ratio(drained["worker_images_per_second"], drained["pure_inference_images_per_second"]),
+         f"{drained['worker_images_per_second']} img/s; worker CPU {drained['worker_cpu_ms_per_image']} ms/image",
+         drained["pure_inference_images_per_second"]),
     ]
-    for key, label in (("1_association", "1"), ("4_associations", "4")):
+    for key, label in (("1_association", "1 association"), ("4_associations", "4 associations")):
         row = results.get("receive", {}).get(key)
         if row:
-            shared = next((v for k, v in row.items() if k.startswith("pneumoscreen_") and isinstance(v, dict)), None)
-            text = (f"pneumoscreen {row['pneumoscreen']['instances_per_second']:.0f} inst/s, Orthanc "
-                    f"{row['orthanc']['instances_per_second']:.0f} ({row['ratio_to_orthanc']:.2f}x), storescp "
-                    f"{row['storescp']['instances_per_second']:.0f}")
-            if shared:
-                text += f"; 2 listener processes {shared['instances_per_second']:.0f}"
-            rows.append((f"receive, {label} association{'s' if label != '1' else ''}", text))
-    rows.append(("pure inference (batch 32, this machine)",
-                 (f"{production['pure_inference_images_per_second']} img/s, "
-                  f"{production['forward_pass_ms_per_image']} ms/image")))
-    return "| measure | figure |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+            pure = results["receive_pure"]
+            others = ", ".join(f"{name} {row[name]['instances_per_second']:.0f} "
+                               f"({row[name]['instances_per_second'] / pure:.2f}x)"
+                               for name in ("pynetdicom_alone", "orthanc", "storescp") if name in row)
+            rows.append((f"receive only, {label}", _ratio(row["pneumoscreen"]["instances_per_second"], pure),
+                         f"{row['pneumoscreen']['instances_per_second']:.0f} inst/s; {others}", pure))
+    around = [(name, r["cpu_ms_per_image_around_the_model"], r["forward_pass_ms_per_image"])
+              for name, r in (("`run`", embedded), ("production", production))]
+    rows.append(("CPU per image around the forward pass, summed over processes",
+                 ", ".join(f"{name} **{ms / fwd:.1f}x** the forward pass" for name, ms, fwd in around),
+                 ", ".join(f"{name} {ms} ms" for name, ms, _ in around),
+                 production["pure_inference_images_per_second"]))
+    head = "| measure | ratio to the model alone | figure | model alone, same run (img/s, batch 32) |\n|---|---|---|---|\n"
+    return head + "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
+
+
+def stage_table(results: dict) -> str:
+    """Where each millisecond of CPU per image goes, per process, from the sampled runs."""
+    lines = ["| topology | process | CPU ms/image | where it goes (ms/image) |", "|---|---|---|---|"]
+    for topology in ("embedded", "production"):
+        report = results[topology]
+        for process, ms in report["cpu_ms_per_image"].items():
+            shares = _shares_for(report.get("stages", {}), process)
+            parts: dict[str, float] = {}
+            if shares.pop("forward pass", 0.0):
+                # TensorFlow computes in native threads that py-spy does not sample: the forward pass
+                # is the model alone's cost, measured in the same run, and the rest is split by samples
+                parts["forward pass (the model alone's rate)"] = report["forward_pass_ms_per_image"]
+            rest, total = ms - sum(parts.values()), sum(shares.values())
+            parts.update({stage: share / total * rest for stage, share in shares.items()} if total else {})
+            spent = ", ".join(f"{stage} {value:.1f}" for stage, value in parts.items() if value >= 0.05)
+            lines.append(f"| {topology} | {process} | {ms} | {spent or 'not sampled'} |")
+    return "\n".join(lines)
+
+
+def _shares_for(stages: dict, process: str) -> dict[str, float]:
+    """The share of each stage among the samples of ``process`` (a name of ``cpu_ms_per_image``): the
+    listener's are those of every receiver process and of the process named ``listener`` itself."""
+    counts: dict[str, int] = {}
+    for name, roles in stages.items():
+        for role, samples in roles.items():
+            mine = (role == "listener" or name == "listener") if process == "listener" else \
+                (name == process and role == "main")
+            if mine:
+                for stage, n in samples.items():
+                    counts[stage] = counts.get(stage, 0) + n
+    total = sum(counts.values())
+    return {stage: n / total for stage, n in sorted(counts.items(), key=lambda kv: -kv[1])} if total else {}
 
 
 if __name__ == "__main__":
