@@ -60,8 +60,9 @@ class InstanceTask(Task):
 @app.task(name="pneumoscreen.preprocess", base=InstanceTask, **_RETRY)
 def preprocess(instance_ids: int | list[int], model_dir: str | None = None,
                expected_preprocessing: str | None = None, size: int | None = None) -> None:
-    """Decode and prepare each instance; those prepared go on together in one ``infer`` message.
-    ``model_dir`` (a rescreen with another model) travels on to ``infer``; its card's intended
+    """Decode and prepare each instance; those prepared go on together in one ``infer`` message (their
+    images in the prepared store, :mod:`worker.prepared`), or straight to this worker's own model when
+    it serves the inference queue too (:func:`worker.runtime.infers_here`). ``model_dir`` (a rescreen with another model) travels on to ``infer``; its card's intended
     population decides which films are screened.
 
     Each film is prepared at the preprocessing version and the side of the model (its card's
@@ -86,14 +87,18 @@ def preprocess(instance_ids: int | list[int], model_dir: str | None = None,
     if not prepared:
         return
     sent = [instance_id for instance_id, _ in prepared]
-    if runtime.infers_here():  # this worker's own model takes them: no second message
+    side = int(prepared[0][1].shape[0])
+    if runtime.infers_here() and (version, side) == (runtime.preprocessing_version(model_dir),
+                                                      runtime.input_size(model_dir)):
+        # this worker's own model takes them as prepared: no second message (a sent-back instance
+        # prepared for another worker's model goes on to that model's queue instead)
         _predict_and_deliver(sent, [image for _, image in prepared], model_dir)
         return
     kwargs = {"preprocessing": version, **({"model_dir": model_dir} if model_dir else {})}
     store = runtime.prepared_store()
     if store is not None:  # the images wait in Redis; the message names the instances, version and side
         store.put(prepared, version=version)
-        infer.apply_async(args=[sent, None], kwargs={**kwargs, "stored": int(prepared[0][1].shape[0])},
+        infer.apply_async(args=[sent, None], kwargs={**kwargs, "stored": side},
                           headers=sent_now())
         return
     infer.apply_async(args=[sent, [pipeline.encode_prepared(image) for _, image in prepared]], kwargs=kwargs,
