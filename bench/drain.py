@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from e2e import cpu_seconds, pure_inference_rate, start_profilers, top_functions
+from e2e import cpu_seconds, pure_inference, start_profilers, top_functions
 from inference import fixture_images
 from receive import ENV, scratch_postgres
 
@@ -139,10 +139,11 @@ def measure(count: int, batch_size: int, out: Path | None = None, *, profile: Pa
                 engine.dispose()
                 broker.flushdb()
     rate = (count - 1) / (last - first).total_seconds()
-    pure = pure_inference_rate(batch_size)
+    pure, forward_cpu_ms = pure_inference(batch_size)
     report = {"count": count, "queued": queued, "batch_size": batch_size, "worker_images_per_second": round(rate, 1),
               "pure_inference_images_per_second": round(pure, 1), "ratio": round(rate / pure, 3),
               "worker_cpu_ms_per_image": round(cpu_ms, 1), "forward_pass_ms_per_image": round(1000 / pure, 1),
+              "forward_pass_cpu_ms_per_image": round(forward_cpu_ms, 1),
               "distinct_commit_times": batches}
     if profile:
         report["profile"] = top_functions(profile / "inference.txt", n=15)

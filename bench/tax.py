@@ -9,11 +9,13 @@ measured in the same run), so that figures compare across machines.
 3. one inference worker draining COUNT_DRAIN queued images against the model alone (bench/drain.py);
 4. receive over 1 and 4 associations against Orthanc, storescp and pynetdicom alone (bench/receive.py).
 
-With py-spy installed (``pip install py-spy``) runs 1 and 2 are sampled, and a second table says
-where each millisecond of CPU per image goes, per process: each process's CPU per image (from
-/proc) split by the share of its samples in each stage (``bench/e2e.py``'s ``STAGES``).
+With ``--profile`` (needs py-spy: ``pip install py-spy``), runs 1 and 2 are each made a second time
+under py-spy, and a second table says where each millisecond of CPU per image goes, per process:
+each process's CPU per image from the run that was not sampled (py-spy itself takes a core's
+worth of CPU on 2 cores), split by the share of the sampled run's stacks in each stage
+(``bench/e2e.py``'s ``STAGES``).
 
-    .venv/bin/python bench/tax.py [--run 300] [--e2e 500] [--drain 2000] [--receive 300] [--repeats 1]
+    .venv/bin/python bench/tax.py [--run 300] [--e2e 500] [--drain 2000] [--receive 300] [--repeats 1] [--profile]
 
 Prints the two Markdown tables (the benchmarks page's) and writes bench/results/tax.json.
 """
@@ -54,16 +56,22 @@ def main() -> None:
     parser.add_argument("--receive", type=int, default=300, help="films per receive measurement (0: skip)")
     parser.add_argument("--repeats", type=int, default=1, help="repeats of each receive measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "tax.json")
+    parser.add_argument("--profile", action="store_true", help="also sample runs 1 and 2 with py-spy: the second table")
     args = parser.parse_args()
 
     results: dict = {}
-    profiles = Path(tempfile.mkdtemp(prefix="pneumoscreen-tax-")) if py_spy() else None
-    if profiles is None:
-        print("py-spy is not installed: no per-stage table (pip install py-spy)", flush=True)
-    print(f"embedded: `pneumoscreen run`, {args.run} films, 1 association ...", flush=True)
-    results["embedded"] = e2e.measure(e2e_args("embedded", args.run, 1, profiles and profiles / "embedded"))
-    print(f"production topology, {args.e2e} films, 2 associations ...", flush=True)
-    results["production"] = e2e.measure(e2e_args("production", args.e2e, 2, profiles and profiles / "production"))
+    if args.profile and not py_spy():
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    profiles = Path(tempfile.mkdtemp(prefix="pneumoscreen-tax-")) if args.profile else None
+    for name, topology, count, associations in (("embedded", "embedded", args.run, 1),
+                                                ("production", "production", args.e2e, 2)):
+        print(f"{name}: {count} films, {associations} association(s) ...", flush=True)
+        results[name] = e2e.measure(e2e_args(topology, count, associations, None))
+        if profiles is not None:
+            print(f"{name} again, sampled by py-spy ...", flush=True)
+            sampled = e2e.measure(e2e_args(topology, count, associations, profiles / name))
+            results[name]["stages"] = sampled["stages"]
+            results[name]["sampled_run"] = {k: sampled[k] for k in ("images_per_second", "cpu_ms_per_image")}
     print(f"one inference worker draining {args.drain} queued images ...", flush=True)
     results["drain"] = drain.measure(args.drain, 32)
     if args.receive:
@@ -104,7 +112,8 @@ def table(results: dict) -> str:
          production["pure_inference_images_per_second"]),
         (f"one inference worker draining {drained['count']} queued images",
          _ratio(drained["worker_images_per_second"], drained["pure_inference_images_per_second"]),
-         f"{drained['worker_images_per_second']} img/s; worker CPU {drained['worker_cpu_ms_per_image']} ms/image",
+         f"{drained['worker_images_per_second']} img/s; worker CPU {drained['worker_cpu_ms_per_image']} ms/image "
+         f"against the forward pass's {drained['forward_pass_cpu_ms_per_image']}",
          drained["pure_inference_images_per_second"]),
     ]
     for key, label in (("1_association", "1 association"), ("4_associations", "4 associations")):
@@ -116,11 +125,11 @@ def table(results: dict) -> str:
                                for name in ("pynetdicom_alone", "orthanc", "storescp") if name in row)
             rows.append((f"receive only, {label}", _ratio(row["pneumoscreen"]["instances_per_second"], pure),
                          f"{row['pneumoscreen']['instances_per_second']:.0f} inst/s; {others}", pure))
-    around = [(name, r["cpu_ms_per_image_around_the_model"], r["forward_pass_ms_per_image"])
+    around = [(name, r["cpu_ms_per_image_around_the_model"], r["forward_pass_cpu_ms_per_image"])
               for name, r in (("`run`", embedded), ("production", production))]
     rows.append(("CPU per image around the forward pass, summed over processes",
-                 ", ".join(f"{name} **{ms / fwd:.1f}x** the forward pass" for name, ms, fwd in around),
-                 ", ".join(f"{name} {ms} ms" for name, ms, _ in around),
+                 ", ".join(f"{name} **{ms / fwd:.1f}x** the forward pass's CPU" for name, ms, fwd in around),
+                 ", ".join(f"{name} {ms} ms (forward pass {fwd} ms of CPU per image)" for name, ms, fwd in around),
                  production["pure_inference_images_per_second"]))
     head = "| measure | ratio to the model alone | figure | model alone, same run (img/s, batch 32) |\n|---|---|---|---|\n"
     return head + "\n".join(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)
@@ -136,8 +145,8 @@ def stage_table(results: dict) -> str:
             parts: dict[str, float] = {}
             if shares.pop("forward pass", 0.0):
                 # TensorFlow computes in native threads that py-spy does not sample: the forward pass
-                # is the model alone's cost, measured in the same run, and the rest is split by samples
-                parts["forward pass (the model alone's rate)"] = report["forward_pass_ms_per_image"]
+                # is the model alone's CPU per image, measured in the same run; the rest is split by samples
+                parts["forward pass (the model alone's CPU)"] = report["forward_pass_cpu_ms_per_image"]
             rest, total = ms - sum(parts.values()), sum(shares.values())
             parts.update({stage: share / total * rest for stage, share in shares.items()} if total else {})
             spent = ", ".join(f"{stage} {value:.1f}" for stage, value in parts.items() if value >= 0.05)
