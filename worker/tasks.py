@@ -16,6 +16,8 @@ import logging
 
 from celery import Task
 from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from db.models import InstanceState
@@ -27,9 +29,10 @@ from worker.celery_app import app, sent_now
 
 log = logging.getLogger(__name__)
 
-# database or broker unreachable; a retry that cannot even be published (broker down) is dropped
-# and the instance, still in flight in the database, is sent again by the reconciler
-_TRANSIENT = (OperationalError, BrokerError, ConnectionError, TimeoutError)
+# database, broker or the prepared store (the broker's Redis) unreachable; a retry that cannot even be
+# published (broker down) is dropped and the instance, still in flight in the database, is sent again
+# by the reconciler
+_TRANSIENT = (OperationalError, BrokerError, ConnectionError, TimeoutError, RedisConnectionError, RedisTimeoutError)
 _RETRY = {"acks_late": True, "autoretry_for": _TRANSIENT, "retry_backoff": True, "retry_backoff_max": 300,
           "max_retries": 10}
 
