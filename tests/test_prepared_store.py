@@ -16,9 +16,8 @@ from db.models import InstanceState
 from dicom_io.pixels import display_image
 from model.artifact import get_model
 from model.preprocessing import prepare
-from tests.helpers.processes import Process
+from tests.helpers.processes import Process, wait_until
 from tests.test_pipeline import _sent_back_rig, _state
-from tests.helpers.processes import wait_until
 from worker.prepared import RedisPreparedStore, key
 
 
@@ -67,7 +66,9 @@ def test_the_image_waits_in_redis_and_an_image_gone_is_prepared_again(pg_url, re
         expected = prepare(display_image(dcmread(path)), side, model.card.preprocessing_version)
         assert stored == expected.tobytes()
         broker.delete(key(instance_id, kwargs["preprocessing"], side))  # expired, evicted, Redis restarted
-        inference = Process(["worker", "--queues", "inference"], env, tmp_path / "inference.log")
+        # an inference worker whose own choice is "message" still reads what the message says is stored
+        inference = Process(["worker", "--queues", "inference"], {**env, "PNEUMOSCREEN_PREPARED_STORE": "message"},
+                            tmp_path / "inference.log")
         processes.append(inference)
         wait_until(lambda: _state(sessions)[0] in ("FAILED", "PREDICTED"), timeout=120, what="a final state")
         state, reason = _state(sessions)

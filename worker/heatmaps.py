@@ -1,7 +1,7 @@
 """The one Grad-CAM heatmap of a film: prepared at the model card's input size and preprocessing
 version, explained under the model's lock (one pass through the network at a time in a process,
-inference included), drawn over the film as displayed, on the region the preprocessing kept. Used by the study pages, ``pneumoscreen predict --heatmap``
-and the heatmaps sent with a report."""
+inference included), drawn over the film as displayed, on the region the preprocessing kept. Used
+by the study pages, ``pneumoscreen predict --heatmap`` and the heatmaps sent with a report."""
 
 from __future__ import annotations
 

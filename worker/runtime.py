@@ -79,14 +79,16 @@ def infers_here() -> bool:
     return settings().inline_inference != "no" and {PREPROCESS_QUEUE, INFERENCE_QUEUE} <= _worker_queues
 
 
-def prepared_store():
+def prepared_store(*, reading: bool = False):
     """This process's :class:`worker.prepared.RedisPreparedStore` (on the broker's Redis), or None
-    when the prepared images travel in the messages (``PNEUMOSCREEN_PREPARED_STORE``)."""
+    when the images it prepares travel in the messages (``PNEUMOSCREEN_PREPARED_STORE``). With
+    ``reading``, the store a message that names stored images points at: the broker's Redis, whatever
+    this process's own choice (None only when the broker is not Redis)."""
     global _prepared_store
     from worker.prepared import RedisPreparedStore
 
     current = settings()
-    if not current.prepared_in_redis:
+    if not (current.broker_is_redis if reading else current.prepared_in_redis):
         return None
     with _lock:
         if _prepared_store is None or _prepared_store[0] != os.getpid():

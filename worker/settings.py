@@ -90,10 +90,10 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(60.0, ge=1.0, description="how often beat runs the reconciler")
     broker_visibility_timeout: float = Field(3600.0, ge=10.0,
                                              description="Redis: an unacknowledged message is delivered again after this")
-    prepared_store: Literal["auto", "redis", "message"] = Field(
-        "auto", description="where prepared images wait for the inference workers: redis, binary values with a "
-                            "time to live in the broker's Redis (the message names them); message, inside the "
-                            "Celery message; auto, redis when the broker is Redis")
+    prepared_store: Literal["auto", "message"] = Field(
+        "auto", description="where prepared images wait for the inference workers: auto, as binary values with a "
+                            "time to live in the broker's Redis (the message names them) when the broker is Redis, "
+                            "else inside the Celery message; message, always inside the message")
     prepared_ttl_seconds: float = Field(3600.0, ge=10.0, description="a prepared image not used this long is "
                                                                      "dropped (prepared again from the spool if needed)")
     inline_inference: Literal["auto", "yes", "no"] = Field(
@@ -339,11 +339,13 @@ class Settings(BaseSettings):
         return self.database_url is not None and not self.broker_url.startswith("memory")
 
     @property
+    def broker_is_redis(self) -> bool:
+        return self.broker_url.startswith(("redis://", "rediss://"))
+
+    @property
     def prepared_in_redis(self) -> bool:
-        """True when prepared images wait in Redis rather than inside the inference messages."""
-        if self.prepared_store == "auto":
-            return self.broker_url.startswith(("redis://", "rediss://"))
-        return self.prepared_store == "redis"
+        """True when this process leaves the images it prepares in Redis rather than in the messages."""
+        return self.prepared_store == "auto" and self.broker_is_redis
 
     @property
     def effective_database_url(self) -> str:

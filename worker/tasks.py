@@ -119,10 +119,8 @@ def _predict_and_deliver(ids: list[int], images: list, model_dir: str | None) ->
 
 def _stored_images(ids: list[int], preprocessing: str, side: int) -> list:
     """The images the preprocess worker left in the prepared store, in order (None: missing)."""
-    store = runtime.prepared_store()
-    if store is None:  # this worker was told to keep images in messages: it cannot read the store
-        log.warning("instances %s: their prepared images wait in Redis, but PNEUMOSCREEN_PREPARED_STORE is "
-                    "'message' here; prepared again", ids)
+    store = runtime.prepared_store(reading=True)
+    if store is None:  # a message that names stored images came over a broker that is not Redis
         return [None] * len(ids)
     return store.get(ids, version=preprocessing, side=side)
 
@@ -162,7 +160,7 @@ def infer(instance_ids: int | list[int], prepared: str | list[str] | None, model
             return
     # stored with the rest of their batch before it returns
     _predict_and_deliver(ids, decoded, model_dir)
-    store = runtime.prepared_store() if stored is not None else None
+    store = runtime.prepared_store(reading=True) if stored is not None else None
     if store is not None:
         store.forget(ids, version=preprocessing, side=stored)
 
